@@ -1,0 +1,121 @@
+"""Fixtures for real Redis and PostgreSQL, plus fakeredis and SQLite as extra backends.
+
+A server the tests cannot reach fails the test with a message that says how to start it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import fakeredis
+import pytest
+import redis
+import redis.asyncio as aioredis
+from sqlalchemy import MetaData
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from tests.support import (
+    DATABASE_URL,
+    HOW_TO_START_POSTGRES,
+    HOW_TO_START_REDIS,
+    REDIS_URL,
+    FakeClock,
+)
+from viewmw import Settings, Store, ViewTracker, content_table
+from viewmw import metadata as viewmw_metadata
+
+content_metadata = MetaData()
+stories = content_table(content_metadata, "stories")
+fantasies = content_table(content_metadata, "fantasies")
+CONTENT_TABLES = {"story": stories.c.view_count, "fantasy": fantasies.c.view_count}
+
+_reachable: dict[str, str | None] = {}
+
+
+def _check_redis() -> None:
+    if "redis" not in _reachable:
+        try:
+            redis.Redis.from_url(REDIS_URL, socket_timeout=2).ping()
+            _reachable["redis"] = None
+        except redis.RedisError as exc:
+            _reachable["redis"] = HOW_TO_START_REDIS.format(url=REDIS_URL, error=exc)
+    if _reachable["redis"]:
+        pytest.fail(_reachable["redis"], pytrace=False)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def real_redis() -> AsyncIterator[aioredis.Redis]:
+    """The real Redis, on its dedicated test database, flushed before each test."""
+    _check_redis()
+    client = aioredis.Redis.from_url(REDIS_URL)
+    await client.flushdb()
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def fake_redis() -> AsyncIterator[aioredis.Redis]:
+    client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture(params=["redis", "fakeredis"])
+async def any_redis(request: pytest.FixtureRequest) -> aioredis.Redis:
+    """Each test runs on the real Redis and again on fakeredis."""
+    name = "real_redis" if request.param == "redis" else "fake_redis"
+    return request.getfixturevalue(name)  # type: ignore[no-any-return]
+
+
+async def _fresh_store(url: str) -> Store:
+    engine = create_async_engine(url)
+    async with engine.begin() as connection:
+        for table_metadata in (viewmw_metadata, content_metadata):
+            await connection.run_sync(table_metadata.drop_all)
+    store = Store(engine, CONTENT_TABLES)
+    await store.create_tables()
+    return store
+
+
+@pytest.fixture
+async def pg_store() -> AsyncIterator[Store]:
+    """A store on the real PostgreSQL, with empty tables."""
+    try:
+        store = await _fresh_store(DATABASE_URL)
+    except (OSError, DBAPIError) as exc:
+        pytest.fail(HOW_TO_START_POSTGRES.format(url=DATABASE_URL, error=exc), pytrace=False)
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+async def sqlite_store(tmp_path) -> AsyncIterator[Store]:  # type: ignore[no-untyped-def]
+    store = await _fresh_store(f"sqlite+aiosqlite:///{tmp_path}/viewmw.sqlite3")
+    yield store
+    await store.close()
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+async def store(request: pytest.FixtureRequest) -> Store:
+    """Each test runs on PostgreSQL and again on SQLite."""
+    name = "pg_store" if request.param == "postgresql" else "sqlite_store"
+    return request.getfixturevalue(name)  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return Settings(secret="test-secret-0123456789")
+
+
+@pytest.fixture
+def tracker(
+    real_redis: aioredis.Redis, sqlite_store: Store, settings: Settings, clock: FakeClock
+) -> ViewTracker:
+    """A tracker on the real Redis and SQLite, with the fake clock."""
+    return ViewTracker(real_redis, sqlite_store, settings, clock=clock)

@@ -1,0 +1,154 @@
+"""The Redis key schema, and the validation every name passes before it becomes part of a key.
+
+The names of the original service are kept (``{type}:views:{id}``, ``viewed:…``, ``daily_views:…``),
+so ``redis-cli --scan --pattern '*:views:*'`` still finds exactly the pending counters. The keys
+viewmw adds stay out of that pattern.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from viewmw.errors import InvalidKeyError
+
+_CONTENT_TYPE = re.compile(r"[a-z][a-z0-9_]{0,31}")
+_CONTENT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_VIEWER = re.compile(r"(user|anon):[A-Za-z0-9_-]{1,64}")
+# Content types that would make a key collide with viewmw's own names.
+_RESERVED_TYPES = frozenset({"viewmw", "viewed", "daily_views"})
+
+
+def validate_content_type(content_type: object) -> str:
+    """Return ``content_type`` if it is a lowercase token (``story``, ``fan_fiction``)."""
+    if (
+        not isinstance(content_type, str)
+        or not _CONTENT_TYPE.fullmatch(content_type)
+        or content_type in _RESERVED_TYPES
+    ):
+        raise InvalidKeyError(
+            f"content type must be 1-32 lowercase letters, digits or '_', starting with a letter,"
+            f" and not one of {sorted(_RESERVED_TYPES)}: {content_type!r:.80}"
+        )
+    return content_type
+
+
+def validate_content_id(content_id: object) -> str:
+    """Return the id as text if it is 1-64 ASCII letters, digits, ``-`` or ``_``, else raise.
+
+    Integers are accepted and written in decimal (``42`` -> ``"42"``).
+    """
+    if isinstance(content_id, int) and not isinstance(content_id, bool):
+        content_id = str(content_id)
+    if not isinstance(content_id, str) or not _CONTENT_ID.fullmatch(content_id):
+        raise InvalidKeyError(
+            f"content id must be 1-64 ASCII letters, digits, '-' or '_': {content_id!r:.80}"
+        )
+    return content_id
+
+
+def validate_viewer(viewer: object) -> str:
+    """Return ``viewer`` if it is ``user:<token>`` or ``anon:<token>``, else raise.
+
+    Build viewers with :mod:`viewmw.identity`, which never puts personal data in the token.
+    """
+    if not isinstance(viewer, str) or not _VIEWER.fullmatch(viewer):
+        raise InvalidKeyError(
+            f"viewer must be 'user:<id>' or 'anon:<hash>' with 1-64 ASCII letters, digits,"
+            f" '-' or '_' after the colon: {viewer!r:.80}"
+        )
+    return viewer
+
+
+@dataclass(frozen=True, slots=True)
+class KeySchema:
+    """Builds every Redis key viewmw uses, under an optional prefix.
+
+    The methods do not validate; :class:`viewmw.tracker.ViewTracker` validates names once per call
+    before it builds keys.
+    """
+
+    prefix: str = ""
+
+    # Keys of the original service.
+    def pending(self, content_type: str, content_id: str) -> str:
+        """Views counted in Redis and not yet moved into a sync batch (a counter)."""
+        return f"{self.prefix}{content_type}:views:{content_id}"
+
+    def session(self, viewer: str, content_type: str, content_id: str) -> str:
+        """One hash per (viewer, content): session count and start, last counted view, its day."""
+        return f"{self.prefix}viewed:{viewer}:{content_type}:{content_id}"
+
+    def daily_views(self, viewer: str, day: str) -> str:
+        """Views counted for ``viewer`` on calendar ``day`` (``YYYY-MM-DD``), all content."""
+        return f"{self.prefix}daily_views:{viewer}:{day}"
+
+    # Keys added by viewmw.
+    def syncing(self, content_type: str, content_id: str) -> str:
+        """Views moved out of pending into the unsettled sync batch."""
+        return f"{self.prefix}{content_type}:syncing:{content_id}"
+
+    def database_count(self, content_type: str, content_id: str) -> str:
+        """Cached database count, so the hot path needs no SQL."""
+        return f"{self.prefix}{content_type}:dbviews:{content_id}"
+
+    @property
+    def dirty(self) -> str:
+        """Set of ``{type}:{id}`` members that have pending views."""
+        return f"{self.prefix}viewmw:dirty"
+
+    @property
+    def epoch(self) -> str:
+        """Counter bumped whenever a sync moves views between pending, syncing and the database.
+
+        A cache fill carries the epoch it started under and is dropped if it changed meanwhile, so
+        a database count read before a sync can never be cached over what the sync settled.
+        """
+        return f"{self.prefix}viewmw:epoch"
+
+    @property
+    def sync_lock(self) -> str:
+        """One sync at a time: holds the owner's token, with an expiry that the owner renews."""
+        return f"{self.prefix}viewmw:sync:lock"
+
+    @property
+    def sync_batch(self) -> str:
+        """The unsettled batch: a hash with its id and when it started."""
+        return f"{self.prefix}viewmw:sync:batch"
+
+    @property
+    def sync_batch_items(self) -> str:
+        """Amounts moved by the unsettled batch: a hash ``{type}:{id}`` -> views."""
+        return f"{self.prefix}viewmw:sync:batch:items"
+
+    @property
+    def cleaned_through(self) -> str:
+        """The last calendar day whose tracking keys cleanup has removed."""
+        return f"{self.prefix}viewmw:cleanup:through"
+
+    # Patterns for SCAN (statistics and cleanup only; never on the request path).
+    @property
+    def pending_pattern(self) -> str:
+        """Matches every pending counter."""
+        return f"{self.prefix}*:views:*"
+
+    @property
+    def session_pattern(self) -> str:
+        """Matches every per-(viewer, content) tracking hash."""
+        return f"{self.prefix}viewed:*"
+
+    @property
+    def daily_views_pattern(self) -> str:
+        """Matches every per-viewer daily counter."""
+        return f"{self.prefix}daily_views:*"
+
+    @staticmethod
+    def member(content_type: str, content_id: str) -> str:
+        """The dirty-set and batch member for one content."""
+        return f"{content_type}:{content_id}"
+
+    @staticmethod
+    def split_member(member: str) -> tuple[str, str]:
+        """Inverse of :meth:`member`."""
+        content_type, _, content_id = member.partition(":")
+        return content_type, content_id

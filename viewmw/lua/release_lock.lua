@@ -1,0 +1,5 @@
+-- Release the sync lock, only for its owner. KEYS: 1 lock. ARGV: 1 token. Returns 1 or 0.
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0

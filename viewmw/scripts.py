@@ -1,0 +1,38 @@
+"""The Lua scripts in ``viewmw/lua/``, read once per process and registered per Redis client.
+
+redis-py's script objects run ``EVALSHA`` and reload the script transparently when Redis answers
+``NOSCRIPT`` (after a restart or ``SCRIPT FLUSH``); in a pipeline they load it before sending.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import Any
+
+from redis.commands.core import AsyncScript
+
+
+@cache
+def script_source(name: str) -> str:
+    """The text of ``viewmw/lua/{name}.lua``."""
+    return resources.files("viewmw").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+
+
+@dataclass(frozen=True, slots=True)
+class Scripts:
+    """Every script, registered on one client."""
+
+    record_view: AsyncScript
+    read_counts: AsyncScript
+    fill_cache: AsyncScript
+    snapshot: AsyncScript
+    settle: AsyncScript
+    release_lock: AsyncScript
+    renew_lock: AsyncScript
+
+    @classmethod
+    def register(cls, client: Any) -> Scripts:
+        """Register every script on ``client`` (a ``redis.asyncio`` client)."""
+        return cls(**{name: client.register_script(script_source(name)) for name in cls.__slots__})

@@ -1,0 +1,310 @@
+"""Configuration: the abuse limits and everything else viewmw needs, read once at start-up.
+
+Every value is validated when the object is built, so a bad setting stops the process at start-up
+with an error that names the setting (or the ``VIEWMW_*`` variable it came from), never at the
+first request.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, TypeVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+from starlette.config import Config, Environ
+
+from viewmw.errors import ConfigurationError
+
+DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///viewmw.sqlite3"
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+# Synchronous driver names users often paste, mapped to the async driver viewmw runs on.
+_ASYNC_DRIVERS = {
+    "postgresql": "postgresql+asyncpg",
+    "postgres": "postgresql+asyncpg",
+    "postgresql+psycopg2": "postgresql+asyncpg",
+    "sqlite": "sqlite+aiosqlite",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The abuse rules. ``0`` or ``None`` disables a limit; ``one_view_per_day=False`` its rule.
+
+    Attributes:
+        max_views_per_session: counted views of one content by one viewer per session window.
+        session_seconds: length of that window, starting at the viewer's first counted view.
+        max_daily_views_per_user: counted views per viewer per calendar day, all content together.
+        one_view_per_day: a viewer counts at most once per content per calendar day.
+        view_cooldown_seconds: no counted view of the same content by the same viewer within this
+            many seconds of the last counted one.
+    """
+
+    max_views_per_session: int | None = 3
+    session_seconds: int = 24 * 3600
+    max_daily_views_per_user: int | None = 100
+    one_view_per_day: bool = True
+    view_cooldown_seconds: int | None = 300
+
+    def __post_init__(self) -> None:
+        for name in ("max_views_per_session", "max_daily_views_per_user", "view_cooldown_seconds"):
+            _check_count(name, getattr(self, name), allow_none=True)
+        _check_count("session_seconds", self.session_seconds, allow_none=False)
+        if self.session_seconds == 0:
+            raise ConfigurationError("session_seconds", "must be greater than 0")
+        if not isinstance(self.one_view_per_day, bool):
+            raise ConfigurationError("one_view_per_day", "must be true or false")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything viewmw is configured with. Build it directly or with :meth:`from_env`.
+
+    Attributes:
+        limits: the abuse rules.
+        timezone: IANA zone in which calendar days (daily limits, one view per day) begin.
+        key_prefix: prepended to every Redis key, to share a Redis with other applications.
+        redis_url: ``redis://``, ``rediss://`` or ``unix://`` URL; ``None`` lets the caller pick an
+            embedded stand-in (the example app uses fakeredis).
+        database_url: SQLAlchemy URL; synchronous driver names are switched to their async driver
+            (``postgresql://`` runs on asyncpg, ``sqlite://`` on aiosqlite).
+        secret: key for hashing anonymous viewers. ``None`` makes a random one per process, which
+            suits one process but splits anonymous viewers across several: set it in production.
+        redis_timeout: seconds a request may wait on Redis before it is answered without a count.
+        database_timeout: seconds a count read may wait on the database.
+    """
+
+    limits: Limits = field(default_factory=Limits)
+    timezone: str = "UTC"
+    key_prefix: str = ""
+    redis_url: str | None = None
+    database_url: str = DEFAULT_DATABASE_URL
+    secret: str | None = None
+    redis_timeout: float = 0.25
+    database_timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ConfigurationError("timezone", f"unknown time zone {self.timezone!r}") from exc
+        _check_key_prefix(self.key_prefix)
+        if self.redis_url is not None:
+            _check_redis_url(self.redis_url)
+        object.__setattr__(self, "database_url", _async_database_url(self.database_url))
+        for name in ("redis_timeout", "database_timeout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise ConfigurationError(
+                    name, f"must be a positive number of seconds, got {value!r}"
+                )
+        if self.secret is not None and len(self.secret) < 16:
+            raise ConfigurationError("secret", "must be at least 16 characters long")
+
+    @property
+    def zone(self) -> ZoneInfo:
+        """The configured time zone as a :class:`zoneinfo.ZoneInfo`."""
+        return ZoneInfo(self.timezone)
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read ``VIEWMW_*`` variables (see :data:`ENVIRONMENT`); unset ones keep their defaults.
+
+        Raises:
+            ConfigurationError: naming the variable whose value is invalid.
+        """
+        config = Config(environ=Environ(dict(os.environ if environ is None else environ)))
+        values: dict[str, dict[str, Any]] = {"limits": {}, "settings": {}}
+        for variable in ENVIRONMENT:
+            raw = config.get(variable.name, default=None)
+            if raw is None:
+                continue
+            try:
+                value = variable.parse(raw)
+            except ValueError as exc:
+                raise ConfigurationError(variable.name, f"{exc} (got {raw!r})") from None
+            values[variable.group][variable.field] = value
+        try:
+            return cls(limits=Limits(**values["limits"]), **values["settings"])
+        except ConfigurationError as exc:
+            variable = _VARIABLE_BY_FIELD[exc.setting]
+            raise ConfigurationError(variable.name, exc.reason) from None
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class EnvironmentVariable:
+    """One ``VIEWMW_*`` variable: where it goes and how its text is read."""
+
+    name: str
+    group: str  # "limits" or "settings"
+    field: str
+    parse: Callable[[str], Any]
+    help: str
+
+
+def _optional_int(raw: str) -> int | None:
+    text = raw.strip().lower()
+    if text in ("", "none", "off"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError("must be a whole number, 0, or 'none'") from None
+
+
+def _int(raw: str) -> int:
+    try:
+        return int(raw.strip())
+    except ValueError:
+        raise ValueError("must be a whole number") from None
+
+
+def _float(raw: str) -> float:
+    try:
+        return float(raw.strip())
+    except ValueError:
+        raise ValueError("must be a number of seconds") from None
+
+
+def _bool(raw: str) -> bool:
+    text = raw.strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _optional_str(raw: str) -> str | None:
+    return raw.strip() or None
+
+
+def _str(raw: str) -> str:
+    return raw.strip()
+
+
+ENVIRONMENT: tuple[EnvironmentVariable, ...] = (
+    EnvironmentVariable(
+        "VIEWMW_MAX_VIEWS_PER_SESSION",
+        "limits",
+        "max_views_per_session",
+        _optional_int,
+        "Counted views of one content per viewer per session (0 = off).",
+    ),
+    EnvironmentVariable(
+        "VIEWMW_SESSION_SECONDS",
+        "limits",
+        "session_seconds",
+        _int,
+        "Length of the session window in seconds.",
+    ),
+    EnvironmentVariable(
+        "VIEWMW_MAX_DAILY_VIEWS_PER_USER",
+        "limits",
+        "max_daily_views_per_user",
+        _optional_int,
+        "Counted views per viewer per calendar day (0 = off).",
+    ),
+    EnvironmentVariable(
+        "VIEWMW_ONE_VIEW_PER_DAY",
+        "limits",
+        "one_view_per_day",
+        _bool,
+        "Count a viewer at most once per content per calendar day.",
+    ),
+    EnvironmentVariable(
+        "VIEWMW_VIEW_COOLDOWN_SECONDS",
+        "limits",
+        "view_cooldown_seconds",
+        _optional_int,
+        "Seconds between counted views of one content (0 = off).",
+    ),
+    EnvironmentVariable(
+        "VIEWMW_TIMEZONE",
+        "settings",
+        "timezone",
+        _str,
+        "IANA time zone in which calendar days begin.",
+    ),
+    EnvironmentVariable(
+        "VIEWMW_KEY_PREFIX", "settings", "key_prefix", _str, "Prefix for every Redis key."
+    ),
+    EnvironmentVariable(
+        "VIEWMW_REDIS_URL",
+        "settings",
+        "redis_url",
+        _optional_str,
+        "Redis URL; unset means an embedded stand-in where one is offered.",
+    ),
+    EnvironmentVariable(
+        "VIEWMW_DATABASE_URL", "settings", "database_url", _str, "SQLAlchemy database URL."
+    ),
+    EnvironmentVariable(
+        "VIEWMW_SECRET",
+        "settings",
+        "secret",
+        _optional_str,
+        "Key for hashing anonymous viewers (at least 16 characters).",
+    ),
+    EnvironmentVariable(
+        "VIEWMW_REDIS_TIMEOUT",
+        "settings",
+        "redis_timeout",
+        _float,
+        "Seconds a request may wait on Redis.",
+    ),
+    EnvironmentVariable(
+        "VIEWMW_DATABASE_TIMEOUT",
+        "settings",
+        "database_timeout",
+        _float,
+        "Seconds a count read may wait on the database.",
+    ),
+)
+_VARIABLE_BY_FIELD = {variable.field: variable for variable in ENVIRONMENT}
+assert {f.name for f in fields(Limits)} | {f.name for f in fields(Settings)} >= set(
+    _VARIABLE_BY_FIELD
+), "every variable maps to a field"
+
+
+def _check_count(name: str, value: object, *, allow_none: bool) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigurationError(name, f"must be a whole number >= 0, got {value!r}")
+
+
+def _check_key_prefix(prefix: str) -> None:
+    if len(prefix) > 64 or any(ch.isspace() or ch in "*?[]{}" for ch in prefix):
+        raise ConfigurationError(
+            "key_prefix", "must be at most 64 characters without spaces or * ? [ ] { }"
+        )
+
+
+def _check_redis_url(url: str) -> None:
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in _REDIS_SCHEMES or not rest:
+        raise ConfigurationError("redis_url", f"must look like redis://host:port/db, got {url!r}")
+
+
+def _async_database_url(url: str | URL) -> str:
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise ConfigurationError("database_url", f"is not a database URL: {url!r}") from exc
+    driver = _ASYNC_DRIVERS.get(parsed.drivername, parsed.drivername)
+    if driver.split("+")[0] not in ("postgresql", "sqlite"):
+        raise ConfigurationError(
+            "database_url", f"must be a PostgreSQL or SQLite URL, got {parsed.drivername!r}"
+        )
+    return parsed.set(drivername=driver).render_as_string(hide_password=False)
