@@ -11,7 +11,8 @@ import fakeredis
 import pytest
 import redis
 import redis.asyncio as aioredis
-from sqlalchemy import MetaData
+from sqlalchemy import MetaData, text
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -73,6 +74,24 @@ async def any_redis(request: pytest.FixtureRequest) -> aioredis.Redis:
     return request.getfixturevalue(name)  # type: ignore[no-any-return]
 
 
+async def _ensure_database(url: str) -> None:
+    """Create the run's own PostgreSQL database if it does not exist yet (once per run)."""
+    if _reachable.get("postgresql") == url:
+        return
+    parsed = make_url(url)
+    admin = create_async_engine(parsed.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        async with admin.connect() as connection:
+            exists = await connection.scalar(
+                text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": parsed.database}
+            )
+            if not exists:
+                await connection.execute(text(f'CREATE DATABASE "{parsed.database}"'))
+    finally:
+        await admin.dispose()
+    _reachable["postgresql"] = url
+
+
 async def _fresh_store(url: str) -> Store:
     engine = create_async_engine(url)
     async with engine.begin() as connection:
@@ -87,6 +106,7 @@ async def _fresh_store(url: str) -> Store:
 async def pg_store() -> AsyncIterator[Store]:
     """A store on the real PostgreSQL, with empty tables."""
     try:
+        await _ensure_database(DATABASE_URL)
         store = await _fresh_store(DATABASE_URL)
     except (OSError, DBAPIError) as exc:
         pytest.fail(HOW_TO_START_POSTGRES.format(url=DATABASE_URL, error=exc), pytrace=False)

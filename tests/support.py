@@ -1,13 +1,42 @@
-"""Helpers shared by the tests: an injectable clock and service URLs."""
+"""Helpers shared by the tests: service URLs, an injectable clock.
+
+Concurrent test runs on one machine (two nox sessions, a developer and CI) must not flush each
+other's data: unless the URLs are given, each run takes a free slot (an flock on a file in the
+temp directory) and with it its own Redis database number and PostgreSQL database.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import os
+import tempfile
 from dataclasses import dataclass
+from typing import IO
 
-REDIS_URL = os.environ.get("VIEWMW_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+_SLOTS = 8
+_slot_file: IO[str] | None = None
+
+
+def _take_slot() -> int:
+    global _slot_file
+    for slot in range(_SLOTS):
+        handle = open(os.path.join(tempfile.gettempdir(), f"viewmw-tests-{slot}.lock"), "w")  # noqa: SIM115
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            continue
+        _slot_file = handle  # held until the process exits
+        return slot
+    raise RuntimeError(f"more than {_SLOTS} viewmw test runs at once on this machine")
+
+
+SLOT = _take_slot()
+REDIS_URL = os.environ.get("VIEWMW_TEST_REDIS_URL", f"redis://127.0.0.1:6379/{13 - SLOT}")
 DATABASE_URL = os.environ.get(
-    "VIEWMW_TEST_DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+    "VIEWMW_TEST_DATABASE_URL",
+    "postgresql+asyncpg://postgres@127.0.0.1:5432/"
+    + ("test" if SLOT == 0 else f"test_viewmw_{SLOT}"),
 )
 
 HOW_TO_START_REDIS = (

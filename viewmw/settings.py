@@ -8,11 +8,13 @@ first request.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from redis.connection import parse_url
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 from starlette.config import Config, Environ
@@ -21,13 +23,17 @@ from viewmw.errors import ConfigurationError
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///viewmw.sqlite3"
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
+_TABLE_COLUMN = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}\.[A-Za-z_][A-Za-z0-9_]{0,62}")
 # Synchronous driver names users often paste, mapped to the async driver viewmw runs on.
 _ASYNC_DRIVERS = {
     "postgresql": "postgresql+asyncpg",
     "postgres": "postgresql+asyncpg",
     "postgresql+psycopg2": "postgresql+asyncpg",
     "sqlite": "sqlite+aiosqlite",
+    "sqlite+pysqlite": "sqlite+aiosqlite",
 }
+# Async drivers SQLAlchemy can run viewmw on; any other driver would fail at the first query.
+_SUPPORTED_DRIVERS = ("postgresql+asyncpg", "postgresql+psycopg", "sqlite+aiosqlite")
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +81,9 @@ class Settings:
             suits one process but splits anonymous viewers across several: set it in production.
         redis_timeout: seconds a request may wait on Redis before it is answered without a count.
         database_timeout: seconds a count read may wait on the database.
+        content_tables: content type -> ``"table.count_column"`` of a table of the app's own whose
+            integer primary key ``id`` is the content id (``{"story": "stories.view_count"}``).
+            Other types are counted in viewmw's generic table.
     """
 
     limits: Limits = field(default_factory=Limits)
@@ -85,6 +94,7 @@ class Settings:
     secret: str | None = None
     redis_timeout: float = 0.25
     database_timeout: float = 5.0
+    content_tables: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         try:
@@ -103,6 +113,7 @@ class Settings:
                 )
         if self.secret is not None and len(self.secret) < 16:
             raise ConfigurationError("secret", "must be at least 16 characters long")
+        object.__setattr__(self, "content_tables", _check_content_tables(self.content_tables))
 
     @property
     def zone(self) -> ZoneInfo:
@@ -154,7 +165,9 @@ class EnvironmentVariable:
 
 def _optional_int(raw: str) -> int | None:
     text = raw.strip().lower()
-    if text in ("", "none", "off"):
+    # An empty value is an error, not "off": a template that expands an unset variable to ""
+    # must not silently disable an abuse rule.
+    if text in ("none", "off"):
         return None
     try:
         return int(text)
@@ -191,6 +204,18 @@ def _optional_str(raw: str) -> str | None:
 
 def _str(raw: str) -> str:
     return raw.strip()
+
+
+def _content_tables(raw: str) -> dict[str, str]:
+    tables: dict[str, str] = {}
+    for entry in filter(None, (part.strip() for part in raw.split(","))):
+        content_type, sep, target = entry.partition("=")
+        if not sep:
+            raise ValueError(
+                "must look like 'story=stories.view_count,fantasy=fantasies.view_count'"
+            )
+        tables[content_type.strip()] = target.strip()
+    return tables
 
 
 ENVIRONMENT: tuple[EnvironmentVariable, ...] = (
@@ -257,6 +282,13 @@ ENVIRONMENT: tuple[EnvironmentVariable, ...] = (
         "Key for hashing anonymous viewers (at least 16 characters).",
     ),
     EnvironmentVariable(
+        "VIEWMW_CONTENT_TABLES",
+        "settings",
+        "content_tables",
+        _content_tables,
+        "Content types counted in the app's own tables: 'story=stories.view_count,...'.",
+    ),
+    EnvironmentVariable(
         "VIEWMW_REDIS_TIMEOUT",
         "settings",
         "redis_timeout",
@@ -291,20 +323,59 @@ def _check_key_prefix(prefix: str) -> None:
         )
 
 
+def _check_content_tables(tables: Mapping[str, str]) -> dict[str, str]:
+    from viewmw.keys import validate_content_type  # keys imports errors only; no cycle at runtime
+
+    checked: dict[str, str] = {}
+    for content_type, target in dict(tables).items():
+        try:
+            validate_content_type(content_type)
+        except ValueError as exc:
+            raise ConfigurationError("content_tables", str(exc)) from None
+        if not isinstance(target, str) or not _TABLE_COLUMN.fullmatch(target):
+            raise ConfigurationError(
+                "content_tables",
+                f"{content_type!r} must map to 'table.count_column', got {target!r}",
+            )
+        checked[content_type] = target
+    return checked
+
+
+def _redact(url: str) -> str:
+    """``url`` with the password of its ``user:password@`` part hidden, for error messages."""
+    return re.sub(r"(://[^/@]*?:)[^/@]*@", r"\1***@", url)
+
+
 def _check_redis_url(url: str) -> None:
     scheme, sep, rest = url.partition("://")
-    if not sep or scheme not in _REDIS_SCHEMES or not rest:
-        raise ConfigurationError("redis_url", f"must look like redis://host:port/db, got {url!r}")
+    problem = not sep or scheme not in _REDIS_SCHEMES or not rest
+    if not problem:
+        try:
+            parsed = parse_url(url)  # type: ignore[no-untyped-call]  # ValueError: bad port
+        except ValueError:
+            problem = True
+        else:
+            # redis-py silently ignores a database number that is not a number.
+            path = rest.partition("?")[0].partition("/")[2]
+            problem = scheme != "unix" and path != "" and "db" not in parsed
+    if problem:
+        raise ConfigurationError(
+            "redis_url", f"must look like redis://host:port/db, got {_redact(url)!r}"
+        )
 
 
 def _async_database_url(url: str | URL) -> str:
     try:
         parsed = make_url(url)
-    except ArgumentError as exc:
-        raise ConfigurationError("database_url", f"is not a database URL: {url!r}") from exc
-    driver = _ASYNC_DRIVERS.get(parsed.drivername, parsed.drivername)
-    if driver.split("+")[0] not in ("postgresql", "sqlite"):
+    except (ArgumentError, ValueError) as exc:  # ValueError: a port that is not a number
         raise ConfigurationError(
-            "database_url", f"must be a PostgreSQL or SQLite URL, got {parsed.drivername!r}"
+            "database_url", f"is not a database URL: {_redact(str(url))!r}"
+        ) from exc
+    driver = _ASYNC_DRIVERS.get(parsed.drivername, parsed.drivername)
+    if driver not in _SUPPORTED_DRIVERS:
+        raise ConfigurationError(
+            "database_url",
+            f"must be a PostgreSQL or SQLite URL with an async driver"
+            f" ({', '.join(_SUPPORTED_DRIVERS)}), got {parsed.drivername!r}",
         )
     return parsed.set(drivername=driver).render_as_string(hide_password=False)

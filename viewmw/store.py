@@ -33,6 +33,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from viewmw.errors import ConfigurationError
+from viewmw.settings import Settings
 
 metadata = MetaData()
 """viewmw's own tables (the generic counts and the sync ledger), for migrations."""
@@ -141,6 +142,23 @@ class Store:
     ) -> Store:
         """A store on a new engine for ``url`` (see :attr:`viewmw.Settings.database_url`)."""
         return cls(create_async_engine(url, **engine_options), content_tables)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **engine_options: Any) -> Store:
+        """A store for ``settings.database_url`` and ``settings.content_tables``.
+
+        Each mapped table is described as ``id`` BIGINT primary key plus the count column; the
+        app's real table may have any other columns.
+        """
+        tables = MetaData()
+        columns = {}
+        for content_type, target in settings.content_tables.items():
+            table_name, count_column = target.split(".")
+            columns[content_type] = content_table(tables, table_name, count_column=count_column).c[
+                count_column
+            ]
+        engine_options.setdefault("pool_pre_ping", True)
+        return cls.from_url(settings.database_url, columns, **engine_options)
 
     @property
     def dialect(self) -> str:

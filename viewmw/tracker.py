@@ -313,7 +313,8 @@ class ViewTracker:
     # Statistics ---------------------------------------------------------------------------------
 
     async def abuse_stats(self) -> dict[str, Any]:
-        """The limits and how many tracking keys exist (counted with ``SCAN``, never ``KEYS``)."""
+        """The limits, how many tracking keys exist (counted with ``SCAN``, never ``KEYS``), and
+        the last syncs from the ledger (``last_syncs``, newest first)."""
         limits = self.settings.limits
         keys = self.keys
         return {
@@ -327,6 +328,7 @@ class ViewTracker:
             "session_keys": await self._count_keys(keys.session_pattern),
             "daily_limit_keys": await self._count_keys(keys.daily_views_pattern),
             "dirty_contents": int(await self.redis.scard(keys.dirty)),
+            "last_syncs": await self.store.last_batches(5) if self.store else [],
         }
 
     async def _count_keys(self, pattern: str) -> int:

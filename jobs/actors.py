@@ -1,0 +1,80 @@
+"""The actors: the guarded sync and the cleanup, on periodiq's schedule, and the failure path.
+
+Both are idempotent: a redelivered or duplicated message finds the lock taken or nothing pending,
+and the ledger makes a batch count once whatever happens.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from typing import Any
+
+import dramatiq
+
+from jobs.broker import broker, settings, worker_settings
+from jobs.notify import notify_failure
+from viewmw.connections import redis_for_background
+from viewmw.store import Store
+from viewmw.sync import ViewSync
+
+logger = logging.getLogger("viewmw.jobs")
+
+QUEUE = "viewmw"
+
+
+async def _run(*, force: bool, cleanup_only: bool) -> dict[str, Any]:
+    redis = redis_for_background(settings)
+    store = Store.from_settings(settings)
+    try:
+        sync = ViewSync(redis, store, settings)
+        if cleanup_only:
+            return {"cleaned_keys": await sync.cleanup()}
+        report = await sync.run(force=force)
+        if report.already_running:
+            logger.info("another sync is running; this message has nothing to do")
+        return asdict(report)
+    finally:
+        await redis.aclose()
+        await store.close()
+
+
+@dramatiq.actor(
+    broker=broker,
+    queue_name=QUEUE,
+    max_retries=3,
+    min_backoff=worker_settings.retry_min_backoff_ms,
+    time_limit=worker_settings.sync_time_limit_ms,
+    on_retry_exhausted="notify_sync_failure",
+    periodic=worker_settings.sync_schedule,
+)
+async def sync_view_counts(force: bool = False) -> dict[str, Any]:
+    """Run the guarded sync; raised errors are retried (3 times, with backoff)."""
+    return await _run(force=force, cleanup_only=False)
+
+
+@dramatiq.actor(
+    broker=broker,
+    queue_name=QUEUE,
+    max_retries=3,
+    min_backoff=worker_settings.retry_min_backoff_ms,
+    periodic=worker_settings.cleanup_schedule,
+)
+async def cleanup_view_tracking() -> dict[str, Any]:
+    """Delete previous days' daily counters (skipped while a sync batch is unsettled)."""
+    return await _run(force=False, cleanup_only=True)
+
+
+@dramatiq.actor(broker=broker, queue_name=QUEUE, max_retries=0)
+def notify_sync_failure(message: dict[str, Any], retries: dict[str, Any]) -> None:
+    """Final failure of a sync: log at ERROR and call the configured hook once."""
+    details = {
+        "actor": message.get("actor_name"),
+        "message_id": message.get("message_id"),
+        "retries": retries.get("retries"),
+        "error": message.get("options", {}).get("traceback", "").strip().splitlines()[-1:],
+    }
+    logger.error(
+        "view count sync failed after %s retries: %s", details["retries"], details["error"]
+    )
+    notify_failure(worker_settings.failure_hook, details)

@@ -1,0 +1,44 @@
+"""The one Dramatiq broker of the worker, configured before any actor is declared."""
+
+from __future__ import annotations
+
+import dramatiq
+import pendulum
+from dramatiq.brokers.stub import StubBroker
+from dramatiq.middleware.asyncio import AsyncIO
+from periodiq import PeriodiqMiddleware
+
+from jobs.settings import WorkerSettings
+from viewmw.settings import Settings
+
+# A worker that was down at the scheduled minute still runs the sync when it comes back within
+# this many seconds; later, the next scheduled run catches up (pending views wait in Redis).
+SCHEDULE_GRACE_SECONDS = 6 * 3600
+
+
+def make_broker(worker: WorkerSettings) -> dramatiq.Broker:
+    """Dramatiq's Redis, RabbitMQ or stub broker for ``worker.broker_url``, with asyncio support
+    and periodiq's middleware."""
+    url = worker.broker_url
+    broker: dramatiq.Broker
+    if url.startswith(("amqp://", "amqps://")):
+        from dramatiq.brokers.rabbitmq import RabbitmqBroker
+
+        broker = RabbitmqBroker(url=url)
+    elif url.startswith("stub://"):
+        broker = StubBroker()
+    else:
+        from dramatiq.brokers.redis import RedisBroker
+
+        broker = RedisBroker(url=url)  # type: ignore[no-untyped-call]
+    broker.add_middleware(AsyncIO())
+    broker.add_middleware(PeriodiqMiddleware(skip_delay=SCHEDULE_GRACE_SECONDS))
+    return broker
+
+
+settings = Settings.from_env()
+worker_settings = WorkerSettings.from_env(settings)
+broker = make_broker(worker_settings)
+dramatiq.set_broker(broker)
+# periodiq reads cron against pendulum's local time: make that the configured zone.
+pendulum.set_local_timezone(pendulum.timezone(settings.timezone))

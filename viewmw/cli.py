@@ -1,0 +1,208 @@
+"""The ``viewmw`` command: sync by hand, show statistics, create tables, clean up.
+
+Settings come from the same ``VIEWMW_*`` variables as the app and the worker. Exit codes: 0 done,
+1 the operation failed (nothing is lost; run it again), 2 bad configuration or a server is not
+reachable, 75 another sync is running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from redis.exceptions import RedisError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from sqlalchemy.exc import SQLAlchemyError
+
+from viewmw.connections import check_database, check_redis, redis_for_background
+from viewmw.errors import ConfigurationError, ServiceUnavailableError, ViewmwError
+from viewmw.settings import Settings
+from viewmw.store import Store
+from viewmw.sync import SyncReport, ViewSync
+from viewmw.tracker import ViewTracker
+
+EXIT_OK, EXIT_FAILED, EXIT_UNAVAILABLE, EXIT_BUSY = 0, 1, 2, 75
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for the documentation and tests)."""
+    parser = argparse.ArgumentParser(
+        prog="viewmw", description="Operate viewmw: sync view counts, statistics, tables."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO")
+    commands = parser.add_subparsers(dest="command", required=True)
+    sync = commands.add_parser("sync", help="move pending views into the database now")
+    sync.add_argument(
+        "--force", action="store_true", help="run recovery and cleanup even if nothing is pending"
+    )
+    sync.add_argument(
+        "--stats", action="store_true", help="show abuse statistics and the last syncs; no sync"
+    )
+    sync.add_argument(
+        "--enqueue", action="store_true", help="send the sync to the worker queue instead"
+    )
+    commands.add_parser("stats", help="the same as `sync --stats`")
+    commands.add_parser("cleanup", help="delete previous days' daily counters")
+    commands.add_parser("init-db", help="create viewmw's tables (and mapped content tables)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``viewmw`` command; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    console = Console()
+    errors = Console(stderr=True)
+    try:
+        settings = Settings.from_env()
+        if args.command == "sync" and args.enqueue:
+            return _enqueue(console)
+        command = _COMMANDS["stats" if args.command == "sync" and args.stats else args.command]
+        return asyncio.run(_with_services(settings, command, args, console))
+    except (ConfigurationError, ServiceUnavailableError) as exc:
+        errors.print(f"viewmw: {exc}", markup=False, highlight=False, soft_wrap=True)
+        return EXIT_UNAVAILABLE
+    except (ViewmwError, RedisError, SQLAlchemyError, OSError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        errors.print(
+            f"viewmw: {args.command} failed: {reason} (nothing is lost; run it again)",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+        return EXIT_FAILED
+
+
+Command = Callable[[ViewTracker, ViewSync, argparse.Namespace, Console], Awaitable[int]]
+
+
+async def _with_services(
+    settings: Settings, command: Command, args: argparse.Namespace, console: Console
+) -> int:
+    redis = redis_for_background(settings)
+    store = Store.from_settings(settings)
+    try:
+        await check_redis(redis, settings.redis_url)
+        await check_database(store)
+        tracker = ViewTracker(redis, store, settings)
+        sync = ViewSync(redis, store, settings)
+        return await command(tracker, sync, args, console)
+    finally:
+        await redis.aclose()
+        await store.close()
+
+
+async def _sync(
+    tracker: ViewTracker, sync: ViewSync, args: argparse.Namespace, console: Console
+) -> int:
+    if console.is_terminal:
+        with Progress(
+            TextColumn("syncing"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        ) as progress:
+            task = progress.add_task("sync", total=None)
+            report = await sync.run(
+                force=args.force,
+                progress=lambda done, total: progress.update(task, completed=done, total=total),
+            )
+    else:
+        report = await sync.run(force=args.force)
+    if report.already_running:
+        console.print("another sync is running; nothing done", markup=False)
+        return EXIT_BUSY
+    console.print(_summary(report), markup=False, highlight=False)
+    return EXIT_OK
+
+
+def _summary(report: SyncReport) -> str:
+    text = (
+        f"synced {report.views} views of {report.contents} contents in {report.batches} "
+        f"batches ({report.recovered_batches} recovered) in {report.duration:.2f}s"
+    )
+    if report.cleaned_keys:
+        text += f"; removed {report.cleaned_keys} old tracking keys"
+    return text
+
+
+async def _stats(
+    tracker: ViewTracker, sync: ViewSync, args: argparse.Namespace, console: Console
+) -> int:
+    stats = await tracker.abuse_stats()
+    table = Table(title="viewmw abuse prevention")
+    table.add_column("setting or count")
+    table.add_column("value", justify="right")
+    for name, value in stats.items():
+        if name != "last_syncs":
+            table.add_row(name, _show(value))
+    console.print(table)
+    syncs = Table(title="last syncs")
+    for column in ("batch", "started", "committed", "contents", "views"):
+        syncs.add_column(column)
+    for batch in stats.get("last_syncs", []):
+        syncs.add_row(
+            batch["batch_id"][:12],
+            _show(batch["started_at"]),
+            _show(batch["committed_at"]),
+            str(batch["contents"]),
+            str(batch["views"]),
+        )
+    console.print(syncs)
+    return EXIT_OK
+
+
+async def _cleanup(
+    tracker: ViewTracker, sync: ViewSync, args: argparse.Namespace, console: Console
+) -> int:
+    removed = await sync.cleanup()
+    console.print(f"removed {removed} old tracking keys", markup=False)
+    return EXIT_OK
+
+
+async def _init_db(
+    tracker: ViewTracker, sync: ViewSync, args: argparse.Namespace, console: Console
+) -> int:
+    assert tracker.store is not None
+    await tracker.store.create_tables()
+    console.print("tables are ready", markup=False)
+    return EXIT_OK
+
+
+def _enqueue(console: Console) -> int:
+    from jobs.actors import sync_view_counts  # the worker extra is only needed here
+
+    message = sync_view_counts.send()
+    console.print(f"sync queued as message {message.message_id}", markup=False)
+    return EXIT_OK
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "off"
+    if hasattr(value, "isoformat"):
+        return str(value.isoformat(timespec="seconds"))
+    return str(value)
+
+
+_COMMANDS: dict[str, Command] = {
+    "sync": _sync,
+    "stats": _stats,
+    "cleanup": _cleanup,
+    "init-db": _init_db,
+}
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
