@@ -104,7 +104,7 @@ class ViewSync:
         settings: Settings | None = None,
         *,
         batch_contents: int = 50_000,
-        chunk_contents: int = 2_000,
+        chunk_contents: int = 5_000,
         lock_seconds: float = 60.0,
         on_step: StepHook | None = None,
         clock: Callable[[], float] = time.time,
@@ -206,7 +206,7 @@ class ViewSync:
         if batch is None:
             return False
         logger.warning("recovering unsettled sync batch %s", batch.batch_id)
-        if await self._commit_and_settle(batch, report):
+        if await self._commit_and_settle(batch, report, await self._batch_items()):
             report.recovered_batches += 1
         return True
 
@@ -220,17 +220,19 @@ class ViewSync:
         if not await self.redis.hsetnx(self.keys.sync_batch, "id", batch.batch_id):
             raise SyncError("an unsettled batch appeared while this sync held the lock")
         await self.redis.hset(self.keys.sync_batch, "started", batch.started_at.isoformat())
-        moved, left = 0, 1
-        while moved < self.batch_contents and left:
+        deltas: dict[tuple[str, str], int] = {}
+        left = 1
+        while len(deltas) < self.batch_contents and left:
             await self._step("snapshot")
-            contents, left = await self._snapshot_chunk(
-                token, batch, min(self.chunk_contents, self.batch_contents - moved)
+            left = await self._snapshot_chunk(
+                token, batch, min(self.chunk_contents, self.batch_contents - len(deltas)), deltas
             )
-            moved += contents
-        return await self._commit_and_settle(batch, report) and left > 0
+        return await self._commit_and_settle(batch, report, deltas) and left > 0
 
-    async def _snapshot_chunk(self, token: str, batch: _Batch, size: int) -> tuple[int, int]:
-        """Move one chunk; returns (contents moved, dirty contents left)."""
+    async def _snapshot_chunk(
+        self, token: str, batch: _Batch, size: int, deltas: dict[tuple[str, str], int]
+    ) -> int:
+        """Move one chunk, adding what moved to ``deltas``; returns how many contents are left."""
         keys = self.keys
         reply = await self.scripts.snapshot(
             keys=[keys.sync_lock, keys.sync_batch, keys.sync_batch_items, keys.dirty, keys.epoch],
@@ -238,10 +240,16 @@ class ViewSync:
         )
         if int(reply[0]) < 0:
             raise LockLostError("the sync lock expired during the snapshot; the next sync recovers")
-        return int(reply[0]), int(reply[2])
+        moved = reply[3:]
+        for n in range(0, len(moved), 2):
+            deltas[KeySchema.split_member(_text(moved[n]))] = int(moved[n + 1])
+        return int(reply[2])
 
-    async def _commit_and_settle(self, batch: _Batch, report: SyncReport) -> bool:
-        deltas = await self._batch_items()
+    async def _commit_and_settle(
+        self, batch: _Batch, report: SyncReport, deltas: dict[tuple[str, str], int]
+    ) -> bool:
+        """Commit ``deltas`` (the batch's items, as recorded in Redis) under the batch id, then
+        settle. Returns whether the batch had anything in it."""
         if not deltas:
             await self._drop_empty_batch(batch)
             return False

@@ -17,8 +17,10 @@ from enum import StrEnum
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
 
 from viewmw.keys import KeySchema, validate_content_id, validate_content_type, validate_viewer
+from viewmw.pipeline import AutoPipeline
 from viewmw.scripts import Scripts
 from viewmw.settings import Settings
 from viewmw.store import Store
@@ -78,6 +80,15 @@ class TrackResult:
 
 
 @dataclass(frozen=True, slots=True)
+class _Day:
+    """A calendar day in the configured zone: its name and its bounds in epoch seconds."""
+
+    name: str
+    start: int
+    end: int
+
+
+@dataclass(frozen=True, slots=True)
 class _RawCounts:
     """What Redis holds for one content; ``database`` is ``None`` when not cached."""
 
@@ -94,6 +105,8 @@ class ViewTracker:
         store: the database side; ``None`` treats every database count as 0 (Redis-only use).
         settings: limits, time zone and key prefix.
         clock: returns the current time in seconds since the epoch; inject one in tests.
+        pipelining: send the script calls of concurrent requests to Redis together in shared
+            pipelines (see :mod:`viewmw.pipeline`); off sends each call on its own.
     """
 
     def __init__(
@@ -103,6 +116,7 @@ class ViewTracker:
         settings: Settings | None = None,
         *,
         clock: Callable[[], float] = time.time,
+        pipelining: bool = True,
     ) -> None:
         self.redis = redis
         self.store = store
@@ -111,6 +125,13 @@ class ViewTracker:
         self.clock = clock
         self.scripts = Scripts.register(redis)
         self._zone = self.settings.zone
+        self._day: _Day | None = None
+        self._pipeline = AutoPipeline(redis) if pipelining else None
+
+    async def _run(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
+        if self._pipeline is None:
+            return await script(keys=keys, args=args)
+        return await self._pipeline.run(script, keys, args)
 
     # Recording ----------------------------------------------------------------------------------
 
@@ -126,32 +147,34 @@ class ViewTracker:
         content_type = validate_content_type(content_type)
         content_id = validate_content_id(content_id)
         viewer = validate_viewer(viewer)
-        now = self.clock()
-        day, seconds_left_today = self._calendar_day(now)
+        now = math.floor(self.clock())
+        day = self._calendar_day(now)
+        seconds_left_today = day.end - now
         limits = self.settings.limits
         session_ttl = max(
             limits.session_seconds, limits.view_cooldown_seconds or 0, seconds_left_today
         )
         keys = self.keys
-        reply = await self.scripts.record_view(
-            keys=[
+        reply = await self._run(
+            self.scripts.record_view,
+            [
                 keys.pending(content_type, content_id),
                 keys.syncing(content_type, content_id),
                 keys.database_count(content_type, content_id),
                 keys.session(viewer, content_type, content_id),
-                keys.daily_views(viewer, day),
+                keys.daily_views(viewer, day.name),
                 keys.dirty,
                 keys.epoch,
                 keys.sync_batch,
             ],
-            args=[
-                int(now * 1000),
+            [
+                now,
                 limits.max_views_per_session or 0,
-                limits.session_seconds * 1000,
+                limits.session_seconds,
                 limits.max_daily_views_per_user or 0,
                 int(limits.one_view_per_day),
-                (limits.view_cooldown_seconds or 0) * 1000,
-                day,
+                limits.view_cooldown_seconds or 0,
+                day.start,
                 session_ttl + _TTL_GRACE_SECONDS,
                 seconds_left_today + _TTL_GRACE_SECONDS,
                 keys.member(content_type, content_id),
@@ -172,13 +195,15 @@ class ViewTracker:
         )
         return TrackResult(counted, reason, count[content_id])
 
-    def _calendar_day(self, now: float) -> tuple[str, int]:
-        """The calendar day of ``now`` in the configured zone, and whole seconds left in it."""
-        local = datetime.fromtimestamp(now, self._zone)
-        midnight = datetime.combine(
-            local.date() + timedelta(days=1), datetime.min.time(), self._zone
-        )
-        return local.date().isoformat(), max(1, math.ceil(midnight.timestamp() - now))
+    def _calendar_day(self, now: int) -> _Day:
+        """The calendar day of ``now`` in the configured zone (computed once per day)."""
+        day = self._day
+        if day is None or not day.start <= now < day.end:
+            local = datetime.fromtimestamp(now, self._zone).date()
+            start = datetime.combine(local, datetime.min.time(), self._zone)
+            end = datetime.combine(local + timedelta(days=1), datetime.min.time(), self._zone)
+            day = self._day = _Day(local.isoformat(), int(start.timestamp()), int(end.timestamp()))
+        return day
 
     # Reading ------------------------------------------------------------------------------------
 
@@ -216,7 +241,9 @@ class ViewTracker:
                 keys.database_count(content_type, content_id),
             )
         ]
-        reply = await self.scripts.read_counts(keys=[keys.epoch, keys.sync_batch, *per_content])
+        reply = await self._run(
+            self.scripts.read_counts, [keys.epoch, keys.sync_batch, *per_content], []
+        )
         raw = {
             content_id: _RawCounts(
                 int(reply[2 + 3 * n]), int(reply[3 + 3 * n]), _cached(reply[4 + 3 * n])

@@ -1,0 +1,1 @@
+"""viewmw's benchmark suite: ``nox -s bench`` (see docs/performance.md)."""

