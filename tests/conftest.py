@@ -68,7 +68,7 @@ async def fake_redis() -> AsyncIterator[aioredis.Redis]:
 
 
 @pytest.fixture(params=["redis", "fakeredis"])
-async def any_redis(request: pytest.FixtureRequest) -> aioredis.Redis:
+def any_redis(request: pytest.FixtureRequest) -> aioredis.Redis:
     """Each test runs on the real Redis and again on fakeredis."""
     name = "real_redis" if request.param == "redis" else "fake_redis"
     return request.getfixturevalue(name)  # type: ignore[no-any-return]
@@ -122,7 +122,7 @@ async def sqlite_store(tmp_path) -> AsyncIterator[Store]:  # type: ignore[no-unt
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])
-async def store(request: pytest.FixtureRequest) -> Store:
+def store(request: pytest.FixtureRequest) -> Store:
     """Each test runs on PostgreSQL and again on SQLite."""
     name = "pg_store" if request.param == "postgresql" else "sqlite_store"
     return request.getfixturevalue(name)  # type: ignore[no-any-return]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -336,6 +336,23 @@ class ViewTracker:
             )
             for n, content_id in enumerate(missing)
         }
+
+    async def invalidate_database_counts(self, contents: Iterable[tuple[str, str]]) -> None:
+        """Drop cached database counts (after the database changed behind Redis' back).
+
+        The epoch moves in the same transaction, so no cache fill that read the database before
+        can store its older value afterwards.
+        """
+        keys = [self.keys.database_count(t, i) for t, i in contents]
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.incr(self.keys.epoch)
+            for start in range(0, len(keys), 1000):
+                pipe.delete(*keys[start : start + 1000])
+            await pipe.execute()
+
+    def calendar_day_name(self) -> str:
+        """Today's date (``YYYY-MM-DD``) in the configured zone, by the tracker's clock."""
+        return self._calendar_day(math.floor(self.clock())).name
 
     # Statistics ---------------------------------------------------------------------------------
 
