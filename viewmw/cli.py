@@ -12,6 +12,7 @@ import asyncio
 import logging
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -20,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from sqlalchemy.exc import SQLAlchemyError
 
-from viewmw.connections import check_database, check_redis, redis_for_background
+from viewmw.connections import check_database, check_redis, redacted, redis_for_background
 from viewmw.errors import ConfigurationError, ServiceUnavailableError, ViewmwError
 from viewmw.settings import Settings
 from viewmw.store import Store
@@ -60,7 +61,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    console = Console()
+    if not args.verbose:
+        # pika logs each refused connection with a traceback; the one-line message says it all.
+        logging.getLogger("pika").setLevel(logging.CRITICAL)
+    console = Console(soft_wrap=True)  # summaries stay on one line in logs; tables still fit
     errors = Console(stderr=True)
     try:
         settings = Settings.from_env()
@@ -149,13 +153,13 @@ async def _stats(
             table.add_row(name, _show(value))
     console.print(table)
     syncs = Table(title="last syncs")
-    for column in ("batch", "started", "committed", "contents", "views"):
+    for column in ("batch", "started (UTC)", "committed (UTC)", "contents", "views"):
         syncs.add_column(column)
     for batch in stats.get("last_syncs", []):
         syncs.add_row(
             batch["batch_id"][:12],
-            _show(batch["started_at"]),
-            _show(batch["committed_at"]),
+            _utc(batch["started_at"]),
+            _utc(batch["committed_at"]),
             str(batch["contents"]),
             str(batch["views"]),
         )
@@ -181,11 +185,32 @@ async def _init_db(
 
 
 def _enqueue(console: Console) -> int:
-    from jobs.actors import sync_view_counts  # the worker extra is only needed here
+    try:  # the worker extra is only needed here
+        from dramatiq.errors import BrokerError
 
-    message = sync_view_counts.send()
+        from jobs.actors import sync_view_counts
+        from jobs.broker import worker_settings
+    except ModuleNotFoundError as exc:
+        raise ConfigurationError(
+            "sync --enqueue", f"needs the worker extra: pip install 'viewmw[worker]' ({exc})"
+        ) from None
+    try:
+        message = sync_view_counts.send()
+    except (BrokerError, RedisError, OSError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ServiceUnavailableError(
+            f"the broker at {redacted(worker_settings.broker_url)} is not reachable ({reason}). "
+            "Start it or set VIEWMW_BROKER_URL."
+        ) from None
     console.print(f"sync queued as message {message.message_id}", markup=False)
     return EXIT_OK
+
+
+def _utc(value: datetime) -> str:
+    # Short enough for the table to fit 80 columns (an ISO string with its offset is cropped).
+    # SQLite returns the ledger's UTC times without their zone.
+    value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    return value.strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _show(value: Any) -> str:

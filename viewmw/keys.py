@@ -15,8 +15,22 @@ from viewmw.errors import InvalidKeyError
 _CONTENT_TYPE = re.compile(r"[a-z][a-z0-9_]{0,31}")
 _CONTENT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _VIEWER = re.compile(r"(user|anon):[A-Za-z0-9_-]{1,64}")
-# Content types that would make a key collide with viewmw's own names.
-_RESERVED_TYPES = frozenset({"viewmw", "viewed", "daily_views"})
+# Content types that would make a key collide with viewmw's own names, or (``views``) put a
+# tracking key such as ``viewed:user:1:views:7`` under the pending counters' ``*:views:*``.
+_RESERVED_TYPES = frozenset({"viewmw", "viewed", "daily_views", "views"})
+# Integers with more digits than an id may have are refused before str() or repr(), which are
+# slow on them and raise a plain ValueError past 4300 digits.
+_MAX_INT_ID = 10**64
+
+
+def _shown(value: object) -> str:
+    """``repr(value)`` cut to 80 characters, for error messages; safe for any value."""
+    if isinstance(value, int) and not -_MAX_INT_ID < value < _MAX_INT_ID:
+        return "an integer of more than 64 digits"
+    try:
+        return repr(value)[:80]
+    except Exception:
+        return f"a {type(value).__name__}"
 
 
 def validate_content_type(content_type: object) -> str:
@@ -28,7 +42,7 @@ def validate_content_type(content_type: object) -> str:
     ):
         raise InvalidKeyError(
             f"content type must be 1-32 lowercase letters, digits or '_', starting with a letter,"
-            f" and not one of {sorted(_RESERVED_TYPES)}: {content_type!r:.80}"
+            f" and not one of {sorted(_RESERVED_TYPES)}: {_shown(content_type)}"
         )
     return content_type
 
@@ -39,10 +53,10 @@ def validate_content_id(content_id: object) -> str:
     Integers are accepted and written in decimal (``42`` -> ``"42"``).
     """
     if isinstance(content_id, int) and not isinstance(content_id, bool):
-        content_id = str(content_id)
+        content_id = str(content_id) if -_MAX_INT_ID < content_id < _MAX_INT_ID else content_id
     if not isinstance(content_id, str) or not _CONTENT_ID.fullmatch(content_id):
         raise InvalidKeyError(
-            f"content id must be 1-64 ASCII letters, digits, '-' or '_': {content_id!r:.80}"
+            f"content id must be 1-64 ASCII letters, digits, '-' or '_': {_shown(content_id)}"
         )
     return content_id
 
@@ -55,7 +69,7 @@ def validate_viewer(viewer: object) -> str:
     if not isinstance(viewer, str) or not _VIEWER.fullmatch(viewer):
         raise InvalidKeyError(
             f"viewer must be 'user:<id>' or 'anon:<hash>' with 1-64 ASCII letters, digits,"
-            f" '-' or '_' after the colon: {viewer!r:.80}"
+            f" '-' or '_' after the colon: {_shown(viewer)}"
         )
     return viewer
 

@@ -27,7 +27,9 @@ class Scripts:
     record_view: AsyncScript
     read_counts: AsyncScript
     fill_cache: AsyncScript
+    open_batch: AsyncScript
     snapshot: AsyncScript
+    seal: AsyncScript
     settle: AsyncScript
     release_lock: AsyncScript
     renew_lock: AsyncScript

@@ -343,7 +343,7 @@ def _check_content_tables(tables: Mapping[str, str]) -> dict[str, str]:
 
 def _redact(url: str) -> str:
     """``url`` with the password of its ``user:password@`` part hidden, for error messages."""
-    return re.sub(r"(://[^/@]*?:)[^/@]*@", r"\1***@", url)
+    return re.sub(r"(://[^:/@]*:).*@", r"\1***@", url)
 
 
 def _check_redis_url(url: str) -> None:

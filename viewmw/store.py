@@ -202,15 +202,16 @@ class Store:
             .where(sync_batches.c.batch_id == batch_id)
             .scalar_subquery(),
         )
-        counts = dict.fromkeys(content_ids, 0)
+        by_row: dict[str, int] = {}
         in_ledger = False
         async with self.engine.connect() as connection:
-            for content_id, value in (await connection.execute(union_all(rows, committed))).all():
-                if content_id is None:
+            for row_id, value in (await connection.execute(union_all(rows, committed))).all():
+                if row_id is None:
                     in_ledger = bool(value)
                 else:
-                    counts[str(content_id)] = int(value or 0)
-        return counts, in_ledger
+                    by_row[str(row_id)] = int(value or 0)
+        row_of = (lambda c: c) if target is None else (lambda c: str(target.db_id(c)))
+        return {c: by_row.get(row_of(c), 0) for c in content_ids}, in_ledger
 
     async def read_count(self, content_type: str, content_id: str) -> int:
         """The database count of one content (0 when it has no row)."""
@@ -298,8 +299,14 @@ class Store:
     async def _update_mapped(
         self, connection: AsyncConnection, target: CountTarget, chunk: list[tuple[str, int]]
     ) -> None:
-        pairs = [(target.db_id(i), d) for i, d in chunk]
-        pairs = [(i, d) for i, d in pairs if i is not None]
+        # Ids such as "7" and "07" name the same integer row, and UPDATE … FROM applies one
+        # source row per target row: add them up first.
+        summed: dict[int | str, int] = {}
+        for content_id, delta in chunk:
+            db_id = target.db_id(content_id)
+            if db_id is not None:
+                summed[db_id] = summed.get(db_id, 0) + delta
+        pairs = list(summed.items())
         if not pairs:
             return
         table, id_name, count_name = (

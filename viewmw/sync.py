@@ -139,7 +139,7 @@ class ViewSync:
                 report.already_running = True
                 return report
             await self._step("locked")
-            recovered = await self._recover(report)
+            recovered = await self._recover(token, report)
             total = int(await self.redis.scard(self.keys.dirty))
             if total == 0 and not force and not recovered:
                 report.duration = time.monotonic() - started
@@ -200,12 +200,14 @@ class ViewSync:
 
     # Batches ------------------------------------------------------------------------------------
 
-    async def _recover(self, report: SyncReport) -> bool:
+    async def _recover(self, token: str, report: SyncReport) -> bool:
         """Finish a batch that an earlier sync left unsettled. Returns whether there was one."""
         batch = await self._current_batch()
         if batch is None:
             return False
         logger.warning("recovering unsettled sync batch %s", batch.batch_id)
+        # Sealed first, read after: what is committed is exactly what will be settled.
+        await self._seal(token, batch)
         if await self._commit_and_settle(batch, report, await self._batch_items()):
             report.recovered_batches += 1
         return True
@@ -217,9 +219,14 @@ class ViewSync:
         pending. Views that keep arriving wait for the next run, so a run always ends.
         """
         batch = _Batch(uuid.uuid4().hex, datetime.fromtimestamp(self.clock(), UTC))
-        if not await self.redis.hsetnx(self.keys.sync_batch, "id", batch.batch_id):
+        opened = await self.scripts.open_batch(
+            keys=[self.keys.sync_lock, self.keys.sync_batch],
+            args=[token, batch.batch_id, batch.started_at.isoformat()],
+        )
+        if int(opened) == -1:
+            raise LockLostError("the sync lock expired; the next sync carries on")
+        if int(opened) == -2:
             raise SyncError("an unsettled batch appeared while this sync held the lock")
-        await self.redis.hset(self.keys.sync_batch, "started", batch.started_at.isoformat())
         deltas: dict[tuple[str, str], int] = {}
         left = 1
         while len(deltas) < self.batch_contents and left:
@@ -227,6 +234,8 @@ class ViewSync:
             left = await self._snapshot_chunk(
                 token, batch, min(self.chunk_contents, self.batch_contents - len(deltas)), deltas
             )
+        # Every snapshot call answered, so ``deltas`` are exactly the batch's items.
+        await self._seal(token, batch)
         return await self._commit_and_settle(batch, report, deltas) and left > 0
 
     async def _snapshot_chunk(
@@ -242,8 +251,17 @@ class ViewSync:
             raise LockLostError("the sync lock expired during the snapshot; the next sync recovers")
         moved = reply[3:]
         for n in range(0, len(moved), 2):
-            deltas[KeySchema.split_member(_text(moved[n]))] = int(moved[n + 1])
+            # A content can come back to the dirty set, and into a later chunk of this batch.
+            content = KeySchema.split_member(_text(moved[n]))
+            deltas[content] = deltas.get(content, 0) + int(moved[n + 1])
         return int(reply[2])
+
+    async def _seal(self, token: str, batch: _Batch) -> None:
+        reply = await self.scripts.seal(
+            keys=[self.keys.sync_lock, self.keys.sync_batch], args=[token, batch.batch_id]
+        )
+        if int(reply) < 0:
+            raise LockLostError("the sync lock expired before the commit; the next sync recovers")
 
     async def _commit_and_settle(
         self, batch: _Batch, report: SyncReport, deltas: dict[tuple[str, str], int]

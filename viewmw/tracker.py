@@ -19,6 +19,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
+from viewmw.errors import ServiceUnavailableError
 from viewmw.keys import KeySchema, validate_content_id, validate_content_type, validate_viewer
 from viewmw.pipeline import AutoPipeline
 from viewmw.scripts import Scripts
@@ -30,6 +31,8 @@ logger = logging.getLogger("viewmw")
 # Tracking keys outlive the window they enforce by this much, so a slightly fast Redis clock
 # never ends a window early; rules are decided on the caller's clock, not on TTLs.
 _TTL_GRACE_SECONDS = 3600
+# A cache fill that a sync overtook is retried this many times before the count is left out.
+_FILL_ATTEMPTS = 3
 
 
 class BlockReason(StrEnum):
@@ -180,8 +183,10 @@ class ViewTracker:
                 keys.member(content_type, content_id),
             ],
         )
-        counted, reason_code = bool(int(reply[0])), int(reply[1])
-        raw = _RawCounts(int(reply[2]), int(reply[3]), _cached(reply[4]))
+        if not isinstance(reply, list) or len(reply) != 7 or reply[0] not in (0, 1):
+            raise ValueError(f"unexpected reply from the record_view script: {reply!r:.80}")
+        counted, reason_code = bool(reply[0]), int(reply[1])
+        raw = _RawCounts(_count(reply[2]), _count(reply[3]), _cached(reply[4]))
         reason = _REASONS.get(reason_code)
         logger.debug(
             "view %s %s:%s by %s",
@@ -208,8 +213,14 @@ class ViewTracker:
     # Reading ------------------------------------------------------------------------------------
 
     async def get_view_count(self, content_type: str, content_id: str | int) -> int:
-        """The combined count (database + pending + syncing) of one content."""
+        """The combined count (database + pending + syncing) of one content.
+
+        Raises:
+            ServiceUnavailableError: the database part cannot be read now.
+        """
         counts = await self.get_view_counts(content_type, [content_id])
+        if not counts:
+            raise ServiceUnavailableError("the database count cannot be read right now")
         return next(iter(counts.values()))
 
     async def get_view_counts(
@@ -228,9 +239,18 @@ class ViewTracker:
     ) -> dict[str, ViewCount | None]:
         """Like :meth:`get_view_counts`, with the database, pending and syncing parts apart."""
         content_type = validate_content_type(content_type)
+        if isinstance(content_ids, str | bytes):
+            raise TypeError("content_ids must be a sequence of ids, not one id")
         ids = list(dict.fromkeys(validate_content_id(i) for i in content_ids))
         if not ids:
             return {}
+        raw, epoch, batch_id = await self._read_raw(content_type, ids)
+        return await self._complete(content_type, raw, epoch, batch_id)
+
+    async def _read_raw(
+        self, content_type: str, ids: list[str]
+    ) -> tuple[dict[str, _RawCounts], int, str]:
+        """What Redis holds for ``ids``, the sync epoch and the unsettled batch, in one call."""
         keys = self.keys
         per_content = [
             key
@@ -244,21 +264,22 @@ class ViewTracker:
         reply = await self._run(
             self.scripts.read_counts, [keys.epoch, keys.sync_batch, *per_content], []
         )
+        if not isinstance(reply, list) or len(reply) != 2 + 3 * len(ids):
+            raise ValueError(f"unexpected reply from the read_counts script: {reply!r:.80}")
         raw = {
             content_id: _RawCounts(
-                int(reply[2 + 3 * n]), int(reply[3 + 3 * n]), _cached(reply[4 + 3 * n])
+                _count(reply[2 + 3 * n]), _count(reply[3 + 3 * n]), _cached(reply[4 + 3 * n])
             )
             for n, content_id in enumerate(ids)
         }
-        return await self._complete(content_type, raw, int(reply[0]), _text(reply[1]))
+        return raw, int(reply[0]), _text(reply[1])
 
     async def get_redis_view_count(self, content_type: str, content_id: str | int) -> int:
         """Views in Redis not yet in the database (pending + syncing)."""
-        count = await self.get_view_count_details(content_type, [content_id])
-        value = next(iter(count.values()))
-        if value is None:
-            raise RuntimeError("unreachable: Redis parts are always known")  # pragma: no cover
-        return value.pending + value.syncing
+        content_type = validate_content_type(content_type)
+        content_id = validate_content_id(content_id)
+        raw, _, _ = await self._read_raw(content_type, [content_id])
+        return raw[content_id].pending + raw[content_id].syncing
 
     async def get_database_view_count(self, content_type: str, content_id: str | int) -> int:
         """The count stored in the database, read with SQL (0 without a store)."""
@@ -285,10 +306,24 @@ class ViewTracker:
             for content_id in missing:
                 result[content_id] = ViewCount(0, raw[content_id].pending, raw[content_id].syncing)
             return result
-        try:
-            result.update(await self._fill_cache(content_type, missing, raw, epoch, batch_id))
-        except Exception:
-            logger.exception("reading database counts for %s failed", content_type)
+        for _attempt in range(_FILL_ATTEMPTS):
+            try:
+                filled = await self._fill_cache(content_type, missing, raw, epoch, batch_id)
+            except Exception:
+                logger.exception("reading database counts for %s failed", content_type)
+                break
+            result.update(filled)
+            missing = [content_id for content_id in missing if content_id not in filled]
+            if not missing:
+                break
+            # A sync moved views while the database was read: read Redis again and retry.
+            raw, epoch, batch_id = await self._read_raw(content_type, missing)
+            for content_id, parts in raw.items():
+                if parts.database is not None:
+                    result[content_id] = ViewCount(parts.database, parts.pending, parts.syncing)
+            missing = [content_id for content_id in missing if result[content_id] is None]
+            if not missing:
+                break
         return result
 
     async def _fill_cache(
@@ -379,9 +414,16 @@ class ViewTracker:
         return sum([1 async for _ in self.redis.scan_iter(match=pattern, count=1000)])
 
 
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"unexpected count from Redis: {value!r:.80}")
+    return value
+
+
 def _cached(value: Any) -> int | None:
-    number = int(value)
-    return None if number < 0 else number
+    if isinstance(value, int) and value == -1:
+        return None
+    return _count(value)
 
 
 def _text(value: Any) -> str:

@@ -1,0 +1,1 @@
+"""Runnable apps that use viewmw the way a user would."""

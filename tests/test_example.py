@@ -1,0 +1,224 @@
+"""The example site: in process on the real Redis, and served by a real uvicorn process."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+from sqlalchemy import select
+
+from examples.site import ROUTES, SECTIONS, create_app, fantasies, stories
+from tests.asgi_support import free_port
+from tests.support import REDIS_URL
+from viewmw import Settings, Store, ViewTracker
+from viewmw.resilient import ResilientTracker
+
+ROOT = Path(__file__).resolve().parents[1]
+BROWSER = {"user-agent": "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"}
+SECRET = "example-secret-0123456789"
+
+
+@asynccontextmanager
+async def running_site(settings: Settings) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app, client=("203.0.113.5", 1000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://site") as client:
+            yield app, client
+
+
+def site_settings(tmp_path: Path, **changes: Any) -> Settings:
+    return Settings(
+        redis_url=REDIS_URL,
+        database_url=f"sqlite:///{tmp_path}/site.sqlite3",
+        secret=SECRET,
+        **changes,
+    )
+
+
+async def test_detail_pages_count_and_show_their_count(
+    real_redis: aioredis.Redis, tmp_path: Path
+) -> None:
+    async with running_site(site_settings(tmp_path)) as (_, site):
+        first = await site.get("/stories/1", headers=BROWSER)
+        assert first.status_code == 200
+        assert "The Lighthouse Keeper" in first.text and "0 views before this visit" in first.text
+        assert (first.headers["x-view-count"], first.headers["x-view-counted"]) == ("1", "1")
+        alice = await site.get("/stories/1", headers={**BROWSER, "x-demo-user": "alice"})
+        assert "1 view before this visit" in alice.text
+        assert alice.headers["x-view-count"] == "2"
+        task = await site.get("/tasks/write-docs", headers={**BROWSER, "x-demo-user": "alice"})
+        assert task.headers["x-view-count"] == "1"
+        missing = await site.get("/stories/99", headers=BROWSER)
+        assert missing.status_code == 404 and "x-view-count" not in missing.headers
+    assert await real_redis.exists("viewed:user:alice:story:1", "viewed:user:alice:task:write-docs")
+
+
+async def test_list_page_reads_all_counts_in_one_batch(
+    real_redis: aioredis.Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[str, list[str]]] = []
+    batch_read = ResilientTracker.get_view_counts
+
+    async def recording(self: ResilientTracker, content_type: str, ids: Any) -> dict[str, int]:
+        calls.append((content_type, list(ids)))
+        return await batch_read(self, content_type, ids)
+
+    async with running_site(site_settings(tmp_path)) as (_, site):
+        for user in ("a", "b"):
+            await site.get("/fantasies/2", headers={**BROWSER, "x-demo-user": user})
+        monkeypatch.setattr(ResilientTracker, "get_view_counts", recording)
+        monkeypatch.setattr(ViewTracker, "get_view_counts", recording)
+        page = await site.get("/fantasies")
+    # One batch read, passed once through the resilient wrapper's read of all details.
+    assert calls == [("fantasy", ["1", "2"])]
+    assert "The Glass Dragon</a> — 0 views" in page.text
+    assert "Salt and Crowns</a> — 2 views" in page.text
+
+
+async def test_seeds_content_tables_once(real_redis: aioredis.Redis, tmp_path: Path) -> None:
+    settings = site_settings(tmp_path)
+    for _ in range(2):  # a restart finds the rows and inserts nothing
+        async with running_site(settings) as (app, _):
+            pass
+    app = create_app(settings)
+    tracker: ResilientTracker = app.state.tracker
+    store = tracker.tracker.store
+    assert store is not None
+    async with store.engine.connect() as connection:
+        for table, section in ((stories, SECTIONS[0]), (fantasies, SECTIONS[1])):
+            ids = (await connection.execute(select(table.c.id).order_by(table.c.id))).scalars()
+            assert [str(i) for i in ids] == list(section.items)
+    await store.close()
+    await tracker.tracker.redis.aclose()
+
+
+async def test_pages_render_and_count_when_redis_is_down(tmp_path: Path) -> None:
+    settings = site_settings(tmp_path, redis_timeout=0.1).replace(
+        redis_url=f"redis://127.0.0.1:{free_port()}/0"
+    )
+    async with running_site(settings) as (_, site):
+        visits = [
+            await site.get("/outcomes/1", headers={**BROWSER, "x-demo-user": f"u{n}"})
+            for n in range(4)
+        ]
+        listing = await site.get("/outcomes")
+    assert {v.status_code for v in visits} == {200} and listing.status_code == 200
+    # Reads fall back to the database at once; views, once the failures have opened the breaker
+    # (a view whose Redis call failed is not counted again: the script may have run).
+    assert "0 views before this visit" in visits[0].text
+    shown = [(v.headers.get("x-view-counted"), v.headers.get("x-view-count")) for v in visits]
+    assert shown == [("0; reason=unavailable", None), ("1", "1"), ("1", "2"), ("1", "3")]
+    assert "Docs published</a> — 3 views" in listing.text
+    # Leaving the lifespan wrote the fallback's views to the database.
+    store = Store.from_url(settings.database_url)
+    try:
+        assert await store.read_count("outcome", "1") == 3
+    finally:
+        await store.close()
+
+
+def test_routes_cover_every_section() -> None:
+    assert sorted(v if isinstance(v, str) else v[0] for v in ROUTES.values()) == sorted(
+        s.content_type for s in SECTIONS
+    )
+
+
+# End to end: a real uvicorn process ------------------------------------------------------------
+
+
+class Server:
+    """The example served by uvicorn in a subprocess; its output is read by a thread."""
+
+    def __init__(self, command: list[str], env: dict[str, str], cwd: Path) -> None:
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.output: list[str] = []
+        self.process = subprocess.Popen(
+            command,
+            env=env,
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.output.append(line)
+            self.lines.put(line)
+
+    def wait_for(self, text: str, timeout: float = 30.0) -> None:
+        """Block until the server prints ``text``; fail with its output if it never does."""
+        deadline = time.monotonic() + timeout
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                if text in self.lines.get(timeout=remaining):
+                    return
+            except queue.Empty:
+                break
+        raise AssertionError(f"server never printed {text!r}:\n{''.join(self.output)}")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launch", ["python -m examples.site", "uvicorn examples.site:app"])
+async def test_served_by_uvicorn_counts_over_http(
+    launch: str, real_redis: aioredis.Redis, tmp_path: Path
+) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VIEWMW_")}
+    env.update(
+        PORT=str(port),
+        PYTHONPATH=str(ROOT),
+        VIEWMW_REDIS_URL=REDIS_URL,
+        VIEWMW_DATABASE_URL=f"sqlite:///{tmp_path}/e2e.sqlite3",
+        VIEWMW_SECRET=SECRET,
+    )
+    if launch.startswith("python"):
+        command = [sys.executable, "-m", "examples.site"]
+    else:
+        command = [sys.executable, "-m", "uvicorn", "examples.site:app", "--port", str(port)]
+    server = Server(command, env, cwd=tmp_path)
+    try:
+        server.wait_for("Application startup complete")
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            shown = []
+            for user in ("ann", "ben", "ann", "cat"):
+                response = await client.get("/stories/2", headers={**BROWSER, "x-demo-user": user})
+                assert response.status_code == 200
+                shown.append((response.headers["x-view-count"], response.headers["x-view-counted"]))
+            bot = await client.get("/stories/2", headers={"user-agent": "Googlebot/2.1"})
+            listing = await client.get("/stories")
+        assert shown == [("1", "1"), ("2", "1"), ("2", "0; reason=cooldown"), ("3", "1")]
+        assert (bot.headers["x-view-count"], bot.headers["x-view-counted"]) == (
+            "3",
+            "0; reason=bot",
+        )
+        assert "A Map of Small Rivers</a> — 3 views" in listing.text
+        assert await real_redis.get("story:views:2") == b"3"
+    finally:
+        code = server.stop()
+    assert code in (0, 143, -signal.SIGTERM), "".join(server.output)
+    assert any("Application shutdown complete" in line for line in server.output)

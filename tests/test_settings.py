@@ -1,0 +1,375 @@
+"""Settings and Limits: defaults, validation at construction, ``from_env()``, and the docs page."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from viewmw import ConfigurationError, Limits, Settings
+from viewmw.settings import ENVIRONMENT
+
+CONFIGURATION_MD = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
+
+
+def test_defaults_are_the_documented_rules() -> None:
+    settings = Settings()
+    assert settings.limits == Limits(
+        max_views_per_session=3,
+        session_seconds=86400,
+        max_daily_views_per_user=100,
+        one_view_per_day=True,
+        view_cooldown_seconds=300,
+    )
+    assert (settings.timezone, settings.key_prefix, settings.redis_url, settings.secret) == (
+        "UTC",
+        "",
+        None,
+        None,
+    )
+    assert settings.database_url == "sqlite+aiosqlite:///viewmw.sqlite3"
+    assert (settings.redis_timeout, settings.database_timeout) == (0.25, 5.0)
+
+
+# Construction ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("max_views_per_session", -1),
+        ("max_views_per_session", 2.5),
+        ("max_views_per_session", True),
+        ("max_views_per_session", "3"),
+        ("max_daily_views_per_user", -100),
+        ("max_daily_views_per_user", 1e3),
+        ("view_cooldown_seconds", -300),
+        ("view_cooldown_seconds", 0.5),
+        ("view_cooldown_seconds", "300"),
+        ("session_seconds", 0),
+        ("session_seconds", -1),
+        ("session_seconds", None),
+        ("session_seconds", 3600.0),
+        ("one_view_per_day", 1),
+        ("one_view_per_day", "false"),
+        ("one_view_per_day", None),
+    ],
+)
+def test_limits_refuse_bad_values_naming_the_field(field: str, value: Any) -> None:
+    with pytest.raises(ConfigurationError) as error:
+        Limits(**{field: value})
+    assert error.value.setting == field
+    assert str(error.value).startswith(field)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("timezone", "Mars/Olympus_Mons"),
+        ("timezone", "utc"),
+        ("timezone", ""),
+        ("timezone", "../../etc/passwd"),
+        ("timezone", "UTC "),
+        ("key_prefix", "my app:"),
+        ("key_prefix", "app*"),
+        ("key_prefix", "{app}"),
+        ("key_prefix", "a" * 65),
+        ("redis_url", "localhost:6379"),
+        ("redis_url", "http://localhost:6379"),
+        ("redis_url", "redis://"),
+        ("redis_url", "redis:/localhost"),
+        ("redis_url", "redis://localhost:port/0"),
+        ("redis_url", "redis://localhost:99999/0"),
+        ("redis_url", "redis://localhost:6379/zero"),
+        ("redis_url", "redis://localhost:6379/0?db=x"),
+        ("database_url", "mysql://app@db/app"),
+        ("database_url", "oracle://app@db/app"),
+        ("database_url", "postgresql+pg8000://app@db/app"),
+        ("database_url", "sqlite+pysqlcipher:///x.db"),
+        ("database_url", "not a url"),
+        ("database_url", ""),
+        ("database_url", "postgresql://app@db:port/app"),
+        ("secret", "short"),
+        ("secret", "x" * 15),
+        ("secret", ""),
+        ("redis_timeout", 0),
+        ("redis_timeout", -0.25),
+        ("redis_timeout", math.nan),
+        ("redis_timeout", True),
+        ("redis_timeout", "0.25"),
+        ("database_timeout", 0.0),
+        ("database_timeout", -5),
+    ],
+)
+def test_settings_refuse_bad_values_naming_the_field(field: str, value: Any) -> None:
+    with pytest.raises(ConfigurationError) as error:
+        Settings(**{field: value})
+    assert error.value.setting == field
+    assert str(error.value).startswith(field)
+
+
+@pytest.mark.parametrize(
+    ("field", "url"),
+    [
+        ("redis_url", "redis://:hunter2hunter2@redis.internal:port/0"),
+        ("redis_url", "redis://app:hunter2hunter2@redis.internal/zero"),
+        ("database_url", "mysql://app:hunter2hunter2@db/app"),
+        ("database_url", "postgresql://app:hunter2hunter2@db:port/app"),
+    ],
+)
+def test_errors_do_not_repeat_passwords(field: str, url: str) -> None:
+    with pytest.raises(ConfigurationError) as error:
+        Settings(**{field: url})
+    assert "hunter2" not in str(error.value)
+
+
+def test_errors_do_not_repeat_the_secret() -> None:
+    with pytest.raises(ConfigurationError) as error:
+        Settings(secret="tiny-s3cret")
+    assert "s3cret" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:6379/0",
+        "redis://localhost",
+        "redis://localhost:6379",
+        "redis://localhost:6379/",
+        "redis://:password@localhost:6379/2",
+        "redis://user:password@localhost/15",
+        "redis://localhost?db=3",
+        "rediss://cache.example.com:6380/0",
+        "unix:///var/run/redis/redis.sock",
+        "unix:///var/run/redis/redis.sock?db=2",
+    ],
+)
+def test_good_redis_urls_are_accepted_unchanged(url: str) -> None:
+    assert Settings(redis_url=url).redis_url == url
+
+
+@pytest.mark.parametrize(
+    ("url", "stored"),
+    [
+        ("postgresql://app@db/app", "postgresql+asyncpg://app@db/app"),
+        ("postgres://app@db/app", "postgresql+asyncpg://app@db/app"),
+        ("postgresql+psycopg2://app:pw@db:5433/app", "postgresql+asyncpg://app:pw@db:5433/app"),
+        ("postgresql+asyncpg://app@db/app", "postgresql+asyncpg://app@db/app"),
+        ("postgresql+psycopg://app@db/app", "postgresql+psycopg://app@db/app"),
+        ("sqlite:///counts.db", "sqlite+aiosqlite:///counts.db"),
+        ("sqlite+pysqlite:///counts.db", "sqlite+aiosqlite:///counts.db"),
+        ("sqlite://", "sqlite+aiosqlite://"),
+    ],
+)
+def test_database_urls_run_on_an_async_driver(url: str, stored: str) -> None:
+    assert Settings(database_url=url).database_url == stored
+
+
+def test_good_values_are_accepted() -> None:
+    settings = Settings(
+        limits=Limits(
+            max_views_per_session=0,
+            session_seconds=1,
+            max_daily_views_per_user=None,
+            one_view_per_day=False,
+            view_cooldown_seconds=None,
+        ),
+        timezone="Asia/Tokyo",
+        key_prefix="app1:",
+        secret="s" * 16,
+        redis_timeout=1,
+        database_timeout=0.001,
+    )
+    assert settings.zone.key == "Asia/Tokyo"
+    assert settings.limits.max_views_per_session == 0
+
+
+def test_replace_validates_again() -> None:
+    settings = Settings(secret="s" * 16)
+    assert settings.replace(timezone="Europe/Berlin").timezone == "Europe/Berlin"
+    assert settings.replace(timezone="Europe/Berlin").secret == "s" * 16
+    with pytest.raises(ConfigurationError, match=r"^timezone"):
+        settings.replace(timezone="Europe/Nowhere")
+
+
+# from_env --------------------------------------------------------------------------------------
+
+BAD_ENVIRONMENT = [
+    ("VIEWMW_MAX_VIEWS_PER_SESSION", "-1"),
+    ("VIEWMW_MAX_VIEWS_PER_SESSION", "three"),
+    ("VIEWMW_MAX_VIEWS_PER_SESSION", "2.5"),
+    ("VIEWMW_MAX_VIEWS_PER_SESSION", ""),  # empty is not "off"
+    ("VIEWMW_SESSION_SECONDS", "0"),
+    ("VIEWMW_SESSION_SECONDS", "-60"),
+    ("VIEWMW_SESSION_SECONDS", "none"),
+    ("VIEWMW_SESSION_SECONDS", "24h"),
+    ("VIEWMW_MAX_DAILY_VIEWS_PER_USER", "-100"),
+    ("VIEWMW_MAX_DAILY_VIEWS_PER_USER", "lots"),
+    ("VIEWMW_MAX_DAILY_VIEWS_PER_USER", "  "),
+    ("VIEWMW_ONE_VIEW_PER_DAY", "maybe"),
+    ("VIEWMW_ONE_VIEW_PER_DAY", "2"),
+    ("VIEWMW_ONE_VIEW_PER_DAY", ""),
+    ("VIEWMW_VIEW_COOLDOWN_SECONDS", "-300"),
+    ("VIEWMW_VIEW_COOLDOWN_SECONDS", "5m"),
+    ("VIEWMW_TIMEZONE", "Mars/Olympus_Mons"),
+    ("VIEWMW_TIMEZONE", ""),
+    ("VIEWMW_KEY_PREFIX", "app*"),
+    ("VIEWMW_REDIS_URL", "localhost:6379"),
+    ("VIEWMW_REDIS_URL", "redis://localhost:port/0"),
+    ("VIEWMW_DATABASE_URL", "mysql://app@db/app"),
+    ("VIEWMW_DATABASE_URL", "nonsense"),
+    ("VIEWMW_SECRET", "too-short"),
+    ("VIEWMW_CONTENT_TABLES", "story"),
+    ("VIEWMW_CONTENT_TABLES", "Story=stories.view_count"),
+    ("VIEWMW_CONTENT_TABLES", "story=stories"),
+    ("VIEWMW_REDIS_TIMEOUT", "0"),
+    ("VIEWMW_REDIS_TIMEOUT", "-1"),
+    ("VIEWMW_REDIS_TIMEOUT", "fast"),
+    ("VIEWMW_REDIS_TIMEOUT", "nan"),
+    ("VIEWMW_DATABASE_TIMEOUT", "0"),
+    ("VIEWMW_DATABASE_TIMEOUT", "-5"),
+]
+
+
+@pytest.mark.parametrize(("variable", "raw"), BAD_ENVIRONMENT)
+def test_from_env_refuses_bad_values_naming_the_variable(variable: str, raw: str) -> None:
+    with pytest.raises(ConfigurationError) as error:
+        Settings.from_env({variable: raw})
+    assert error.value.setting == variable
+    assert str(error.value).startswith(variable + " ")
+
+
+def test_every_variable_has_a_bad_value_above() -> None:
+    assert {variable.name for variable in ENVIRONMENT} == {name for name, _ in BAD_ENVIRONMENT}
+
+
+def test_from_env_with_nothing_set_is_the_defaults() -> None:
+    assert Settings.from_env({}) == Settings()
+    assert Settings.from_env({"PATH": "/bin", "VIEWMW_UNKNOWN": "x", "viewmw_timezone": "x"}) == (
+        Settings()
+    )
+
+
+def test_from_env_reads_every_variable() -> None:
+    settings = Settings.from_env(
+        {
+            "VIEWMW_MAX_VIEWS_PER_SESSION": " 5 ",
+            "VIEWMW_SESSION_SECONDS": "3600",
+            "VIEWMW_MAX_DAILY_VIEWS_PER_USER": "250",
+            "VIEWMW_ONE_VIEW_PER_DAY": "false",
+            "VIEWMW_VIEW_COOLDOWN_SECONDS": "60",
+            "VIEWMW_TIMEZONE": "America/New_York",
+            "VIEWMW_KEY_PREFIX": "app1:",
+            "VIEWMW_REDIS_URL": "redis://:pw@cache:6380/2",
+            "VIEWMW_DATABASE_URL": "postgresql://app@db/app",
+            "VIEWMW_SECRET": "0123456789abcdef",
+            "VIEWMW_CONTENT_TABLES": "story=stories.view_count, fantasy=fantasies.view_count",
+            "VIEWMW_REDIS_TIMEOUT": "0.5",
+            "VIEWMW_DATABASE_TIMEOUT": "2",
+        }
+    )
+    assert settings == Settings(
+        limits=Limits(
+            max_views_per_session=5,
+            session_seconds=3600,
+            max_daily_views_per_user=250,
+            one_view_per_day=False,
+            view_cooldown_seconds=60,
+        ),
+        timezone="America/New_York",
+        key_prefix="app1:",
+        redis_url="redis://:pw@cache:6380/2",
+        database_url="postgresql+asyncpg://app@db/app",
+        secret="0123456789abcdef",
+        content_tables={"story": "stories.view_count", "fantasy": "fantasies.view_count"},
+        redis_timeout=0.5,
+        database_timeout=2.0,
+    )
+
+
+@pytest.mark.parametrize(
+    ("raw", "value"),
+    [("0", 0), ("none", None), ("None", None), ("NONE", None), ("off", None), (" 0 ", 0)],
+)
+def test_from_env_0_none_or_off_disables_a_limit(raw: str, value: int | None) -> None:
+    limits = Settings.from_env(
+        {
+            "VIEWMW_MAX_VIEWS_PER_SESSION": raw,
+            "VIEWMW_MAX_DAILY_VIEWS_PER_USER": raw,
+            "VIEWMW_VIEW_COOLDOWN_SECONDS": raw,
+        }
+    ).limits
+    assert limits.max_views_per_session == limits.max_daily_views_per_user == value
+    assert limits.view_cooldown_seconds == value
+    # 0 and None are both "off" to the tracker, which sends 0 to the script for either.
+    assert not limits.max_views_per_session
+
+
+@pytest.mark.parametrize(
+    ("raw", "value"),
+    [
+        ("true", True),
+        ("True", True),
+        ("TRUE", True),
+        ("1", True),
+        ("yes", True),
+        ("on", True),
+        ("false", False),
+        ("False", False),
+        ("0", False),
+        ("no", False),
+        ("off", False),
+        (" false ", False),
+    ],
+)
+def test_from_env_reads_booleans(raw: str, value: bool) -> None:
+    assert Settings.from_env({"VIEWMW_ONE_VIEW_PER_DAY": raw}).limits.one_view_per_day is value
+
+
+def test_from_env_reads_the_process_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VIEWMW_TIMEZONE", "Asia/Tokyo")
+    monkeypatch.setenv("VIEWMW_MAX_DAILY_VIEWS_PER_USER", "7")
+    settings = Settings.from_env()
+    assert settings.timezone == "Asia/Tokyo"
+    assert settings.limits.max_daily_views_per_user == 7
+
+
+# The docs page ---------------------------------------------------------------------------------
+
+
+def _documented_variables() -> dict[str, list[str]]:
+    """Rows of the tables in docs/configuration.md whose first cell is a ``VIEWMW_*`` name."""
+    rows: dict[str, list[str]] = {}
+    for line in CONFIGURATION_MD.read_text(encoding="utf-8").splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if line.lstrip().startswith("|") and re.fullmatch(r"`VIEWMW_[A-Z_]+`", cells[0]):
+            rows[cells[0].strip("`")] = cells[1:]
+    return rows
+
+
+def _default_of(field: str) -> Any:
+    settings = Settings()
+    return getattr(settings.limits if hasattr(settings.limits, field) else settings, field)
+
+
+def test_configuration_docs_list_every_variable_with_its_default() -> None:
+    rows = _documented_variables()
+    for variable in ENVIRONMENT:
+        assert variable.name in rows, f"{variable.name} is missing from docs/configuration.md"
+        setting, default = rows[variable.name][0], rows[variable.name][1]
+        assert setting.strip("`").split(".")[-1] == variable.field, variable.name
+        # The default, read as that variable's value would be, gives the real default.
+        text = "" if default == "(unset)" else default.strip("`")
+        assert variable.parse(text) == _default_of(variable.field), (variable.name, default)
+    assert set(rows) == {variable.name for variable in ENVIRONMENT}, "documented but not read"
+
+
+def test_configuration_docs_mention_every_field() -> None:
+    text = CONFIGURATION_MD.read_text(encoding="utf-8")
+    for field in [*Limits.__dataclass_fields__, *Settings.__dataclass_fields__]:
+        assert f"`{field}`" in text or f"`limits.{field}`" in text, field
+    # No variable is mentioned anywhere that viewmw does not read.
+    assert set(re.findall(r"VIEWMW_[A-Z_]+", text)) <= {v.name for v in ENVIRONMENT}

@@ -1,0 +1,215 @@
+"""Who is viewing: viewer keys that carry no personal data, and the checks for crawlers and
+prefetches.
+
+An authenticated user is ``user:{id}``; an id that is not a short safe token (an e-mail address,
+say) is replaced by a keyed hash. Anyone else is ``anon:{hash}``, an HMAC of client address and
+user agent under the app's secret and the calendar day: the same visitor keeps one key through a
+day, and yesterday's keys cannot be linked to today's.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import inspect
+import logging
+import re
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from functools import cache, lru_cache
+from zoneinfo import ZoneInfo
+
+from crawlerdetect import CrawlerDetect
+from starlette.types import Scope
+
+logger = logging.getLogger("viewmw")
+
+ViewerFunction = Callable[[Scope], object]
+"""Gets the ASGI scope, returns the user's id (or an awaitable of it), or ``None`` if anonymous."""
+
+_SAFE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+ANONYMOUS_HASH_CHARS = 16  # 96 bits: collisions stay negligible, keys stay short
+USER_HASH_CHARS = 22  # 128 bits: hashed user ids must never merge two accounts
+# crawlerdetect's regex costs grow with the length (quadratically on long runs of letters: a
+# 10 kB user agent takes seconds), so only this much of a user agent is examined.
+CRAWLER_CHECK_CHARS = 256
+_PREFETCH_HEADERS = frozenset({b"sec-purpose", b"purpose", b"x-purpose", b"x-moz"})
+_PREFETCH_WORDS = (b"prefetch", b"prerender", b"preview")
+_PRIVACY_HEADERS = frozenset({b"dnt", b"sec-gpc"})
+
+
+@cache
+def _process_secret() -> bytes:
+    """A random secret for this process, made once, with one warning."""
+    logger.warning(
+        "viewmw: no secret configured (VIEWMW_SECRET); using a random one for this process. "
+        "Anonymous viewers and hashed user ids will differ between processes and restarts."
+    )
+    return secrets.token_bytes(32)
+
+
+def secret_bytes(secret: str | None) -> bytes:
+    """The configured secret as bytes, or this process's random one when it is ``None``."""
+    return _process_secret() if secret is None else secret.encode()
+
+
+# Crawler check -------------------------------------------------------------------------------
+
+_detector = CrawlerDetect()
+
+
+@lru_cache(maxsize=4096)
+def _is_crawler_text(user_agent: str) -> bool:
+    return bool(_detector.isCrawler(user_agent))
+
+
+def is_crawler(user_agent: bytes | str) -> bool:
+    """Whether ``user_agent`` belongs to a crawler; an empty one counts as a bot.
+
+    Results are cached per user agent (4096 of them), so the regular expressions run once per
+    distinct browser.
+    """
+    if isinstance(user_agent, bytes):
+        # latin-1 maps every byte, so no header can fail to decode.
+        user_agent = user_agent[:CRAWLER_CHECK_CHARS].decode("latin-1")
+    text = user_agent[:CRAWLER_CHECK_CHARS].strip()
+    return not text or _is_crawler_text(text)
+
+
+# Request headers -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RequestSignals:
+    """What the request headers say about the viewer, read in one pass.
+
+    Attributes:
+        user_agent: the first ``User-Agent`` header, raw (``b""`` if none).
+        prefetch: the browser fetched the page speculatively (``Sec-Purpose: prefetch``,
+            ``Purpose: prefetch``, ``prerender``, Safari's ``X-Purpose: preview``).
+        privacy_opt_out: ``DNT: 1`` or ``Sec-GPC: 1``.
+    """
+
+    user_agent: bytes
+    prefetch: bool
+    privacy_opt_out: bool
+
+    @classmethod
+    def from_scope(cls, scope: Scope) -> RequestSignals:
+        """Read the signals from an ASGI HTTP scope."""
+        user_agent: bytes | None = None
+        prefetch = privacy = False
+        for raw_name, value in scope.get("headers", ()):
+            name = raw_name.lower()
+            if name == b"user-agent":
+                if user_agent is None:
+                    user_agent = value
+            elif name in _PREFETCH_HEADERS:
+                lowered = value.lower()
+                prefetch = prefetch or any(word in lowered for word in _PREFETCH_WORDS)
+            elif name in _PRIVACY_HEADERS:
+                privacy = privacy or value.strip() == b"1"
+        return cls(user_agent or b"", prefetch, privacy)
+
+
+# Viewer keys ---------------------------------------------------------------------------------
+
+
+def authenticated_id(scope: Scope) -> object | None:
+    """The id of ``scope["user"]`` as Starlette's ``AuthenticationMiddleware`` sets it.
+
+    The user must be authenticated; its ``identity`` is used, else its ``id``. ``None`` when
+    there is no such user.
+    """
+    user = scope.get("user")
+    if user is None or not getattr(user, "is_authenticated", False):
+        return None
+    for attribute in ("identity", "id"):
+        try:
+            value: object = getattr(user, attribute)
+        except (AttributeError, NotImplementedError):
+            continue
+        if value is not None and value != "":
+            return value
+    return None
+
+
+class ViewerIdentity:
+    """Builds the viewer key of a request.
+
+    Args:
+        secret: HMAC key (:attr:`viewmw.Settings.secret`); ``None`` uses a random one per process.
+        timezone: the zone whose calendar day salts anonymous keys (the settings' time zone).
+        viewer: returns the user id for a scope (or an awaitable of it), ``None`` for anonymous;
+            replaces the ``scope["user"]`` lookup.
+        clock: seconds since the epoch; the tracker's clock, so tests can move days.
+    """
+
+    def __init__(
+        self,
+        secret: str | None,
+        timezone: str | ZoneInfo = "UTC",
+        *,
+        viewer: ViewerFunction | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._secret = secret_bytes(secret)
+        self._zone = ZoneInfo(timezone) if isinstance(timezone, str) else timezone
+        self._viewer = viewer
+        self._clock = clock
+        self._day = ""
+        self._day_mac = hmac.new(b"", digestmod=hashlib.sha256)
+
+    async def viewer_for(self, scope: Scope, user_agent: bytes) -> str:
+        """``user:…`` for an authenticated request, else ``anon:…``."""
+        if self._viewer is not None:
+            user_id = self._viewer(scope)
+            if inspect.isawaitable(user_id):
+                user_id = await user_id
+        else:
+            user_id = authenticated_id(scope)
+        if user_id is not None:
+            key = self.user_viewer(user_id)
+            if key is not None:
+                return key
+        client = scope.get("client")
+        host = str(client[0]) if client else ""
+        return self.anonymous_viewer(host, user_agent)
+
+    def user_viewer(self, user_id: object) -> str | None:
+        """``user:{id}``, with an id that is not a safe token replaced by its keyed hash."""
+        if isinstance(user_id, bytes):
+            raw = user_id
+        else:
+            text = str(user_id)
+            if _SAFE_ID.fullmatch(text):
+                return f"user:{text}"
+            raw = text.encode("utf-8", "surrogatepass")
+        if not raw:
+            return None
+        digest = hmac.digest(self._secret, b"user\0" + raw, "sha256")
+        return f"user:{_b64(digest)[:USER_HASH_CHARS]}"
+
+    def anonymous_viewer(self, client_host: str, user_agent: bytes) -> str:
+        """``anon:{hash}`` of client address and user agent, keyed with secret and today."""
+        mac = self._mac_for_today()
+        mac.update(client_host.encode("utf-8", "surrogatepass"))
+        mac.update(b"\n")  # no address contains a newline, so the two parts cannot run together
+        mac.update(user_agent)
+        return f"anon:{_b64(mac.digest())[:ANONYMOUS_HASH_CHARS]}"
+
+    def _mac_for_today(self) -> hmac.HMAC:
+        day = datetime.fromtimestamp(self._clock(), self._zone).date().isoformat()
+        if day != self._day:
+            # The key is secret + day; keying once per day and copying keeps requests cheap.
+            self._day_mac = hmac.new(self._secret + b"\0" + day.encode(), digestmod=hashlib.sha256)
+            self._day = day
+        return self._day_mac.copy()
+
+
+def _b64(digest: bytes) -> str:
+    return base64.urlsafe_b64encode(digest).decode("ascii")
