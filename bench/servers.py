@@ -52,7 +52,9 @@ async def fresh_store(rows: int = 0) -> Store:
     if rows:
         async with engine.begin() as connection:
             await connection.execute(
-                text("INSERT INTO stories (id, view_count) SELECT g, 0 FROM generate_series(1, :n) g"),
+                text(
+                    "INSERT INTO stories (id, view_count) SELECT g, 0 FROM generate_series(1, :n) g"
+                ),
                 {"n": rows},
             )
             await connection.execute(text("ANALYZE stories"))

@@ -72,9 +72,23 @@ def notify_sync_failure(message: dict[str, Any], retries: dict[str, Any]) -> Non
         "actor": message.get("actor_name"),
         "message_id": message.get("message_id"),
         "retries": retries.get("retries"),
-        "error": message.get("options", {}).get("traceback", "").strip().splitlines()[-1:],
+        "error": _exception_line(message.get("options", {}).get("traceback", "")),
     }
     logger.error(
         "view count sync failed after %s retries: %s", details["retries"], details["error"]
     )
     notify_failure(worker_settings.failure_hook, details)
+
+
+def _exception_line(traceback_text: str) -> str:
+    """The first line of the exception a formatted traceback ends with.
+
+    Not simply the last line: exceptions such as SQLAlchemy's end with several lines of detail
+    (``[SQL: …]``, ``(Background on this error at: …)``).
+    """
+    lines = traceback_text.rstrip().splitlines()
+    for index in range(len(lines) - 1, -1, -1):
+        if lines[index].startswith("  File "):
+            rest = [line for line in lines[index + 1 :] if not line.startswith("    ")]
+            return rest[0] if rest else lines[-1]
+    return lines[-1] if lines else ""

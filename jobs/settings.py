@@ -46,12 +46,12 @@ class WorkerSettings:
     @property
     def sync_schedule(self) -> CronSpec:
         """The sync's schedule as periodiq reads it."""
-        return cron(self.sync_cron)
+        return parse_cron(self.sync_cron)
 
     @property
     def cleanup_schedule(self) -> CronSpec:
         """The cleanup's schedule as periodiq reads it."""
-        return cron(self.cleanup_cron)
+        return parse_cron(self.cleanup_cron)
 
     @classmethod
     def from_env(
@@ -85,10 +85,11 @@ class WorkerSettings:
         }
         for name in ("sync_cron", "cleanup_cron"):
             try:
-                cron(values[name])
+                parse_cron(str(values[name]))
             except Exception:
                 raise ConfigurationError(
-                    f"VIEWMW_{name.upper()}", f"is not a cron expression: {values[name]!r}"
+                    f"VIEWMW_{name.upper()}",
+                    f"is not a cron expression (minute hour day month weekday): {values[name]!r}",
                 ) from None
         hook = values["failure_hook"]
         if hook is not None and not _valid_hook(str(hook)):
@@ -96,6 +97,42 @@ class WorkerSettings:
                 "VIEWMW_FAILURE_HOOK", f"must be 'package.module:function' or a URL, got {hook!r}"
             )
         return cls(**values)  # type: ignore[arg-type]
+
+
+# (name, lowest, highest) of the five cron fields, in order.
+_CRON_FIELDS = (
+    ("minute", 0, 59),
+    ("hour", 0, 23),
+    ("dom", 1, 31),
+    ("month", 1, 12),
+    ("dow", 0, 7),
+)
+
+
+def parse_cron(text: str) -> CronSpec:
+    """periodiq's :class:`CronSpec` for ``text``, checked and with Sunday made reliable.
+
+    periodiq accepts values out of range (``61 0 * * *``) and extra fields without complaint, and
+    such a schedule never fires; it also never matches a Sunday written as ``0`` (``@weekly``,
+    ``sun``) and finds Sundays late when written as ``7``. Both spellings are made to mean both.
+
+    Raises:
+        ValueError: ``text`` is not a five-field cron expression (or an ``@daily``-style name).
+    """
+    text = text.strip()
+    if not text.startswith("@") and len(text.split()) != len(_CRON_FIELDS):
+        raise ValueError(f"expected {len(_CRON_FIELDS)} fields, got {text!r}")
+    spec = cron(text)
+    for name, lowest, highest in _CRON_FIELDS:
+        values = getattr(spec, name)
+        if not values or values[0] < lowest or values[-1] > highest:
+            raise ValueError(f"{name} must be within {lowest}-{highest}, got {text!r}")
+    if 0 in spec.dow or 7 in spec.dow:
+        spec = spec.replace(dow=sorted({*spec.dow, 0, 7}))
+        spec.parsed_from = text
+        # periodiq counts values; 0 and 7 are one day ("0 0 1 * 0-5" restricts the weekday).
+        spec.is_dow_restricted = len({day % 7 for day in spec.dow}) < 7
+    return spec
 
 
 def _positive(env: Mapping[str, str], name: str, default: int) -> int:

