@@ -29,6 +29,7 @@ from viewmw.errors import ConfigurationError, InvalidKeyError
 from viewmw.fallback import DatabaseFallback
 from viewmw.identity import RequestSignals, ViewerFunction, ViewerIdentity, is_crawler
 from viewmw.keys import validate_content_id
+from viewmw.packing import connection_class_for
 from viewmw.resilient import ResilientTracker
 from viewmw.routes import RouteMatch, RouteSpec, RouteTable
 from viewmw.settings import Settings
@@ -387,8 +388,10 @@ def connect_redis(settings: Settings) -> Redis:
     """
     if settings.redis_url is None:
         return _embedded_redis()
+    packing = connection_class_for(settings.redis_url)
     pool = BlockingConnectionPool.from_url(
         settings.redis_url,
+        **({"connection_class": packing} if packing else {}),
         max_connections=REDIS_MAX_CONNECTIONS,
         timeout=settings.redis_timeout,
         socket_timeout=settings.redis_timeout,
