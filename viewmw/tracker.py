@@ -252,15 +252,7 @@ class ViewTracker:
     ) -> tuple[dict[str, _RawCounts], int, str]:
         """What Redis holds for ``ids``, the sync epoch and the unsettled batch, in one call."""
         keys = self.keys
-        per_content = [
-            key
-            for content_id in ids
-            for key in (
-                keys.pending(content_type, content_id),
-                keys.syncing(content_type, content_id),
-                keys.database_count(content_type, content_id),
-            )
-        ]
+        per_content = self._parts_keys(content_type, ids)
         reply = await self._run(
             self.scripts.read_counts, [keys.epoch, keys.sync_batch, *per_content], []
         )
@@ -273,6 +265,19 @@ class ViewTracker:
             for n, content_id in enumerate(ids)
         }
         return raw, int(reply[0]), _text(reply[1])
+
+    def _parts_keys(self, content_type: str, ids: list[str]) -> list[str]:
+        """Pending, syncing and cached database count keys of each id, in that order."""
+        keys = self.keys
+        return [
+            key
+            for content_id in ids
+            for key in (
+                keys.pending(content_type, content_id),
+                keys.syncing(content_type, content_id),
+                keys.database_count(content_type, content_id),
+            )
+        ]
 
     async def get_redis_view_count(self, content_type: str, content_id: str | int) -> int:
         """Views in Redis not yet in the database (pending + syncing)."""
@@ -348,15 +353,7 @@ class ViewTracker:
             for content_id in missing
         }
         keys = self.keys
-        per_content = [
-            key
-            for content_id in missing
-            for key in (
-                keys.pending(content_type, content_id),
-                keys.syncing(content_type, content_id),
-                keys.database_count(content_type, content_id),
-            )
-        ]
+        per_content = self._parts_keys(content_type, missing)
         reply = await self.scripts.fill_cache(
             keys=[keys.epoch, *per_content], args=[epoch, *(bases[c] for c in missing)]
         )
