@@ -280,7 +280,7 @@ def test_valid_names_round_trip_through_every_key(
                 keys.sync_lock,
                 keys.sync_batch,
                 keys.sync_batch_items,
-                keys.cleaned_through,
+                keys.draining,
             ]
             assert fnmatch.fnmatchcase(pending, keys.pending_pattern)
             assert not [k for k in others if fnmatch.fnmatchcase(k, keys.pending_pattern)]

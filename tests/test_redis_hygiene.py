@@ -35,7 +35,7 @@ def is_exempt_from_ttl(key: str, prefix: str) -> bool:
     name = key.removeprefix(prefix)
     return bool(
         re.fullmatch(r"[a-z][a-z0-9_]*:(views|dbviews):[A-Za-z0-9_-]+", name)
-        or name in ("viewmw:dirty", "viewmw:epoch")
+        or name in ("viewmw:dirty", "viewmw:dirty:sync", "viewmw:epoch")
     )
 
 

@@ -112,6 +112,11 @@ class KeySchema:
         return f"{self.prefix}viewmw:dirty"
 
     @property
+    def draining(self) -> str:
+        """Contents a running sync took from the dirty set and has not snapshotted yet."""
+        return f"{self.prefix}viewmw:dirty:sync"
+
+    @property
     def epoch(self) -> str:
         """Counter bumped whenever a sync moves views between pending, syncing and the database.
 
@@ -134,11 +139,6 @@ class KeySchema:
     def sync_batch_items(self) -> str:
         """Amounts moved by the unsettled batch: a hash ``{type}:{id}`` -> views."""
         return f"{self.prefix}viewmw:sync:batch:items"
-
-    @property
-    def cleaned_through(self) -> str:
-        """The last calendar day whose tracking keys cleanup has removed."""
-        return f"{self.prefix}viewmw:cleanup:through"
 
     # Patterns for SCAN (statistics and cleanup only; never on the request path).
     @property

@@ -16,9 +16,9 @@ from redis.asyncio.connection import AbstractConnection, Connection, UnixDomainS
 
 class _HiredisPacking:
     def pack_command(self, *args: Any) -> list[bytes]:
-        if isinstance(args[0], str) and " " in args[0]:
+        if isinstance(args[0], str):
             # Multi-word command names ("SCRIPT LOAD") go to Redis as separate words.
-            args = (*args[0].split(), *args[1:])
+            args = (*args[0].encode().split(), *args[1:])
         try:
             return [_pack(args)]
         except TypeError:  # a value hiredis does not encode (e.g. memoryview): redis-py's way

@@ -140,7 +140,7 @@ class ViewSync:
                 return report
             await self._step("locked")
             recovered = await self._recover(token, report)
-            total = int(await self.redis.scard(self.keys.dirty))
+            total = await self._take_dirty()
             if total == 0 and not force and not recovered:
                 report.duration = time.monotonic() - started
                 return report
@@ -212,11 +212,23 @@ class ViewSync:
             report.recovered_batches += 1
         return True
 
-    async def _sync_one_batch(self, token: str, report: SyncReport) -> bool:
-        """Snapshot up to ``batch_contents`` pending contents, commit, settle.
+    async def _take_dirty(self) -> int:
+        """Move the dirty set into the run's own set; returns how many contents the run has.
 
-        Returns whether another batch should follow: this one was full and contents are still
-        pending. Views that keep arriving wait for the next run, so a run always ends.
+        The run works through that set only: views that keep arriving dirty the (new) dirty set
+        and wait for the next run, so a run always ends. A set left by a run that died is merged,
+        not lost.
+        """
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.sunionstore(self.keys.draining, [self.keys.draining, self.keys.dirty])
+            pipe.delete(self.keys.dirty)
+            total, _ = await pipe.execute()
+        return int(total)
+
+    async def _sync_one_batch(self, token: str, report: SyncReport) -> bool:
+        """Snapshot up to ``batch_contents`` of the run's contents, commit, settle.
+
+        Returns whether contents of the run are left for another batch.
         """
         batch = _Batch(uuid.uuid4().hex, datetime.fromtimestamp(self.clock(), UTC))
         opened = await self.scripts.open_batch(
@@ -228,15 +240,16 @@ class ViewSync:
         if int(opened) == -2:
             raise SyncError("an unsettled batch appeared while this sync held the lock")
         deltas: dict[tuple[str, str], int] = {}
-        left = 1
-        while len(deltas) < self.batch_contents and left:
+        taken, left = 0, 1
+        while taken < self.batch_contents and left:
             await self._step("snapshot")
-            left = await self._snapshot_chunk(
-                token, batch, min(self.chunk_contents, self.batch_contents - len(deltas)), deltas
-            )
+            size = min(self.chunk_contents, self.batch_contents - taken)
+            left = await self._snapshot_chunk(token, batch, size, deltas)
+            taken += size
         # Every snapshot call answered, so ``deltas`` are exactly the batch's items.
         await self._seal(token, batch)
-        return await self._commit_and_settle(batch, report, deltas) and left > 0
+        await self._commit_and_settle(batch, report, deltas)
+        return left > 0
 
     async def _snapshot_chunk(
         self, token: str, batch: _Batch, size: int, deltas: dict[tuple[str, str], int]
@@ -244,7 +257,13 @@ class ViewSync:
         """Move one chunk, adding what moved to ``deltas``; returns how many contents are left."""
         keys = self.keys
         reply = await self.scripts.snapshot(
-            keys=[keys.sync_lock, keys.sync_batch, keys.sync_batch_items, keys.dirty, keys.epoch],
+            keys=[
+                keys.sync_lock,
+                keys.sync_batch,
+                keys.sync_batch_items,
+                keys.draining,
+                keys.epoch,
+            ],
             args=[token, batch.batch_id, keys.prefix, size],
         )
         if int(reply[0]) < 0:

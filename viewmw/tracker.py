@@ -403,7 +403,8 @@ class ViewTracker:
             "pending_view_keys": await self._count_keys(keys.pending_pattern),
             "session_keys": await self._count_keys(keys.session_pattern),
             "daily_limit_keys": await self._count_keys(keys.daily_views_pattern),
-            "dirty_contents": int(await self.redis.scard(keys.dirty)),
+            "dirty_contents": int(await self.redis.scard(keys.dirty))
+            + int(await self.redis.scard(keys.draining)),
             "last_syncs": await self.store.last_batches(5) if self.store else [],
         }
 

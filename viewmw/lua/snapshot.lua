@@ -1,11 +1,13 @@
 -- Move up to ARGV[4] contents from pending into the unsettled batch, atomically.
--- Found through the dirty set, so a snapshot costs O(pending), not O(keyspace).
+-- Found through the run's share of the dirty set, so a snapshot costs O(pending), not
+-- O(keyspace).
 -- Refuses (returns -1) unless the caller still holds the sync lock and the batch is its own and
 -- not yet sealed for commit:
 -- a sync whose lock expired can never add to a batch another sync has taken over.
--- KEYS: 1 sync lock, 2 batch hash, 3 batch items, 4 dirty set, 5 sync epoch
+-- KEYS: 1 sync lock, 2 batch hash, 3 batch items, 4 the run's contents (taken from the dirty
+--       set when the run began), 5 sync epoch
 -- ARGV: 1 lock token, 2 batch id, 3 key prefix, 4 chunk size
--- Returns {contents moved, views moved, dirty members left, then member, amount, ...} or {-1}
+-- Returns {contents moved, views moved, run's contents left, then member, amount, ...} or {-1}
 if redis.call('GET', KEYS[1]) ~= ARGV[1] or redis.call('HGET', KEYS[2], 'id') ~= ARGV[2]
     or redis.call('HGET', KEYS[2], 'sealed') then
   return {-1}
