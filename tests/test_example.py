@@ -23,6 +23,7 @@ from examples.site import ROUTES, SECTIONS, create_app, fantasies, stories
 from tests.asgi_support import free_port
 from tests.support import REDIS_URL
 from viewmw import Settings, Store, ViewTracker
+from viewmw.identity import ViewerIdentity
 from viewmw.resilient import ResilientTracker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +64,8 @@ async def test_detail_pages_count_and_show_their_count(
         assert task.headers["x-view-count"] == "1"
         missing = await site.get("/stories/99", headers=BROWSER)
         assert missing.status_code == 404 and "x-view-count" not in missing.headers
-    assert await real_redis.exists("viewed:user:alice:story:1", "viewed:user:alice:task:write-docs")
+    alice = ViewerIdentity(SECRET).user_viewer("alice")  # usernames are hashed
+    assert await real_redis.exists(f"viewed:{alice}:story:1", f"viewed:{alice}:task:write-docs")
 
 
 async def test_list_page_reads_all_counts_in_one_batch(

@@ -40,8 +40,12 @@ class IdUser:
 
 async def test_authenticated_starlette_user() -> None:
     viewers = ViewerIdentity(SECRET)
-    assert await viewers.viewer_for(scope(user=SimpleUser("alice")), CHROME) == "user:alice"
+    # A username may be personal data: it is hashed. Opaque ids (numbers, UUIDs) stay as they are.
+    alice = await viewers.viewer_for(scope(user=SimpleUser("alice")), CHROME)
+    assert alice == viewers.user_viewer("alice") and "alice" not in alice
     assert await viewers.viewer_for(scope(user=IdUser(42)), CHROME) == "user:42"
+    uuid = "0b5f7a2e-8c1d-4e3f-9a6b-1c2d3e4f5a6b"
+    assert await viewers.viewer_for(scope(user=IdUser(uuid)), CHROME) == f"user:{uuid}"
 
 
 async def test_unauthenticated_user_is_anonymous() -> None:
@@ -77,8 +81,8 @@ async def test_viewer_callable_sync_and_async() -> None:
     for function in (by_header, async_by_header):
         viewers = ViewerIdentity(SECRET, viewer=function)
         # The callable replaces scope["user"].
-        request = scope(headers=[(b"x-user", b"u-7")], user=SimpleUser("alice"))
-        assert await viewers.viewer_for(request, CHROME) == "user:u-7"
+        request = scope(headers=[(b"x-user", b"7")], user=SimpleUser("alice"))
+        assert await viewers.viewer_for(request, CHROME) == "user:7"
         assert (await viewers.viewer_for(scope(user=SimpleUser("alice")), CHROME)).startswith(
             "anon:"
         )

@@ -31,6 +31,7 @@ from tests.asgi_support import (
 )
 from tests.support import REDIS_URL, FakeClock
 from viewmw import ConfigurationError, Limits, Settings, Store, ViewTracker
+from viewmw.identity import ViewerIdentity
 from viewmw.middleware import ViewTrackingMiddleware, connect_redis
 from viewmw.resilient import ResilientTracker
 
@@ -128,7 +129,8 @@ async def test_counted_view_and_header_equal_the_trackers_count(
     anonymous = await site.get("/stories/1", headers=BROWSER)
     assert (counted(bob), counted(anonymous)) == ("1", "1")
     assert shown(anonymous) == await tracker.get_view_count("story", 1) == 3
-    assert await tracker.redis.exists("viewed:user:alice:story:1")
+    alice = ViewerIdentity(tracker.settings.secret).user_viewer("alice")
+    assert await tracker.redis.exists(f"viewed:{alice}:story:1")
 
 
 async def test_header_includes_the_database_part(
@@ -551,10 +553,10 @@ async def test_viewer_callable_decides_the_user(tracker: ViewTracker) -> None:
         plain_app(), tracker=tracker, routes=ROUTES, viewer=by_query
     )
     scope = http_scope("/stories/1", headers=[(b"user-agent", USER_AGENT.encode())])
-    scope["query_string"] = b"u-1"
+    scope["query_string"] = b"1001"
     for _ in range(2):
         await drive(middleware, scope)
-    assert await tracker.redis.hget("viewed:user:u-1:story:1", "n") == b"1"
+    assert await tracker.redis.hget("viewed:user:1001:story:1", "n") == b"1"
 
 
 class CountingConnection(Connection):

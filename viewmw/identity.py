@@ -31,7 +31,11 @@ logger = logging.getLogger("viewmw")
 ViewerFunction = Callable[[Scope], object]
 """Gets the ASGI scope, returns the user's id (or an awaitable of it), or ``None`` if anonymous."""
 
-_SAFE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# Opaque ids (database numbers, UUIDs) go into keys as they are; anything else (a username, an
+# e-mail) may be personal data and is replaced by its keyed hash.
+_OPAQUE_ID = re.compile(
+    r"[0-9]{1,20}|[0-9a-fA-F]{32}|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+)
 ANONYMOUS_HASH_CHARS = 16  # 96 bits: collisions stay negligible, keys stay short
 USER_HASH_CHARS = 22  # 128 bits: hashed user ids must never merge two accounts
 # crawlerdetect's regex costs grow with the length (quadratically on long runs of letters: a
@@ -122,13 +126,14 @@ class RequestSignals:
 def authenticated_id(scope: Scope) -> object | None:
     """The id of ``scope["user"]`` as Starlette's ``AuthenticationMiddleware`` sets it.
 
-    The user must be authenticated; its ``identity`` is used, else its ``id``. ``None`` when
-    there is no such user.
+    The user must be authenticated; its ``id`` is used, else its ``identity`` (Starlette's
+    ``SimpleUser`` has only a username there, which is then hashed). ``None`` when there is no
+    such user.
     """
     user = scope.get("user")
     if user is None or not getattr(user, "is_authenticated", False):
         return None
-    for attribute in ("identity", "id"):
+    for attribute in ("id", "identity"):
         try:
             value: object = getattr(user, attribute)
         except (AttributeError, NotImplementedError):
@@ -181,12 +186,13 @@ class ViewerIdentity:
         return self.anonymous_viewer(host, user_agent)
 
     def user_viewer(self, user_id: object) -> str | None:
-        """``user:{id}``, with an id that is not a safe token replaced by its keyed hash."""
+        """``user:{id}`` for an opaque id (a number, a UUID); any other id is replaced by its keyed
+        hash, so usernames and e-mail addresses never reach Redis."""
         if isinstance(user_id, bytes):
             raw = user_id
         else:
             text = str(user_id)
-            if _SAFE_ID.fullmatch(text):
+            if _OPAQUE_ID.fullmatch(text):
                 return f"user:{text}"
             raw = text.encode("utf-8", "surrogatepass")
         if not raw:
