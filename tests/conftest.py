@@ -130,7 +130,9 @@ def store(request: pytest.FixtureRequest) -> Store:
 
 @pytest.fixture
 def settings() -> Settings:
-    return Settings(secret="test-secret-0123456789")
+    # A generous Redis timeout: tests about timeouts set their own, and a busy CI machine must
+    # not turn a slow round trip into a failure.
+    return Settings(secret="test-secret-0123456789", redis_timeout=5.0)
 
 
 @pytest.fixture

@@ -128,11 +128,9 @@ class ViewTrackingMiddleware:
         self.identity = ViewerIdentity(
             self.settings.secret, self.settings.zone, viewer=viewer, clock=clock
         )
-        # A resilient tracker bounds its own Redis calls (and must see their timeouts to open its
-        # breaker); the middleware's bound is then a backstop that leaves room for its fallback.
-        self.timeout = self.settings.redis_timeout
-        if isinstance(tracker, ResilientTracker):
-            self.timeout = tracker.timeout + self.settings.database_timeout
+        # The tracker bounds its Redis calls by redis_timeout and its database reads by
+        # database_timeout; this is the backstop for everything else (a slow viewer= callable).
+        self.timeout = self.settings.redis_timeout + self.settings.database_timeout
         self.count_statuses = count_statuses
         self.respect_privacy_signals = respect_privacy_signals
         self.create_tables = create_tables
@@ -396,7 +394,9 @@ def connect_redis(settings: Settings) -> Redis:
         timeout=settings.redis_timeout,
         socket_timeout=settings.redis_timeout,
         socket_connect_timeout=settings.redis_timeout,
-        retry=Retry(NoBackoff(), 1),
+        # Never resend: a script that timed out may have run, and a resent one counts again.
+        retry=Retry(NoBackoff(), 0),
+        health_check_interval=30,
     )
     return Redis.from_pool(pool)
 

@@ -38,8 +38,10 @@ class ResilientTracker:
         fallback: database-only counting while the breaker is open (``None``: no counting then,
             counts are left out).
         breaker: decides when Redis is skipped; a default one if not given.
-        timeout: seconds a Redis call may take before it counts as a failure
-            (default: ``tracker.settings.redis_timeout``).
+
+    The tracker bounds each Redis call by ``redis_timeout`` (a timeout counts as a failure) and
+    each database read by ``database_timeout`` (a slow database leaves the count out, but never
+    opens the breaker).
     """
 
     def __init__(
@@ -48,12 +50,10 @@ class ResilientTracker:
         fallback: DatabaseFallback | None = None,
         *,
         breaker: CircuitBreaker | None = None,
-        timeout: float | None = None,
     ) -> None:
         self.tracker = tracker
         self.fallback = fallback
         self.breaker = breaker or CircuitBreaker()
-        self.timeout = tracker.settings.redis_timeout if timeout is None else timeout
         self._reconciling: asyncio.Task[None] | None = None
 
     @property
@@ -70,8 +70,7 @@ class ResilientTracker:
         viewer = validate_viewer(viewer)
         if self.breaker.allow():
             try:
-                async with asyncio.timeout(self.timeout):
-                    result = await self.tracker.track_view(content_type, content_id, viewer)
+                result = await self.tracker.track_view(content_type, content_id, viewer)
             except REDIS_FAILURES as exc:
                 self._failed(exc)
                 return TrackResult(False, None, None)
@@ -99,8 +98,7 @@ class ResilientTracker:
         ids = [validate_content_id(content_id) for content_id in content_ids]
         if self.breaker.allow():
             try:
-                async with asyncio.timeout(self.timeout):
-                    details = await self.tracker.get_view_count_details(content_type, ids)
+                details = await self.tracker.get_view_count_details(content_type, ids)
             except REDIS_FAILURES as exc:
                 self._failed(exc)
             except asyncio.CancelledError:
@@ -134,6 +132,21 @@ class ResilientTracker:
             await asyncio.gather(self._reconciling, return_exceptions=True)
         if self.fallback is not None:
             await self.fallback.aclose()
+            await self._forget_touched_counts()
+
+    async def _forget_touched_counts(self) -> None:
+        """At shutdown: drop the cached counts the fallback made stale, if Redis answers now.
+
+        If it does not, those counts expire by their TTL instead."""
+        assert self.fallback is not None
+        touched = self.fallback.take_touched() if not self.fallback.buffered else set()
+        if not touched:
+            return
+        try:
+            async with asyncio.timeout(self.settings.redis_timeout):
+                await self.tracker.invalidate_database_counts(touched)
+        except Exception:
+            logger.warning("%d cached counts stay stale until they expire", len(touched))
 
     # Breaker bookkeeping ------------------------------------------------------------------------
 

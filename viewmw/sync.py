@@ -239,22 +239,20 @@ class ViewSync:
             raise LockLostError("the sync lock expired; the next sync carries on")
         if int(opened) == -2:
             raise SyncError("an unsettled batch appeared while this sync held the lock")
-        deltas: dict[tuple[str, str], int] = {}
         taken, left = 0, 1
         while taken < self.batch_contents and left:
             await self._step("snapshot")
             size = min(self.chunk_contents, self.batch_contents - taken)
-            left = await self._snapshot_chunk(token, batch, size, deltas)
+            left = await self._snapshot_chunk(token, batch, size)
             taken += size
-        # Every snapshot call answered, so ``deltas`` are exactly the batch's items.
+        # What is committed is what Redis recorded under the sealed batch, never what this
+        # process believes it moved: a snapshot whose reply was lost (and retried) still counts.
         await self._seal(token, batch)
-        await self._commit_and_settle(batch, report, deltas)
+        await self._commit_and_settle(batch, report, await self._batch_items())
         return left > 0
 
-    async def _snapshot_chunk(
-        self, token: str, batch: _Batch, size: int, deltas: dict[tuple[str, str], int]
-    ) -> int:
-        """Move one chunk, adding what moved to ``deltas``; returns how many contents are left."""
+    async def _snapshot_chunk(self, token: str, batch: _Batch, size: int) -> int:
+        """Move one chunk into the batch; returns how many of the run's contents are left."""
         keys = self.keys
         reply = await self.scripts.snapshot(
             keys=[
@@ -268,11 +266,6 @@ class ViewSync:
         )
         if int(reply[0]) < 0:
             raise LockLostError("the sync lock expired during the snapshot; the next sync recovers")
-        moved = reply[3:]
-        for n in range(0, len(moved), 2):
-            # A content can come back to the dirty set, and into a later chunk of this batch.
-            content = KeySchema.split_member(_text(moved[n]))
-            deltas[content] = deltas.get(content, 0) + int(moved[n + 1])
         return int(reply[2])
 
     async def _seal(self, token: str, batch: _Batch) -> None:

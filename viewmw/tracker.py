@@ -7,6 +7,7 @@ once and cached by a second script that refuses the value if a sync moved views 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -31,6 +32,8 @@ logger = logging.getLogger("viewmw")
 # Tracking keys outlive the window they enforce by this much, so a slightly fast Redis clock
 # never ends a window early; rules are decided on the caller's clock, not on TTLs.
 _TTL_GRACE_SECONDS = 3600
+# Cached database counts are read again from the database after this long, at the latest.
+DATABASE_COUNT_TTL_SECONDS = 24 * 3600
 # A cache fill that a sync overtook is retried this many times before the count is left out.
 _FILL_ATTEMPTS = 3
 
@@ -132,9 +135,11 @@ class ViewTracker:
         self._pipeline = AutoPipeline(redis) if pipelining else None
 
     async def _run(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
-        if self._pipeline is None:
-            return await script(keys=keys, args=args)
-        return await self._pipeline.run(script, keys, args)
+        """One script call on the request path, bounded by ``redis_timeout``."""
+        async with asyncio.timeout(self.settings.redis_timeout):
+            if self._pipeline is None:
+                return await script(keys=keys, args=args)
+            return await self._pipeline.run(script, keys, args)
 
     # Recording ----------------------------------------------------------------------------------
 
@@ -313,7 +318,8 @@ class ViewTracker:
             return result
         for _attempt in range(_FILL_ATTEMPTS):
             try:
-                filled = await self._fill_cache(content_type, missing, raw, epoch, batch_id)
+                async with asyncio.timeout(self.settings.database_timeout):
+                    filled = await self._fill_cache(content_type, missing, raw, epoch, batch_id)
             except Exception:
                 logger.exception("reading database counts for %s failed", content_type)
                 break
@@ -355,7 +361,8 @@ class ViewTracker:
         keys = self.keys
         per_content = self._parts_keys(content_type, missing)
         reply = await self.scripts.fill_cache(
-            keys=[keys.epoch, *per_content], args=[epoch, *(bases[c] for c in missing)]
+            keys=[keys.epoch, *per_content],
+            args=[epoch, DATABASE_COUNT_TTL_SECONDS, *(bases[c] for c in missing)],
         )
         if not int(reply[0]):
             logger.debug("a sync moved views during a count read; %s not cached", content_type)

@@ -7,7 +7,7 @@
 -- KEYS: 1 sync lock, 2 batch hash, 3 batch items, 4 the run's contents (taken from the dirty
 --       set when the run began), 5 sync epoch
 -- ARGV: 1 lock token, 2 batch id, 3 key prefix, 4 chunk size
--- Returns {contents moved, views moved, run's contents left, then member, amount, ...} or {-1}
+-- Returns {contents moved, views moved, run's contents left} or {-1}
 if redis.call('GET', KEYS[1]) ~= ARGV[1] or redis.call('HGET', KEYS[2], 'id') ~= ARGV[2]
     or redis.call('HGET', KEYS[2], 'sealed') then
   return {-1}
@@ -15,7 +15,6 @@ end
 local prefix = ARGV[3]
 local members = redis.call('SPOP', KEYS[4], tonumber(ARGV[4]))
 local contents, views = 0, 0
-local moved = {}
 for _, member in ipairs(members) do
   local sep = string.find(member, ':', 1, true)
   local content_type, content_id = string.sub(member, 1, sep - 1), string.sub(member, sep + 1)
@@ -27,15 +26,9 @@ for _, member in ipairs(members) do
     redis.call('HINCRBY', KEYS[3], member, amount)
     contents = contents + 1
     views = views + amount
-    moved[#moved + 1] = member
-    moved[#moved + 1] = amount
   end
 end
 if contents > 0 then
   redis.call('INCR', KEYS[5])
 end
-local reply = {contents, views, redis.call('SCARD', KEYS[4])}
-for i = 1, #moved do
-  reply[i + 3] = moved[i]
-end
-return reply
+return {contents, views, redis.call('SCARD', KEYS[4])}
