@@ -30,6 +30,18 @@ from viewmw.sync import LockLostError, SyncError, SyncReport, ViewSync
 
 DAY = 86400
 KEYS = KeySchema()
+# Step boundaries a test can stop a sync at: (step, its n-th occurrence); chunks of 3 make the
+# second snapshot and settle fall mid-way.
+STEP_POINTS = [
+    ("locked", 1),
+    ("snapshot", 1),
+    ("snapshot", 2),
+    ("before_commit", 1),
+    ("committed", 1),
+    ("settle", 1),
+    ("settle", 2),
+    ("cleanup", 1),
+]
 STORY_IDS = ["1", "2", "3", "4", "5"]
 TASK_IDS = ["t1", "t2", "t3", "t4", "t5"]
 # Ten contents of two kinds, interleaved so that every chunk of three mixes them.
@@ -723,15 +735,7 @@ async def test_displayed_count_is_exact_through_syncs_crashes_and_evictions(
             await asyncio.sleep(0)
 
     async def syncs() -> None:
-        points = [
-            ("locked", 1),
-            ("snapshot", 1),
-            ("snapshot", 2),
-            ("before_commit", 1),
-            ("committed", 1),
-            ("settle", 1),
-            ("settle", 2),
-        ]
+        points = [point for point in STEP_POINTS if point[0] != "cleanup"]
         for round_ in range(15):
             hook = Hook(yields=rng.randint(1, 4))
             step, nth = points[round_ % len(points)]

@@ -29,6 +29,7 @@ from tests.test_sync import (
     CONTENTS,
     DAY,
     KEYS,
+    STEP_POINTS,
     STORY_IDS,
     TASK_IDS,
     Gate,
@@ -41,16 +42,7 @@ from viewmw.sync import SyncError, SyncReport
 
 T = TypeVar("T")
 
-POINTS = [
-    ("locked", 1),
-    ("snapshot", 1),
-    ("snapshot", 2),
-    ("before_commit", 1),
-    ("committed", 1),
-    ("settle", 1),
-    ("settle", 2),
-    ("cleanup", 1),
-]
+POINTS = STEP_POINTS
 
 
 class SyncMachine(RuleBasedStateMachine):
