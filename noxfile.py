@@ -1,4 +1,4 @@
-"""Checks everyone runs: `nox` (tests, lint, typecheck), `nox -s bench`, `nox -s docs`."""
+"""Checks everyone runs: `nox` (tests, lint, typecheck, docs), and `nox -s bench`."""
 
 from __future__ import annotations
 
