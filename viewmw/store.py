@@ -7,7 +7,7 @@ tables so they can go into the user's Alembic migrations.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -343,15 +343,3 @@ class Store:
 
 class _AlreadyCommitted(Exception):
     """The ledger holds the batch: roll back and report it."""
-
-
-def chunked(items: Iterable[Any], size: int) -> Iterable[list[Any]]:
-    """Split ``items`` into lists of at most ``size``."""
-    chunk: list[Any] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
