@@ -363,3 +363,20 @@ async def test_abuse_stats_count_tracking_keys_with_scan(
     assert stats["one_view_per_day"] is True
     assert stats["session_seconds"] == 86400
     assert (await other.abuse_stats())["session_keys"] == 1
+
+
+async def test_a_database_outage_leaves_counts_out_and_logs_once_a_minute(
+    tracker: ViewTracker, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert tracker.store is not None
+
+    async def database_down(*args: Any, **kwargs: Any) -> Any:
+        raise ConnectionRefusedError("database down")
+
+    monkeypatch.setattr(tracker.store, "read_counts", database_down)
+    for content_id in range(20):  # cache misses, each one needs the database
+        result = await tracker.track_view("story", content_id, "user:1")
+        assert result.counted and result.count is None
+    assert await tracker.get_view_counts("story", [1, 2]) == {}
+    lines = [r for r in caplog.records if "reading database counts failed" in r.getMessage()]
+    assert len(lines) == 1

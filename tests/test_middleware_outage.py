@@ -23,7 +23,8 @@ from tests.asgi_support import (
 )
 from tests.support import FakeClock
 from viewmw import Settings, Store, ViewTracker
-from viewmw.middleware import ErrorLog, ViewTrackingMiddleware, connect_redis, error_kind
+from viewmw.errorlog import ErrorLog, error_kind
+from viewmw.middleware import ViewTrackingMiddleware, connect_redis
 
 ROUTES = {"/stories/{id:int}": "story"}
 REQUEST_HEADERS = [(b"user-agent", USER_AGENT.encode())]

@@ -19,12 +19,10 @@ from typing import Any, Protocol, cast
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy import Column
-from sqlalchemy.exc import SQLAlchemyError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from viewmw.errorlog import ErrorLog
 from viewmw.errors import ConfigurationError, InvalidKeyError
 from viewmw.fallback import DatabaseFallback
 from viewmw.identity import RequestSignals, ViewerFunction, ViewerIdentity, is_crawler
@@ -39,8 +37,6 @@ from viewmw.tracker import TrackResult, ViewCount, ViewTracker
 logger = logging.getLogger("viewmw")
 
 _HEADER_NAME_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz")
-ERROR_LOG_INTERVAL = 60.0
-"""Seconds between two log lines about the same kind of failure."""
 REDIS_MAX_CONNECTIONS = 100
 
 
@@ -296,59 +292,6 @@ def _header_name(setting: str, name: str) -> bytes:
     if not lowered or not set(lowered) <= _HEADER_NAME_CHARS:
         raise ConfigurationError(setting, f"must be an HTTP header name, got {name!r}")
     return lowered.encode("ascii")
-
-
-# Failure log ------------------------------------------------------------------------------------
-
-
-class ErrorLog:
-    """Logs failures on the ``viewmw`` logger at ERROR, at most once per ``interval`` per kind.
-
-    Kinds: ``timeout``, ``redis``, ``database``, ``invalid_key`` and ``unexpected`` (logged with
-    its traceback). Each line says how many failures of its kind were left out since the last.
-    Records carry the kind as ``record.viewmw_error``.
-    """
-
-    def __init__(
-        self, interval: float = ERROR_LOG_INTERVAL, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self.interval = interval
-        self.clock = clock
-        self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
-
-    def report(self, exc: BaseException) -> None:
-        """Count a failure, and log it unless one of its kind was logged recently."""
-        kind = error_kind(exc)
-        now = self.clock()
-        last = self._last.get(kind)
-        if last is not None and now - last < self.interval:
-            self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
-            return
-        self._last[kind] = now
-        suppressed = self._suppressed.pop(kind, 0)
-        logger.error(
-            "viewmw: view tracking failed (%s: %s: %s); the response went out without a count%s",
-            kind,
-            type(exc).__name__,
-            exc,
-            f"; {suppressed} more {kind} failures since the last report" if suppressed else "",
-            exc_info=exc if kind == "unexpected" else None,
-            extra={"viewmw_error": kind},
-        )
-
-
-def error_kind(exc: BaseException) -> str:
-    """A short name for the kind of failure ``exc`` is."""
-    if isinstance(exc, TimeoutError | RedisTimeoutError):
-        return "timeout"
-    if isinstance(exc, RedisError):
-        return "redis"
-    if isinstance(exc, SQLAlchemyError):
-        return "database"
-    if isinstance(exc, InvalidKeyError):
-        return "invalid_key"
-    return "unexpected"
 
 
 # Building a tracker from settings ---------------------------------------------------------------

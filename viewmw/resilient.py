@@ -65,6 +65,8 @@ class ResilientTracker:
         self, content_type: str, content_id: str | int, viewer: str
     ) -> TrackResult:
         """Like :meth:`ViewTracker.track_view`, but a Redis failure never raises."""
+        # Validated here too: a bad id is the caller's error (InvalidKeyError, a ValueError), and
+        # must not be mistaken below for a confused Redis and count against the breaker.
         content_type = validate_content_type(content_type)
         content_id = validate_content_id(content_id)
         viewer = validate_viewer(viewer)

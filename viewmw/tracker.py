@@ -20,6 +20,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
+from viewmw.errorlog import ErrorLog
 from viewmw.errors import ServiceUnavailableError
 from viewmw.keys import KeySchema, validate_content_id, validate_content_type, validate_viewer
 from viewmw.pipeline import AutoPipeline
@@ -132,6 +133,9 @@ class ViewTracker:
         self.scripts = Scripts.register(redis)
         self._zone = self.settings.zone
         self._day: _Day | None = None
+        self._database_errors = ErrorLog(
+            what="reading database counts", consequence="those counts are left out"
+        )
         self._pipeline = AutoPipeline(redis) if pipelining else None
 
     async def _run(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
@@ -320,8 +324,8 @@ class ViewTracker:
             try:
                 async with asyncio.timeout(self.settings.database_timeout):
                     filled = await self._fill_cache(content_type, missing, raw, epoch, batch_id)
-            except Exception:
-                logger.exception("reading database counts for %s failed", content_type)
+            except Exception as exc:
+                self._database_errors.report(exc)
                 break
             result.update(filled)
             missing = [content_id for content_id in missing if content_id not in filled]
