@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from viewmw.errorlog import ErrorLog
 from viewmw.store import Store
 
 logger = logging.getLogger("viewmw")
@@ -89,6 +90,9 @@ class DatabaseFallback:
         self._flush_lock = asyncio.Lock()
         self._flusher: asyncio.Task[None] | None = None
         self._dropped_logged_at = 0.0
+        self._flush_errors = ErrorLog(
+            what="writing fallback views", consequence="they stay buffered for the next flush"
+        )
 
     @property
     def buffered(self) -> int:
@@ -158,11 +162,7 @@ class DatabaseFallback:
                     await self.store.commit_batch(batch.batch_id, batch.started_at, batch.deltas)
                 except Exception as exc:
                     self.stats.flush_failures += 1
-                    logger.error(
-                        "writing %d fallback views failed (%s); will retry",
-                        sum(batch.deltas.values()),
-                        exc,
-                    )
+                    self._flush_errors.report(exc)
                     return committed
                 self._unflushed.pop(0)
                 views = sum(batch.deltas.values())
