@@ -5,7 +5,16 @@ Wrap an app in :class:`ViewTrackingMiddleware`; record and read views directly w
 """
 
 from viewmw.breaker import CircuitBreaker
-from viewmw.errors import ConfigurationError, InvalidKeyError, ServiceUnavailableError, ViewmwError
+from viewmw.errors import (
+    ConfigurationError,
+    InvalidKeyError,
+    LockLostError,
+    MalformedReplyError,
+    ServiceUnavailableError,
+    StaleFenceError,
+    SyncError,
+    ViewmwError,
+)
 from viewmw.fallback import DatabaseFallback
 from viewmw.keys import KeySchema
 from viewmw.middleware import ViewTrackingMiddleware
@@ -23,12 +32,16 @@ __all__ = [
     "DatabaseFallback",
     "InvalidKeyError",
     "KeySchema",
+    "LockLostError",
+    "MalformedReplyError",
     "Limits",
     "ResilientTracker",
     "RouteTable",
     "ServiceUnavailableError",
     "Settings",
+    "StaleFenceError",
     "Store",
+    "SyncError",
     "SyncReport",
     "TrackResult",
     "ViewCount",

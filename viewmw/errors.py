@@ -1,4 +1,4 @@
-"""The exceptions viewmw raises on purpose."""
+"""The exceptions viewmw raises on purpose, as one tree ordered by who failed."""
 
 from __future__ import annotations
 
@@ -17,8 +17,24 @@ class ConfigurationError(ViewmwError, ValueError):
 
 
 class InvalidKeyError(ViewmwError, ValueError):
-    """A content type, content id or viewer is not allowed in a Redis key."""
+    """A content type, content id or viewer is not allowed in a Redis key (or in its table)."""
 
 
 class ServiceUnavailableError(ViewmwError):
     """Redis or the database cannot be reached; the message says how to start it."""
+
+
+class MalformedReplyError(ViewmwError):
+    """Redis answered something a viewmw script never returns (a confused or foreign server)."""
+
+
+class SyncError(ViewmwError):
+    """A sync could not finish; what it moved is safe and the next sync completes it."""
+
+
+class LockLostError(SyncError):
+    """The sync lock expired and another sync took over; this one stopped without committing."""
+
+
+class StaleFenceError(LockLostError):
+    """The database refused a commit: a sync holding a newer lock has committed since."""

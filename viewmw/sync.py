@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 
 from redis.asyncio import Redis
 
-from viewmw.errors import ViewmwError
+from viewmw.errors import LockLostError, SyncError
 from viewmw.keys import KeySchema
 from viewmw.scripts import Scripts
 from viewmw.settings import Settings
@@ -41,14 +41,6 @@ StepHook = Callable[[str], Awaitable[None]]
 
 ProgressHook = Callable[[int, int], None]
 """Called with (contents moved so far, contents that were pending when the run started)."""
-
-
-class SyncError(ViewmwError):
-    """A sync could not finish; what it moved is safe and the next sync completes it."""
-
-
-class LockLostError(SyncError):
-    """The sync lock expired and another sync took over; this one stopped without harm."""
 
 
 @dataclass(slots=True)
