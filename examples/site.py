@@ -33,9 +33,9 @@ from starlette.responses import HTMLResponse
 from starlette.routing import Route
 
 from viewmw import Settings, Store, content_table
-from viewmw.fallback import DatabaseFallback
 from viewmw.middleware import ViewTrackingMiddleware, build_tracker
-from viewmw.resilient import ResilientTracker
+from viewmw.outage.failover import ResilientTracker
+from viewmw.outage.outbox import Outbox
 from viewmw.routes import RouteSpec
 
 logger = logging.getLogger("examples.site")
@@ -114,17 +114,18 @@ def create_app(settings: Settings | None = None) -> Starlette:
     redis_tracker = build_tracker(settings, CONTENT_TABLES)
     store = redis_tracker.store
     assert store is not None
-    # Keeps counting (in the database) and showing counts while Redis is out of reach.
-    tracker = ResilientTracker(redis_tracker, DatabaseFallback(store))
+    # Keeps views offered while Redis is out of reach (in the database outbox) and replays them.
+    tracker = ResilientTracker(redis_tracker, Outbox(store.engine))
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await store.create_tables()
         await seed(store)
+        await tracker.startup()
         try:
             yield
         finally:
-            await tracker.aclose()  # writes views counted during an outage
+            await tracker.aclose()  # writes outbox events still in memory
             await redis_tracker.redis.aclose()
             await store.close()
 

@@ -130,9 +130,11 @@ def store(request: pytest.FixtureRequest) -> Store:
 
 @pytest.fixture
 def settings() -> Settings:
-    # A generous Redis timeout: tests about timeouts set their own, and a busy CI machine must
-    # not turn a slow round trip into a failure.
-    return Settings(secret="test-secret-0123456789", redis_timeout=5.0)
+    # Generous request deadlines: tests about deadlines set their own, and a busy CI machine
+    # must not turn a slow round trip into a missing count.
+    return Settings(
+        secret="test-secret-0123456789", redis_timeout=5.0, database_request_timeout=5.0
+    )
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from tests.asgi_support import free_port
 from tests.support import REDIS_URL
 from viewmw import Settings, Store, ViewTracker
 from viewmw.identity import ViewerIdentity
-from viewmw.resilient import ResilientTracker
+from viewmw.outage.failover import ResilientTracker
 
 ROOT = Path(__file__).resolve().parents[1]
 BROWSER = {"user-agent": "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"}

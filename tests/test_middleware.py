@@ -33,7 +33,7 @@ from tests.support import REDIS_URL, FakeClock
 from viewmw import ConfigurationError, Limits, Settings, Store, ViewTracker
 from viewmw.identity import ViewerIdentity
 from viewmw.middleware import ViewTrackingMiddleware, connect_redis
-from viewmw.resilient import ResilientTracker
+from viewmw.outage.failover import ResilientTracker
 
 ROUTES: dict[str, Any] = {
     "/stories/{id:int}": "story",

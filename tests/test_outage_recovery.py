@@ -24,7 +24,7 @@ from viewmw import (
     ViewTracker,
     ViewTrackingMiddleware,
 )
-from viewmw.breaker import BreakerState
+from viewmw.outage.breaker import BreakerState
 from viewmw.middleware import connect_redis
 
 APP_BODY = b"the app's own page"

@@ -4,7 +4,6 @@ Wrap an app in :class:`ViewTrackingMiddleware`; record and read views directly w
 :class:`ViewTracker`; move pending views into the database with :class:`ViewSync`.
 """
 
-from viewmw.breaker import CircuitBreaker
 from viewmw.errors import (
     ConfigurationError,
     InvalidKeyError,
@@ -15,10 +14,13 @@ from viewmw.errors import (
     SyncError,
     ViewmwError,
 )
-from viewmw.fallback import DatabaseFallback
 from viewmw.keys import KeySchema
 from viewmw.middleware import ViewTrackingMiddleware
-from viewmw.resilient import ResilientTracker
+from viewmw.outage.breaker import CircuitBreaker
+from viewmw.outage.failover import ResilientTracker
+from viewmw.outage.outbox import Outbox, OutboxEvent
+from viewmw.outage.probe import RedisProbe
+from viewmw.outage.replayer import Replayer, ReplayReport
 from viewmw.routes import RouteTable
 from viewmw.settings import Limits, Settings
 from viewmw.store import Store, content_table, metadata
@@ -29,12 +31,16 @@ __all__ = [
     "BlockReason",
     "CircuitBreaker",
     "ConfigurationError",
-    "DatabaseFallback",
     "InvalidKeyError",
     "KeySchema",
     "Limits",
     "LockLostError",
     "MalformedReplyError",
+    "Outbox",
+    "OutboxEvent",
+    "RedisProbe",
+    "ReplayReport",
+    "Replayer",
     "ResilientTracker",
     "RouteTable",
     "ServiceUnavailableError",

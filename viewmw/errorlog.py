@@ -6,11 +6,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-from sqlalchemy.exc import SQLAlchemyError
-
-from viewmw.errors import InvalidKeyError
+from viewmw.failures import classify
 
 logger = logging.getLogger("viewmw")
 
@@ -65,13 +61,5 @@ class ErrorLog:
 
 
 def error_kind(exc: BaseException) -> str:
-    """A short name for the kind of failure ``exc`` is."""
-    if isinstance(exc, TimeoutError | RedisTimeoutError):
-        return "timeout"
-    if isinstance(exc, RedisError):
-        return "redis"
-    if isinstance(exc, SQLAlchemyError):
-        return "database"
-    if isinstance(exc, InvalidKeyError):
-        return "invalid_key"
-    return "unexpected"
+    """A short name for the kind of failure ``exc`` is (see :func:`viewmw.failures.classify`)."""
+    return str(classify(exc))

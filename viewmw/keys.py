@@ -140,6 +140,10 @@ class KeySchema:
         """Amounts moved by the unsettled batch: a hash ``{type}:{id}`` -> views."""
         return f"{self.prefix}viewmw:sync:batch:items"
 
+    def replay_marker(self, event_id: str) -> str:
+        """Set when an outage event is replayed, so that it is decided once (with a TTL)."""
+        return f"{self.prefix}viewmw:replayed:{event_id}"
+
     # Patterns for SCAN (statistics and cleanup only; never on the request path).
     @property
     def pending_pattern(self) -> str:

@@ -24,11 +24,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from viewmw.errorlog import ErrorLog
 from viewmw.errors import ConfigurationError, InvalidKeyError
-from viewmw.fallback import DatabaseFallback
 from viewmw.identity import RequestSignals, ViewerFunction, ViewerIdentity, is_crawler
 from viewmw.keys import validate_content_id
+from viewmw.outage.failover import ResilientTracker
+from viewmw.outage.outbox import Outbox
 from viewmw.packing import connection_class_for
-from viewmw.resilient import ResilientTracker
 from viewmw.routes import RouteMatch, RouteSpec, RouteTable
 from viewmw.settings import Settings
 from viewmw.store import Store
@@ -42,7 +42,7 @@ REDIS_MAX_CONNECTIONS = 100
 
 class RequestTracker(Protocol):
     """What the middleware needs of a tracker: :class:`~viewmw.ViewTracker` and
-    :class:`~viewmw.resilient.ResilientTracker` both provide it."""
+    :class:`~viewmw.outage.failover.ResilientTracker` both provide it."""
 
     @property
     def settings(self) -> Settings:
@@ -68,7 +68,7 @@ class ViewTrackingMiddleware:
     Args:
         app: the ASGI app to wrap.
         tracker: what records views: a :class:`~viewmw.ViewTracker`, or a
-            :class:`~viewmw.resilient.ResilientTracker` that keeps counting through Redis
+            :class:`~viewmw.outage.failover.ResilientTracker` that keeps counting through Redis
             outages. ``None`` builds the resilient one from ``settings``; the middleware then owns
             its Redis and database clients, creates its tables at lifespan start-up and closes
             everything at lifespan shutdown (or on :meth:`startup` / :meth:`aclose`).
@@ -116,7 +116,7 @@ class ViewTrackingMiddleware:
             settings = settings or Settings.from_env()
             self._owned = build_tracker(settings, content_tables)
             assert self._owned.store is not None
-            tracker = ResilientTracker(self._owned, DatabaseFallback(self._owned.store))
+            tracker = ResilientTracker(self._owned, Outbox(self._owned.store.engine))
         self.tracker: RequestTracker = tracker
         self.settings = settings or tracker.settings
         inner = tracker.tracker if isinstance(tracker, ResilientTracker) else tracker
@@ -125,8 +125,11 @@ class ViewTrackingMiddleware:
             self.settings.secret, self.settings.zone, viewer=viewer, clock=clock
         )
         # The tracker bounds its Redis calls by redis_timeout and its database reads by
-        # database_timeout; this is the backstop for everything else (a slow viewer= callable).
-        self.timeout = self.settings.redis_timeout + self.settings.database_timeout
+        # database_request_timeout; this is the backstop for everything else (a slow viewer=
+        # callable). Passing it means the outcome is unknown, never that the view failed.
+        self.timeout = (
+            2 * self.settings.redis_timeout + 2 * self.settings.database_request_timeout + 0.25
+        )
         self.count_statuses = count_statuses
         self.respect_privacy_signals = respect_privacy_signals
         self.create_tables = create_tables
@@ -211,7 +214,13 @@ class ViewTrackingMiddleware:
                 viewer = await self.identity.viewer_for(scope, signals.user_agent)
                 result = await self.tracker.track_view(match.content_type, content_id, viewer)
                 reason = None if result.reason is None else str(result.reason)
-                return _Outcome(_total(result.count), result.counted, reason)
+                return _Outcome(_total(result.count), result.counted, reason, result.queued)
+        except InvalidKeyError:
+            # The id is a valid key but its table cannot hold it (too large, not a UUID, …).
+            return _Outcome(None, False, "invalid_id")
+        except TimeoutError:
+            # The view may have been recorded: its outcome is unknown, not an error.
+            return _Outcome(None, False, None)
         except Exception as exc:
             self.errors.report(exc)
             return _Outcome(None, False, "error")
@@ -236,22 +245,24 @@ class ViewTrackingMiddleware:
         await self.app(scope, receive_and_start, send_and_close)
 
     async def startup(self) -> None:
-        """Create the tables of a store this middleware built (if ``create_tables``).
+        """Create the tables of a store this middleware built (if ``create_tables``), and start
+        replaying views an earlier run left in the outage outbox.
 
         Runs at lifespan start-up. A database that cannot be reached is logged, not raised: the
         app starts anyway and serves its pages without counts.
         """
         store = None if self._owned is None else self._owned.store
-        if not (self.create_tables and store is not None):
-            return
-        try:
-            async with asyncio.timeout(self.settings.database_timeout):
-                await store.create_tables()
-        except Exception:
-            logger.exception("viewmw: creating the view count tables failed")
+        if self.create_tables and store is not None:
+            try:
+                async with asyncio.timeout(self.settings.database_timeout):
+                    await store.create_tables()
+            except Exception:
+                logger.exception("viewmw: creating the view count tables failed")
+        if isinstance(self.tracker, ResilientTracker):
+            await self.tracker.startup()
 
     async def aclose(self) -> None:
-        """Write the fallback's buffered views and close the clients this middleware built.
+        """Write the outbox events still in memory and close the clients this middleware built.
 
         A no-op for a tracker passed in: its owner closes it.
         """
@@ -273,11 +284,15 @@ class _Outcome:
     count: int | None
     counted: bool
     reason: str | None
+    queued: bool = False
 
     def debug_value(self) -> bytes:
         if self.counted:
             return b"1"
-        # No reason: a resilient tracker answered without counting (Redis failed mid-call).
+        if self.queued:
+            return b"1; queued"  # durably in the outage outbox; the rules decide it at replay
+        # No reason: the outcome is unknown (Redis' reply came too late, or Redis failed
+        # mid-call): the script Redis runs decides that view, no other path does.
         return f"0; reason={self.reason or 'unavailable'}".encode("ascii")
 
 
@@ -320,9 +335,10 @@ def connect_redis(settings: Settings) -> Redis:
     """A Redis client for ``settings.redis_url`` sized for request paths.
 
     Requests wait for a free connection (up to ``redis_timeout``) instead of failing when all are
-    busy, and a failed command is retried once at once (a pooled connection the server closed),
-    never after a back-off sleep the request cannot afford. With no URL set: an in-process
-    fakeredis, with a warning that its counts are neither shared nor kept.
+    busy, and a failed command is never resent. The socket timeouts are ``redis_probe_timeout``,
+    a backstop far above the request deadline: a request stops waiting at ``redis_timeout``, but
+    the reply is still read, so a loop that was merely busy never breaks the connection. With no
+    URL set: an in-process fakeredis, with a warning that its counts are neither shared nor kept.
 
     Raises:
         ConfigurationError: no URL is set and fakeredis is not installed.
@@ -335,8 +351,8 @@ def connect_redis(settings: Settings) -> Redis:
         **({"connection_class": packing} if packing else {}),
         max_connections=REDIS_MAX_CONNECTIONS,
         timeout=settings.redis_timeout,
-        socket_timeout=settings.redis_timeout,
-        socket_connect_timeout=settings.redis_timeout,
+        socket_timeout=settings.redis_probe_timeout,
+        socket_connect_timeout=settings.redis_probe_timeout,
         # Never resend: a script that timed out may have run, and a resent one counts again.
         retry=Retry(NoBackoff(), 0),
         health_check_interval=30,

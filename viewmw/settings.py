@@ -79,8 +79,14 @@ class Settings:
             (``postgresql://`` runs on asyncpg, ``sqlite://`` on aiosqlite).
         secret: key for hashing anonymous viewers. ``None`` makes a random one per process, which
             suits one process but splits anonymous viewers across several: set it in production.
-        redis_timeout: seconds a request may wait on Redis before it is answered without a count.
-        database_timeout: seconds a count read may wait on the database.
+        redis_timeout: seconds a request waits for Redis' reply before it is answered without a
+            count. A late reply is not a failure: the script still decides that view.
+        redis_probe_timeout: seconds Redis has to answer a ``PING`` timed off the event loop;
+            only a probe that fails opens the breaker for slowness (see docs/outages.md).
+        database_timeout: seconds background work (syncs, commands, replays) may wait on the
+            database.
+        database_request_timeout: seconds a request may wait on the database (count reads on a
+            cache miss, outbox writes during a Redis outage); then the count is left out.
         content_tables: content type -> ``"table.count_column"`` of a table of the app's own whose
             integer primary key ``id`` is the content id (``{"story": "stories.view_count"}``).
             Other types are counted in viewmw's generic table.
@@ -93,7 +99,9 @@ class Settings:
     database_url: str = DEFAULT_DATABASE_URL
     secret: str | None = None
     redis_timeout: float = 0.25
+    redis_probe_timeout: float = 2.0
     database_timeout: float = 5.0
+    database_request_timeout: float = 0.1
     content_tables: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -105,7 +113,12 @@ class Settings:
         if self.redis_url is not None:
             _check_redis_url(self.redis_url)
         object.__setattr__(self, "database_url", _async_database_url(self.database_url))
-        for name in ("redis_timeout", "database_timeout"):
+        for name in (
+            "redis_timeout",
+            "redis_probe_timeout",
+            "database_timeout",
+            "database_request_timeout",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
                 raise ConfigurationError(
@@ -293,14 +306,28 @@ ENVIRONMENT: tuple[EnvironmentVariable, ...] = (
         "settings",
         "redis_timeout",
         _float,
-        "Seconds a request may wait on Redis.",
+        "Seconds a request waits for Redis' reply (a late reply is not a failure).",
+    ),
+    EnvironmentVariable(
+        "VIEWMW_REDIS_PROBE_TIMEOUT",
+        "settings",
+        "redis_probe_timeout",
+        _float,
+        "Seconds Redis has to answer a health probe timed off the event loop.",
     ),
     EnvironmentVariable(
         "VIEWMW_DATABASE_TIMEOUT",
         "settings",
         "database_timeout",
         _float,
-        "Seconds a count read may wait on the database.",
+        "Seconds background work (syncs, replays, commands) may wait on the database.",
+    ),
+    EnvironmentVariable(
+        "VIEWMW_DATABASE_REQUEST_TIMEOUT",
+        "settings",
+        "database_request_timeout",
+        _float,
+        "Seconds a request may wait on the database (cache misses, outage writes).",
     ),
 )
 _VARIABLE_BY_FIELD = {variable.field: variable for variable in ENVIRONMENT}

@@ -15,18 +15,22 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
 from viewmw.errorlog import ErrorLog
-from viewmw.errors import ServiceUnavailableError
+from viewmw.errors import MalformedReplyError, ServiceUnavailableError
 from viewmw.keys import KeySchema, validate_content_id, validate_content_type, validate_viewer
+from viewmw.outage.breaker import CircuitBreaker
 from viewmw.pipeline import AutoPipeline
 from viewmw.scripts import Scripts
 from viewmw.settings import Settings
 from viewmw.store import Store
+
+if TYPE_CHECKING:
+    from viewmw.outage.outbox import OutboxEvent
 
 logger = logging.getLogger("viewmw")
 
@@ -35,6 +39,9 @@ logger = logging.getLogger("viewmw")
 _TTL_GRACE_SECONDS = 3600
 # Cached database counts are read again from the database after this long, at the latest.
 DATABASE_COUNT_TTL_SECONDS = 24 * 3600
+# A replayed outage event is remembered this long, so a replay killed before it deleted the event
+# from the outbox cannot count it again when it runs again.
+REPLAY_MARKER_TTL_SECONDS = 7 * 24 * 3600
 # A cache fill that a sync overtook is retried this many times before the count is left out.
 _FILL_ATTEMPTS = 3
 
@@ -79,11 +86,17 @@ class TrackResult:
         reason: the first rule that blocked it, or ``None`` when counted (or only read).
         count: the combined count after this view, or ``None`` when the database count could not
             be read (the view itself is still recorded).
+        queued: Redis was unreachable and the view was durably written to the outage outbox; the
+            rules decide it when it is replayed.
+
+    ``counted`` and ``queued`` both false with no ``reason`` means the outcome is unknown (Redis'
+    reply came too late): the script Redis runs decides that view, no other path does.
     """
 
     counted: bool
     reason: BlockReason | None
     count: ViewCount | None
+    queued: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +149,10 @@ class ViewTracker:
         self._database_errors = ErrorLog(
             what="reading database counts", consequence="those counts are left out"
         )
+        self.database_breaker = CircuitBreaker(
+            subject="the database (count reads on the request path)",
+            fallback="counts not cached in Redis are left out",
+        )
         self._pipeline = AutoPipeline(redis) if pipelining else None
 
     async def _run(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
@@ -159,41 +176,10 @@ class ViewTracker:
         content_type = validate_content_type(content_type)
         content_id = validate_content_id(content_id)
         viewer = validate_viewer(viewer)
-        now = math.floor(self.clock())
-        day = self._calendar_day(now)
-        seconds_left_today = day.end - now
-        limits = self.settings.limits
-        session_ttl = max(
-            limits.session_seconds, limits.view_cooldown_seconds or 0, seconds_left_today
-        )
-        keys = self.keys
-        reply = await self._run(
-            self.scripts.record_view,
-            [
-                keys.pending(content_type, content_id),
-                keys.syncing(content_type, content_id),
-                keys.database_count(content_type, content_id),
-                keys.session(viewer, content_type, content_id),
-                keys.daily_views(viewer, day.name),
-                keys.dirty,
-                keys.epoch,
-                keys.sync_batch,
-            ],
-            [
-                now,
-                limits.max_views_per_session or 0,
-                limits.session_seconds,
-                limits.max_daily_views_per_user or 0,
-                int(limits.one_view_per_day),
-                limits.view_cooldown_seconds or 0,
-                day.start,
-                session_ttl + _TTL_GRACE_SECONDS,
-                seconds_left_today + _TTL_GRACE_SECONDS,
-                keys.member(content_type, content_id),
-            ],
-        )
+        keys, args = self._record_call(content_type, content_id, viewer, self.clock())
+        reply = await self._run(self.scripts.record_view, keys, args)
         if not isinstance(reply, list) or len(reply) != 7 or reply[0] not in (0, 1):
-            raise ValueError(f"unexpected reply from the record_view script: {reply!r:.80}")
+            raise MalformedReplyError(f"unexpected reply from record_view: {reply!r:.80}")
         counted, reason_code = bool(reply[0]), int(reply[1])
         raw = _RawCounts(_count(reply[2]), _count(reply[3]), _cached(reply[4]))
         reason = _REASONS.get(reason_code)
@@ -209,6 +195,78 @@ class ViewTracker:
         )
         return TrackResult(counted, reason, count[content_id])
 
+    def _record_call(
+        self,
+        content_type: str,
+        content_id: str,
+        viewer: str,
+        at: float,
+        replay_marker: str | None = None,
+    ) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of one ``record_view`` call for a view offered at ``at`` (validated
+        names). A replayed view also passes its marker, which makes the call idempotent."""
+        now = math.floor(at)
+        day = self._calendar_day(now)
+        seconds_left_today = day.end - now
+        limits = self.settings.limits
+        session_ttl = max(
+            limits.session_seconds, limits.view_cooldown_seconds or 0, seconds_left_today
+        )
+        keys = self.keys
+        call_keys = [
+            keys.pending(content_type, content_id),
+            keys.syncing(content_type, content_id),
+            keys.database_count(content_type, content_id),
+            keys.session(viewer, content_type, content_id),
+            keys.daily_views(viewer, day.name),
+            keys.dirty,
+            keys.epoch,
+            keys.sync_batch,
+        ]
+        args: list[Any] = [
+            now,
+            limits.max_views_per_session or 0,
+            limits.session_seconds,
+            limits.max_daily_views_per_user or 0,
+            int(limits.one_view_per_day),
+            limits.view_cooldown_seconds or 0,
+            day.start,
+            max(session_ttl, 1) + _TTL_GRACE_SECONDS,
+            max(seconds_left_today, 1) + _TTL_GRACE_SECONDS,
+            keys.member(content_type, content_id),
+            day.end,
+        ]
+        if replay_marker is not None:
+            call_keys.append(replay_marker)
+            args.append(REPLAY_MARKER_TTL_SECONDS)
+        return call_keys, args
+
+    async def replay(self, events: Sequence[OutboxEvent]) -> list[bool | None]:
+        """Offer views kept during an outage, with their original times, in one pipeline.
+
+        Each event passes through the same script as a live view, with a marker that makes the
+        call idempotent: an event replayed twice (a replayer killed before it deleted the event)
+        is decided once. Returns, per event, whether it counted, or ``None`` when it was decided
+        by an earlier replay.
+        """
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for event in events:
+                keys, args = self._record_call(
+                    validate_content_type(event.content_type),
+                    validate_content_id(event.content_id),
+                    validate_viewer(event.viewer),
+                    event.viewed_at,
+                    self.keys.replay_marker(event.event_id),
+                )
+                await self.scripts.record_view(keys=keys, args=args, client=pipe)
+            replies = await pipe.execute()
+        outcomes: list[bool | None] = []
+        for reply in replies:
+            if not isinstance(reply, list) or not reply or reply[0] not in (-1, 0, 1):
+                raise MalformedReplyError(f"unexpected reply from record_view: {reply!r:.80}")
+            outcomes.append(None if reply[0] == -1 else bool(reply[0]))
+        return outcomes
+
     def _calendar_day(self, now: int) -> _Day:
         """The calendar day of ``now`` in the configured zone (computed once per day)."""
         day = self._day
@@ -216,7 +274,9 @@ class ViewTracker:
             local = datetime.fromtimestamp(now, self._zone).date()
             start = datetime.combine(local, datetime.min.time(), self._zone)
             end = datetime.combine(local + timedelta(days=1), datetime.min.time(), self._zone)
-            day = self._day = _Day(local.isoformat(), int(start.timestamp()), int(end.timestamp()))
+            day = _Day(local.isoformat(), int(start.timestamp()), int(end.timestamp()))
+            if self._day is None or day.start >= self._day.start:
+                self._day = day  # replays of older days must not evict today
         return day
 
     # Reading ------------------------------------------------------------------------------------
@@ -266,7 +326,7 @@ class ViewTracker:
             self.scripts.read_counts, [keys.epoch, keys.sync_batch, *per_content], []
         )
         if not isinstance(reply, list) or len(reply) != 2 + 3 * len(ids):
-            raise ValueError(f"unexpected reply from the read_counts script: {reply!r:.80}")
+            raise MalformedReplyError(f"unexpected reply from read_counts: {reply!r:.80}")
         raw = {
             content_id: _RawCounts(
                 _count(reply[2 + 3 * n]), _count(reply[3 + 3 * n]), _cached(reply[4 + 3 * n])
@@ -321,12 +381,18 @@ class ViewTracker:
                 result[content_id] = ViewCount(0, raw[content_id].pending, raw[content_id].syncing)
             return result
         for _attempt in range(_FILL_ATTEMPTS):
+            # A page never waits on a slow database: a short deadline of its own, and no reads at
+            # all while the database is failing (the count is left out instead).
+            if not self.database_breaker.allow():
+                break
             try:
-                async with asyncio.timeout(self.settings.database_timeout):
+                async with asyncio.timeout(self.settings.database_request_timeout):
                     filled = await self._fill_cache(content_type, missing, raw, epoch, batch_id)
             except Exception as exc:
+                self.database_breaker.failure()
                 self._database_errors.report(exc)
                 break
+            self.database_breaker.success()
             result.update(filled)
             missing = [content_id for content_id in missing if content_id not in filled]
             if not missing:
@@ -425,7 +491,7 @@ class ViewTracker:
 
 def _count(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"unexpected count from Redis: {value!r:.80}")
+        raise MalformedReplyError(f"unexpected count from Redis: {value!r:.80}")
     return value
 
 

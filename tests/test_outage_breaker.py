@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from tests.support import FakeClock
-from viewmw.breaker import BreakerState, CircuitBreaker
+from viewmw.outage.breaker import BreakerState, CircuitBreaker
 
 
 def make(clock: FakeClock) -> CircuitBreaker:
@@ -82,8 +82,8 @@ def test_state_changes_are_logged_once_each(
             assert breaker.allow()
             breaker.success()
     messages = [record.getMessage() for record in caplog.records]
-    assert len([m for m in messages if "falls back" in m]) == 1
-    assert len([m for m in messages if "back on Redis" in m]) == 1
+    assert len([m for m in messages if "is failing" in m]) == 1
+    assert len([m for m in messages if "answers again" in m]) == 1
 
 
 def test_bad_arguments_are_refused() -> None:
