@@ -91,3 +91,19 @@ def test_bad_arguments_are_refused() -> None:
         CircuitBreaker(failure_threshold=0)
     with pytest.raises(ValueError):
         CircuitBreaker(reset_seconds=5, max_reset_seconds=1)
+
+
+def test_trip_opens_at_once_and_counts_once(clock: FakeClock) -> None:
+    breaker = make(clock)
+    breaker.trip()
+    assert breaker.state is BreakerState.OPEN and breaker.opened_count == 1
+    assert not breaker.allow()
+    clock.advance(1.0)
+    assert breaker.allow()  # the probe after the back-off
+    breaker.trip()  # a failed probe doubles the back-off
+    clock.advance(1.5)
+    assert not breaker.allow()
+    clock.advance(0.5)
+    assert breaker.allow()
+    breaker.success()
+    assert breaker.state is BreakerState.CLOSED and breaker.opened_count == 2

@@ -52,7 +52,7 @@ class AutoPipeline:
     async def run(self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         """Run ``script`` with ``keys`` and ``args`` and return its reply (or raise its error).
 
-        Cancelling the caller abandons its reply; the call itself may still have run in Redis.
+        Cancelling the caller abandons its reply; the call itself is still sent and run.
         """
         loop = asyncio.get_running_loop()
         call = _Call(script, keys, args, loop.create_future())
@@ -62,13 +62,21 @@ class AutoPipeline:
             loop.call_soon(self._flush)
         return await call.future
 
+    async def drain(self) -> None:
+        """Wait until every call queued so far has been sent and its reply read (at shutdown, a
+        caller that stopped waiting still has its script run)."""
+        while self._queue or self._tasks:
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+            else:
+                await asyncio.sleep(0)  # a flush is scheduled for this loop turn
+
     def _flush(self) -> None:
         self._flush_scheduled = False
         while self._queue and self._in_flight < self.max_in_flight:
+            # Calls whose caller stopped waiting (a late reply) are sent all the same: the view was
+            # offered, and only the script Redis runs may decide it.
             batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
-            batch = [call for call in batch if not call.future.done()]  # drop cancelled callers
-            if not batch:
-                continue
             self._in_flight += 1
             task = asyncio.get_running_loop().create_task(self._send(batch))
             self._tasks.add(task)

@@ -155,6 +155,11 @@ class ViewTracker:
         )
         self._pipeline = AutoPipeline(redis) if pipelining else None
 
+    async def drain(self) -> None:
+        """Wait until the Redis calls of requests that stopped waiting (late replies) are done."""
+        if self._pipeline is not None:
+            await self._pipeline.drain()
+
     async def _run(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
         """One script call on the request path, bounded by ``redis_timeout``."""
         async with asyncio.timeout(self.settings.redis_timeout):

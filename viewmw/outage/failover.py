@@ -282,8 +282,17 @@ class ResilientTracker:
         if self.replayer is not None:
             self.replay_soon()
 
+    async def drain(self) -> None:
+        """Wait for the background work started so far: late calls, probes, a replay."""
+        await self.tracker.drain()
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
     async def aclose(self) -> None:
         """Stop background work and write the outbox events still in memory (on shutdown)."""
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(self.settings.redis_probe_timeout):
+                await self.tracker.drain()  # late calls still decide their views
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
