@@ -40,7 +40,7 @@ def any_redis(request: pytest.FixtureRequest) -> aioredis.Redis:
 
 @pytest.fixture
 def tracker(real_redis: aioredis.Redis, store: Store, clock: FakeClock) -> ViewTracker:
-    return ViewTracker(real_redis, store, Settings(), clock=clock)
+    return ViewTracker(real_redis, store, Settings(database_request_timeout=30.0), clock=clock)
 
 
 async def set_db_count(store: Store, content_type: str, content_id: str | int, count: int) -> None:
@@ -98,7 +98,7 @@ class Exploding:
 async def test_count_is_database_plus_pending(
     any_redis: aioredis.Redis, store: Store, clock: FakeClock
 ) -> None:
-    tracker = ViewTracker(any_redis, store, Settings(), clock=clock)
+    tracker = ViewTracker(any_redis, store, Settings(database_request_timeout=30.0), clock=clock)
     await set_db_count(store, "story", 7, 40)
     await set_db_count(store, "story", 8, 0)
     await set_db_count(store, "task", "t-1", 12)
@@ -336,9 +336,14 @@ async def test_an_epoch_bump_during_a_fill_is_retried_not_cached(
 async def test_abuse_stats_count_tracking_keys_with_scan(
     real_redis: aioredis.Redis, pg_store: Store, clock: FakeClock
 ) -> None:
-    settings = Settings(key_prefix="app1:", timezone="Asia/Tokyo")
+    settings = Settings(key_prefix="app1:", timezone="Asia/Tokyo", database_request_timeout=30.0)
     tracker = ViewTracker(real_redis, pg_store, settings, clock=clock)
-    other = ViewTracker(real_redis, pg_store, Settings(key_prefix="app2:"), clock=clock)
+    other = ViewTracker(
+        real_redis,
+        pg_store,
+        Settings(key_prefix="app2:", database_request_timeout=30.0),
+        clock=clock,
+    )
     for viewer in ("user:1", "user:2", "user:3"):
         for content_id in (7, 8):
             assert (await tracker.track_view("story", content_id, viewer)).counted

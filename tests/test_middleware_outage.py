@@ -291,9 +291,7 @@ async def test_built_tracker_queues_views_in_the_outbox_while_redis_is_down(
                     middleware, http_scope("/stories/1", headers=[(b"user-agent", agent)])
                 )
                 assert (sent[0]["status"], sent[1]["body"]) == (200, APP_BODY)
-                shown.append(
-                    (header(sent[0], b"x-view-counted"), header(sent[0], b"x-view-count"))
-                )
+                shown.append((header(sent[0], b"x-view-counted"), header(sent[0], b"x-view-count")))
     finally:
         await middleware.aclose()
     # Refused connections open the breaker (those views' outcome is unknown: nothing else

@@ -24,8 +24,8 @@ from viewmw import (
     ViewTracker,
     ViewTrackingMiddleware,
 )
-from viewmw.outage.breaker import BreakerState
 from viewmw.middleware import connect_redis
+from viewmw.outage.breaker import BreakerState
 
 APP_BODY = b"the app's own page"
 STORIES = range(1, 6)

@@ -380,7 +380,9 @@ async def test_all_rules_together_with_default_limits(
     """Real Redis and PostgreSQL; defaults except a three-day session window and a daily limit
     of 5, so that every rule gets its turn to block within four days."""
     limits = Limits(session_seconds=3 * 86400, max_daily_views_per_user=5)
-    tracker = ViewTracker(real_redis, pg_store, Settings(limits=limits), clock=clock)
+    tracker = ViewTracker(
+        real_redis, pg_store, Settings(limits=limits, database_request_timeout=30.0), clock=clock
+    )
     t0 = clock.now  # day 1, 12:00
 
     async def view(content_id: int = 7) -> BlockReason | None:

@@ -63,7 +63,12 @@ class SyncMachine(RuleBasedStateMachine):
         await redis.flushdb()
         url = self.database_url or f"sqlite+aiosqlite:///{self.directory}/viewmw.sqlite3"
         store = await _fresh_store(url)
-        world = World(redis, store, FakeClock(), Settings(secret="test-secret-0123456789"))
+        world = World(
+            redis,
+            store,
+            FakeClock(),
+            Settings(secret="test-secret-0123456789", database_request_timeout=30.0),
+        )
         await world.seed()
         return world
 

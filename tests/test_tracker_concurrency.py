@@ -43,7 +43,9 @@ def make_tracker(request: pytest.FixtureRequest, pg_store: Store, clock: FakeClo
     client = request.getfixturevalue("real_redis" if pipelining else "pooled_redis")
 
     def make(limits: Limits | None = None) -> ViewTracker:
-        settings = Settings(limits=limits or Limits())
+        settings = Settings(
+            limits=limits or Limits(), redis_timeout=30.0, database_request_timeout=30.0
+        )
         return ViewTracker(client, pg_store, settings, clock=clock, pipelining=pipelining)
 
     return make
