@@ -199,7 +199,7 @@ async def test_database_down_still_counts_without_a_header(
 class BrokenTracker(ViewTracker):
     """A tracker whose every call fails the way a bug would."""
 
-    async def track_view(self, *args: Any, **kwargs: Any) -> Any:
+    async def track_valid_view(self, *args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("bug in the tracker")
 
 

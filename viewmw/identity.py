@@ -9,8 +9,8 @@ day, and yesterday's keys cannot be linked to today's.
 
 from __future__ import annotations
 
+import asyncio
 import base64
-import hashlib
 import hmac
 import inspect
 import logging
@@ -19,7 +19,8 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
+from datetime import time as dt_time
 from functools import cache, lru_cache
 from zoneinfo import ZoneInfo
 
@@ -152,6 +153,8 @@ class ViewerIdentity:
         viewer: returns the user id for a scope (or an awaitable of it), ``None`` for anonymous;
             replaces the ``scope["user"]`` lookup.
         clock: seconds since the epoch; the tracker's clock, so tests can move days.
+        viewer_timeout: seconds an awaitable returned by ``viewer`` may take (then
+            :class:`TimeoutError`).
     """
 
     def __init__(
@@ -161,20 +164,23 @@ class ViewerIdentity:
         *,
         viewer: ViewerFunction | None = None,
         clock: Callable[[], float] = time.time,
+        viewer_timeout: float = 0.25,
     ) -> None:
+        self._viewer_timeout = viewer_timeout
         self._secret = secret_bytes(secret)
         self._zone = ZoneInfo(timezone) if isinstance(timezone, str) else timezone
         self._viewer = viewer
         self._clock = clock
-        self._day = ""
-        self._day_mac = hmac.new(b"", digestmod=hashlib.sha256)
+        self._day_start = self._day_end = 0.0
+        self._day_key = b""
 
     async def viewer_for(self, scope: Scope, user_agent: bytes) -> str:
         """``user:…`` for an authenticated request, else ``anon:…``."""
         if self._viewer is not None:
             user_id = self._viewer(scope)
             if inspect.isawaitable(user_id):
-                user_id = await user_id
+                async with asyncio.timeout(self._viewer_timeout):
+                    user_id = await user_id
         else:
             user_id = authenticated_id(scope)
         if user_id is not None:
@@ -202,19 +208,22 @@ class ViewerIdentity:
 
     def anonymous_viewer(self, client_host: str, user_agent: bytes) -> str:
         """``anon:{hash}`` of client address and user agent, keyed with secret and today."""
-        mac = self._mac_for_today()
-        mac.update(client_host.encode("utf-8", "surrogatepass"))
-        mac.update(b"\n")  # no address contains a newline, so the two parts cannot run together
-        mac.update(user_agent)
-        return f"anon:{_b64(mac.digest())[:ANONYMOUS_HASH_CHARS]}"
+        # No address contains a newline, so the two parts cannot run together.
+        message = client_host.encode("utf-8", "surrogatepass") + b"\n" + user_agent
+        digest = hmac.digest(self._key_for_today(), message, "sha256")  # one C-level call
+        return f"anon:{_b64(digest)[:ANONYMOUS_HASH_CHARS]}"
 
-    def _mac_for_today(self) -> hmac.HMAC:
-        day = datetime.fromtimestamp(self._clock(), self._zone).date().isoformat()
-        if day != self._day:
-            # The key is secret + day; keying once per day and copying keeps requests cheap.
-            self._day_mac = hmac.new(self._secret + b"\0" + day.encode(), digestmod=hashlib.sha256)
-            self._day = day
-        return self._day_mac.copy()
+    def _key_for_today(self) -> bytes:
+        """secret + today's date, derived once per calendar day (not per request)."""
+        now = self._clock()
+        if not self._day_start <= now < self._day_end:
+            local = datetime.fromtimestamp(now, self._zone).date()
+            self._day_start = datetime.combine(local, dt_time(), self._zone).timestamp()
+            self._day_end = datetime.combine(
+                local + timedelta(days=1), dt_time(), self._zone
+            ).timestamp()
+            self._day_key = self._secret + b"\0" + local.isoformat().encode()
+        return self._day_key
 
 
 def _b64(digest: bytes) -> str:

@@ -13,7 +13,6 @@ import importlib.util
 import logging
 import time
 from collections.abc import Callable, Container, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -49,10 +48,10 @@ class RequestTracker(Protocol):
         """Limits, time zone, timeouts."""
         ...
 
-    async def track_view(
-        self, content_type: str, content_id: str | int, viewer: str
+    async def track_valid_view(
+        self, content_type: str, content_id: str, viewer: str
     ) -> TrackResult:
-        """Offer one view to the abuse rules."""
+        """Offer one view (names already validated) to the abuse rules."""
         ...
 
     async def get_view_count_details(
@@ -122,13 +121,11 @@ class ViewTrackingMiddleware:
         inner = tracker.tracker if isinstance(tracker, ResilientTracker) else tracker
         clock = inner.clock if isinstance(inner, ViewTracker) else time.time
         self.identity = ViewerIdentity(
-            self.settings.secret, self.settings.zone, viewer=viewer, clock=clock
-        )
-        # The tracker bounds its Redis calls by redis_timeout and its database reads by
-        # database_request_timeout; this is the backstop for everything else (a slow viewer=
-        # callable). Passing it means the outcome is unknown, never that the view failed.
-        self.timeout = (
-            2 * self.settings.redis_timeout + 2 * self.settings.database_request_timeout + 0.25
+            self.settings.secret,
+            self.settings.zone,
+            viewer=viewer,
+            clock=clock,
+            viewer_timeout=self.settings.redis_timeout,
         )
         self.count_statuses = count_statuses
         self.respect_privacy_signals = respect_privacy_signals
@@ -171,14 +168,14 @@ class ViewTrackingMiddleware:
         """The start message with the count (and debug) headers added; never raises."""
         try:
             if message.get("status") in self.count_statuses:
-                outcome = await self._outcome(scope, match)
+                count, debug = await self._outcome(scope, match)
             else:
-                outcome = _Outcome(None, False, "status")
+                count, debug = None, b"0; reason=status"
             extra: list[tuple[bytes, bytes]] = []
-            if outcome.count is not None:
-                extra.append((self._count_header, str(outcome.count).encode("ascii")))
+            if count is not None:
+                extra.append((self._count_header, b"%d" % count))
             if self._debug_header is not None:
-                extra.append((self._debug_header, outcome.debug_value()))
+                extra.append((self._debug_header, debug))
             if not extra:
                 return message
             # A new message and list: the app may reuse its own (a module-level Response).
@@ -187,43 +184,47 @@ class ViewTrackingMiddleware:
             self.errors.report(exc)
             return message
 
-    async def _outcome(self, scope: Scope, match: RouteMatch) -> _Outcome:
+    async def _outcome(self, scope: Scope, match: RouteMatch) -> tuple[int | None, bytes]:
+        """The count to show and the debug header's value for one matched request.
+
+        The tracker bounds its own waits (``redis_timeout``, ``database_request_timeout``), so
+        the request path holds no timeout of its own: one deadline per Redis batch is enough.
+        """
         try:
             content_id = validate_content_id(match.content_id)
         except InvalidKeyError:
             # Client input, not a failure: a crafted URL must not be able to fill the error log.
             logger.debug("not tracking %s: id is not a valid key", match.pattern)
-            return _Outcome(None, False, "invalid_id")
-        signals = RequestSignals.from_scope(scope)
-        if signals.prefetch:
-            skip: str | None = "prefetch"
-        elif is_crawler(signals.user_agent):
-            skip = "bot"
-        elif self.respect_privacy_signals and signals.privacy_opt_out:
-            skip = "privacy"
-        else:
-            skip = None
+            return None, b"0; reason=invalid_id"
+        user_agent, skip = self._signals(scope)
         try:
-            async with asyncio.timeout(self.timeout):
-                if skip is not None:
-                    counts = await self.tracker.get_view_count_details(
-                        match.content_type, [content_id]
-                    )
-                    count = counts.get(content_id)
-                    return _Outcome(_total(count), False, skip)
-                viewer = await self.identity.viewer_for(scope, signals.user_agent)
-                result = await self.tracker.track_view(match.content_type, content_id, viewer)
-                reason = None if result.reason is None else str(result.reason)
-                return _Outcome(_total(result.count), result.counted, reason, result.queued)
+            if skip is not None:
+                counts = await self.tracker.get_view_count_details(match.content_type, [content_id])
+                return _total(counts.get(content_id)), skip
+            viewer = await self.identity.viewer_for(scope, user_agent)
+            result = await self.tracker.track_valid_view(match.content_type, content_id, viewer)
         except InvalidKeyError:
             # The id is a valid key but its table cannot hold it (too large, not a UUID, …).
-            return _Outcome(None, False, "invalid_id")
+            return None, b"0; reason=invalid_id"
         except TimeoutError:
-            # The view may have been recorded: its outcome is unknown, not an error.
-            return _Outcome(None, False, None)
+            # Late, or a slow viewer= callable: the view may have been recorded. Unknown, not
+            # an error.
+            return None, b"0; reason=unavailable"
         except Exception as exc:
             self.errors.report(exc)
-            return _Outcome(None, False, "error")
+            return None, b"0; reason=error"
+        return _total(result.count), _debug_value(result)
+
+    def _signals(self, scope: Scope) -> tuple[bytes, bytes | None]:
+        """The user agent, and why this request is not offered as a view (``None``: it is)."""
+        signals = RequestSignals.from_scope(scope)
+        if signals.prefetch:
+            return signals.user_agent, b"0; reason=prefetch"
+        if is_crawler(signals.user_agent):
+            return signals.user_agent, b"0; reason=bot"
+        if self.respect_privacy_signals and signals.privacy_opt_out:
+            return signals.user_agent, b"0; reason=privacy"
+        return signals.user_agent, None
 
     # Owned clients ------------------------------------------------------------------------------
 
@@ -279,21 +280,16 @@ class ViewTrackingMiddleware:
                 await owned.store.close()
 
 
-@dataclass(frozen=True, slots=True)
-class _Outcome:
-    count: int | None
-    counted: bool
-    reason: str | None
-    queued: bool = False
-
-    def debug_value(self) -> bytes:
-        if self.counted:
-            return b"1"
-        if self.queued:
-            return b"1; queued"  # durably in the outage outbox; the rules decide it at replay
-        # No reason: the outcome is unknown (Redis' reply came too late, or Redis failed
-        # mid-call): the script Redis runs decides that view, no other path does.
-        return f"0; reason={self.reason or 'unavailable'}".encode("ascii")
+def _debug_value(result: TrackResult) -> bytes:
+    if result.counted:
+        return b"1"
+    if result.queued:
+        return b"1; queued"  # durably in the outage outbox; the rules decide it at replay
+    if result.reason is None:
+        # The outcome is unknown (Redis' reply came too late, or Redis failed mid-call): the
+        # script Redis runs decides that view, no other path does.
+        return b"0; reason=unavailable"
+    return b"0; reason=" + result.reason.encode("ascii")
 
 
 def _total(count: object) -> int | None:

@@ -1,18 +1,23 @@
-"""Auto-pipelining: script calls made by concurrent requests travel to Redis together.
+"""Batching: what concurrent requests ask of Redis in one event-loop turn travels together.
 
-Each call is queued; the queue is sent as one pipeline (one write, one read) at the end of the
-current event-loop turn, so a lone call leaves at once and a burst of concurrent requests shares a
-round trip. While ``max_in_flight`` pipelines are waiting for Redis, new calls gather and leave as
-the next pipeline, which keeps batches large under load and the connection count small.
+Each request submits an item and awaits its future. The items queued during one loop turn are
+sent together at the end of it (one call for the whole batch), so a lone request leaves at once
+and a burst shares one round trip. While ``max_in_flight`` batches wait for Redis, new items
+gather and leave as the next batch, which keeps batches large under load and the connection
+count small.
+
+Each batch has one deadline (``deadline`` seconds after its oldest item was submitted) instead of
+a timeout per request: when it passes, the requests still waiting get :class:`LateReply` and
+move on. The batch itself is never withdrawn: an item once submitted is sent and its reply read,
+because for a view only the script Redis runs may decide it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Generic, TypeVar
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
@@ -20,52 +25,64 @@ from redis.exceptions import NoScriptError
 
 logger = logging.getLogger("viewmw")
 
-
-@dataclass(slots=True)
-class _Call:
-    script: AsyncScript
-    keys: Sequence[Any]
-    args: Sequence[Any]
-    future: asyncio.Future[Any]
+T = TypeVar("T")
+R = TypeVar("R")
 
 
-class AutoPipeline:
-    """Sends concurrent script calls to Redis in shared pipelines.
+class LateReply(TimeoutError):
+    """The batch's deadline passed before Redis' reply was read: the outcome is unknown."""
+
+
+class Batcher(Generic[T, R]):
+    """Sends the items submitted in one event-loop turn as one batch.
 
     Args:
-        redis: the client whose connection pool the pipelines use.
-        max_batch: most calls in one pipeline.
-        max_in_flight: most pipelines waiting for Redis at once.
+        send: sends a batch and returns one reply per item, in order (or raises for all).
+        deadline: seconds a request waits for its batch's reply (``None``: no deadline).
+        max_batch: most items in one batch.
+        max_in_flight: most batches waiting for Redis at once.
     """
 
-    def __init__(self, redis: Redis, *, max_batch: int = 256, max_in_flight: int = 4) -> None:
+    def __init__(
+        self,
+        send: Callable[[list[T]], Awaitable[Sequence[R]]],
+        *,
+        deadline: float | None = None,
+        max_batch: int = 256,
+        max_in_flight: int = 4,
+    ) -> None:
         if max_batch < 1 or max_in_flight < 1:
             raise ValueError("max_batch and max_in_flight must be at least 1")
-        self.redis = redis
+        self.send = send
+        self.deadline = deadline
         self.max_batch = max_batch
         self.max_in_flight = max_in_flight
-        self._queue: list[_Call] = []
+        self._items: list[T] = []
+        self._futures: list[asyncio.Future[R]] = []
+        self._oldest = 0.0
         self._in_flight = 0
         self._flush_scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def run(self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
-        """Run ``script`` with ``keys`` and ``args`` and return its reply (or raise its error).
+    def submit(self, item: T) -> asyncio.Future[R]:
+        """Queue ``item``; the future resolves to its reply, its error, or :class:`LateReply`.
 
-        Cancelling the caller abandons its reply; the call itself is still sent and run.
+        Cancelling the future abandons the reply; the item is still sent.
         """
         loop = asyncio.get_running_loop()
-        call = _Call(script, keys, args, loop.create_future())
-        self._queue.append(call)
+        future: asyncio.Future[R] = loop.create_future()
+        if not self._items:
+            self._oldest = loop.time()
+        self._items.append(item)
+        self._futures.append(future)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
-        return await call.future
+        return future
 
     async def drain(self) -> None:
-        """Wait until every call queued so far has been sent and its reply read (at shutdown, a
-        caller that stopped waiting still has its script run)."""
-        while self._queue or self._tasks:
+        """Wait until every item submitted so far has been sent and its reply read."""
+        while self._items or self._tasks:
             if self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
             else:
@@ -73,57 +90,80 @@ class AutoPipeline:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        while self._queue and self._in_flight < self.max_in_flight:
-            # Calls whose caller stopped waiting (a late reply) are sent all the same: the view was
-            # offered, and only the script Redis runs may decide it.
-            batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+        loop = asyncio.get_running_loop()
+        while self._items and self._in_flight < self.max_in_flight:
+            items, self._items = self._items[: self.max_batch], self._items[self.max_batch :]
+            futures, self._futures = (
+                self._futures[: self.max_batch],
+                self._futures[self.max_batch :],
+            )
+            if self.deadline is not None:
+                loop.call_at(self._oldest + self.deadline, _expire, futures)
             self._in_flight += 1
-            task = asyncio.get_running_loop().create_task(self._send(batch))
+            task = loop.create_task(self._send(items, futures))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _send(self, batch: list[_Call]) -> None:
+    async def _send(self, items: list[T], futures: list[asyncio.Future[R]]) -> None:
         try:
-            replies = await self._execute(batch)
-        except BaseException as exc:  # delivered to every caller of the batch, never lost
-            for call in batch:
-                _deliver(call, exc)
+            replies = await self.send(items)
+        except BaseException as exc:  # delivered to every request of the batch, never lost
+            for future in futures:
+                _deliver(future, exc)
             if not isinstance(exc, Exception):
                 raise
         else:
-            for call, reply in zip(batch, replies, strict=True):
-                _deliver(call, reply)
+            for future, reply in zip(futures, replies, strict=True):
+                _deliver(future, reply)
         finally:
             self._in_flight -= 1
-            if self._queue and not self._flush_scheduled:
+            if self._items and not self._flush_scheduled:
                 self._flush_scheduled = True
                 asyncio.get_running_loop().call_soon(self._flush)
 
-    async def _execute(self, batch: list[_Call]) -> list[Any]:
-        replies = await self._pipeline(batch)
+
+def _expire(futures: list[asyncio.Future[Any]]) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_exception(LateReply())
+
+
+def _deliver(future: asyncio.Future[Any], reply: Any) -> None:
+    if future.done():
+        return  # late, or the request went away
+    if isinstance(reply, asyncio.CancelledError):
+        future.cancel()
+    elif isinstance(reply, BaseException):
+        future.set_exception(reply)
+    else:
+        future.set_result(reply)
+
+
+ScriptCall = tuple[AsyncScript, Sequence[Any], Sequence[Any]]
+"""A script, its keys and its arguments."""
+
+
+def script_pipeline(redis: Redis) -> Callable[[list[ScriptCall]], Awaitable[list[Any]]]:
+    """A ``send`` for :class:`Batcher` that runs script calls in one pipeline (one write, one
+    read); a call's error is its own reply. Scripts missing from Redis' cache (after a restart or
+    ``SCRIPT FLUSH``) are loaded and only the failed calls are sent again."""
+
+    async def send(batch: list[ScriptCall]) -> list[Any]:
+        replies = await _pipeline(redis, batch)
         missing = [n for n, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if missing:
-            # Redis restarted or its script cache was flushed: load the scripts and retry those.
-            for script in {id(batch[n].script): batch[n].script for n in missing}.values():
-                script.sha = await self.redis.script_load(script.script)
-            retried = await self._pipeline([batch[n] for n in missing])
+            for script in {id(batch[n][0]): batch[n][0] for n in missing}.values():
+                script.sha = await redis.script_load(script.script)
+            retried = await _pipeline(redis, [batch[n] for n in missing])
             for n, reply in zip(missing, retried, strict=True):
                 replies[n] = reply
         return replies
 
-    async def _pipeline(self, batch: list[_Call]) -> list[Any]:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for call in batch:
-                pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
-            return list(await pipe.execute(raise_on_error=False))
+    return send
 
 
-def _deliver(call: _Call, reply: Any) -> None:
-    if call.future.done():
-        return
-    if isinstance(reply, asyncio.CancelledError):
-        call.future.cancel()
-    elif isinstance(reply, BaseException):
-        call.future.set_exception(reply)
-    else:
-        call.future.set_result(reply)
+async def _pipeline(redis: Redis, batch: list[ScriptCall]) -> list[Any]:
+    async with redis.pipeline(transaction=False) as pipe:
+        for script, keys, args in batch:
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+        return list(await pipe.execute(raise_on_error=False))

@@ -24,7 +24,7 @@ def script_source(name: str) -> str:
 class Scripts:
     """Every script, registered on one client."""
 
-    record_view: AsyncScript
+    record_views: AsyncScript
     read_counts: AsyncScript
     fill_cache: AsyncScript
     open_batch: AsyncScript

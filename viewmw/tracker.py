@@ -24,7 +24,7 @@ from viewmw.errorlog import ErrorLog
 from viewmw.errors import MalformedReplyError, ServiceUnavailableError
 from viewmw.keys import KeySchema, validate_content_id, validate_content_type, validate_viewer
 from viewmw.outage.breaker import CircuitBreaker
-from viewmw.pipeline import AutoPipeline
+from viewmw.pipeline import Batcher, LateReply, ScriptCall, script_pipeline
 from viewmw.scripts import Scripts
 from viewmw.settings import Settings
 from viewmw.store import Store
@@ -61,6 +61,7 @@ _REASONS = {
     3: BlockReason.SESSION_LIMIT,
     4: BlockReason.DAILY_LIMIT,
 }
+_REASON_CODES = frozenset({0, *_REASONS})
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +109,43 @@ class _Day:
     end: int
 
 
+_ViewCall = tuple[tuple[str, ...], tuple[Any, ...], str | None]
+"""One view in a ``record_views`` call: its five keys, its seven arguments, its replay marker."""
+
+_ViewReply = tuple[int, int, int, int, int | None, int, str]
+"""counted (1, 0, or -1: replayed before), reason code, pending, syncing, cached database count
+(``None`` when not cached), sync epoch, unsettled batch id."""
+
+
+def _limit_args(settings: Settings) -> tuple[Any, ...]:
+    """The arguments every ``record_views`` call shares: the limits and the replay marker TTL."""
+    limits = settings.limits
+    return (
+        limits.max_views_per_session or 0,
+        limits.session_seconds,
+        limits.max_daily_views_per_user or 0,
+        int(limits.one_view_per_day),
+        limits.view_cooldown_seconds or 0,
+        REPLAY_MARKER_TTL_SECONDS,
+    )
+
+
+def _view_replies(reply: Any, views: int) -> list[_ViewReply]:
+    """Split a ``record_views`` reply into one reply per view, checking every value."""
+    if not isinstance(reply, list) or len(reply) != 2 + 5 * views:
+        raise MalformedReplyError(f"unexpected reply from record_views: {reply!r:.80}")
+    epoch, batch_id = _count(reply[0]), _text(reply[1])
+    replies: list[_ViewReply] = []
+    for n in range(2, len(reply), 5):
+        counted, reason, pending, syncing, cached = reply[n : n + 5]
+        if counted not in (-1, 0, 1) or reason not in _REASON_CODES:
+            raise MalformedReplyError(f"unexpected reply from record_views: {reply!r:.80}")
+        replies.append(
+            (counted, reason, _count(pending), _count(syncing), _cached(cached), epoch, batch_id)
+        )
+    return replies
+
+
 @dataclass(frozen=True, slots=True)
 class _RawCounts:
     """What Redis holds for one content; ``database`` is ``None`` when not cached."""
@@ -153,19 +191,31 @@ class ViewTracker:
             subject="the database (count reads on the request path)",
             fallback="counts not cached in Redis are left out",
         )
-        self._pipeline = AutoPipeline(redis) if pipelining else None
+        deadline = self.settings.redis_timeout
+        self._views: Batcher[_ViewCall, _ViewReply] | None = None
+        self._reads: Batcher[ScriptCall, Any] | None = None
+        if pipelining:
+            self._views = Batcher(self._send_views, deadline=deadline)
+            self._reads = Batcher(script_pipeline(redis), deadline=deadline)
+        self._limit_args = _limit_args(self.settings)
+        limits = self.settings.limits
+        self._session_seconds = max(limits.session_seconds, limits.view_cooldown_seconds or 0)
 
     async def drain(self) -> None:
         """Wait until the Redis calls of requests that stopped waiting (late replies) are done."""
-        if self._pipeline is not None:
-            await self._pipeline.drain()
+        for batcher in (self._views, self._reads):
+            if batcher is not None:
+                await batcher.drain()
 
     async def _run(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
-        """One script call on the request path, bounded by ``redis_timeout``."""
-        async with asyncio.timeout(self.settings.redis_timeout):
-            if self._pipeline is None:
+        """One read script call on the request path; late after ``redis_timeout``."""
+        if self._reads is not None:
+            return await self._reads.submit((script, keys, args))
+        try:
+            async with asyncio.timeout(self.settings.redis_timeout):
                 return await script(keys=keys, args=args)
-            return await self._pipeline.run(script, keys, args)
+        except TimeoutError:
+            raise LateReply from None
 
     # Recording ----------------------------------------------------------------------------------
 
@@ -176,101 +226,104 @@ class ViewTracker:
 
         Raises:
             InvalidKeyError: for a bad content type, id or viewer (before Redis is called).
-            redis.RedisError: when Redis fails; a database failure only leaves ``count`` ``None``.
+            LateReply: Redis' reply did not come within ``redis_timeout``; the view is still
+                decided by the script Redis runs.
+            redis.RedisError, MalformedReplyError: when Redis fails; a database failure only
+                leaves ``count`` ``None``.
         """
-        content_type = validate_content_type(content_type)
-        content_id = validate_content_id(content_id)
-        viewer = validate_viewer(viewer)
-        keys, args = self._record_call(content_type, content_id, viewer, self.clock())
-        reply = await self._run(self.scripts.record_view, keys, args)
-        if not isinstance(reply, list) or len(reply) != 7 or reply[0] not in (0, 1):
-            raise MalformedReplyError(f"unexpected reply from record_view: {reply!r:.80}")
-        counted, reason_code = bool(reply[0]), int(reply[1])
-        raw = _RawCounts(_count(reply[2]), _count(reply[3]), _cached(reply[4]))
-        reason = _REASONS.get(reason_code)
-        logger.debug(
-            "view %s %s:%s by %s",
-            "counted" if counted else f"blocked ({reason})",
-            content_type,
-            content_id,
-            viewer,
+        return await self.track_valid_view(
+            validate_content_type(content_type),
+            validate_content_id(content_id),
+            validate_viewer(viewer),
         )
-        count = await self._complete(
-            content_type, {content_id: raw}, int(reply[5]), _text(reply[6])
-        )
-        return TrackResult(counted, reason, count[content_id])
 
-    def _record_call(
+    async def track_valid_view(
+        self, content_type: str, content_id: str, viewer: str
+    ) -> TrackResult:
+        """:meth:`track_view` for names the caller has validated already (no second check)."""
+        call = self._view_call(content_type, content_id, viewer, self.clock())
+        if self._views is not None:
+            reply = await self._views.submit(call)
+        else:
+            try:
+                async with asyncio.timeout(self.settings.redis_timeout):
+                    (reply,) = await self._send_views([call])
+            except TimeoutError:
+                raise LateReply from None
+        counted, reason_code, pending, syncing, cached, epoch, batch_id = reply
+        reason = _REASONS.get(reason_code)
+        if cached is not None:
+            return TrackResult(counted == 1, reason, ViewCount(cached, pending, syncing))
+        count = await self._complete(
+            content_type, {content_id: _RawCounts(pending, syncing, None)}, epoch, batch_id
+        )
+        return TrackResult(counted == 1, reason, count[content_id])
+
+    def _view_call(
         self,
         content_type: str,
         content_id: str,
         viewer: str,
         at: float,
         replay_marker: str | None = None,
-    ) -> tuple[list[str], list[Any]]:
-        """KEYS and ARGV of one ``record_view`` call for a view offered at ``at`` (validated
-        names). A replayed view also passes its marker, which makes the call idempotent."""
+    ) -> _ViewCall:
+        """One view's part of a ``record_views`` call, for a view offered at ``at`` (validated
+        names). A replayed view also passes its marker, which makes its decision idempotent."""
         now = math.floor(at)
         day = self._calendar_day(now)
-        seconds_left_today = day.end - now
-        limits = self.settings.limits
-        session_ttl = max(
-            limits.session_seconds, limits.view_cooldown_seconds or 0, seconds_left_today
-        )
         keys = self.keys
-        call_keys = [
-            keys.pending(content_type, content_id),
-            keys.syncing(content_type, content_id),
-            keys.database_count(content_type, content_id),
-            keys.session(viewer, content_type, content_id),
-            keys.daily_views(viewer, day.name),
-            keys.dirty,
-            keys.epoch,
-            keys.sync_batch,
-        ]
-        args: list[Any] = [
-            now,
-            limits.max_views_per_session or 0,
-            limits.session_seconds,
-            limits.max_daily_views_per_user or 0,
-            int(limits.one_view_per_day),
-            limits.view_cooldown_seconds or 0,
-            day.start,
-            max(session_ttl, 1) + _TTL_GRACE_SECONDS,
-            max(seconds_left_today, 1) + _TTL_GRACE_SECONDS,
-            keys.member(content_type, content_id),
-            day.end,
-        ]
-        if replay_marker is not None:
-            call_keys.append(replay_marker)
-            args.append(REPLAY_MARKER_TTL_SECONDS)
-        return call_keys, args
+        return (
+            (
+                keys.pending(content_type, content_id),
+                keys.syncing(content_type, content_id),
+                keys.database_count(content_type, content_id),
+                keys.session(viewer, content_type, content_id),
+                keys.daily_views(viewer, day.name),
+            ),
+            (
+                now,
+                day.start,
+                day.end,
+                max(self._session_seconds, day.end - now) + _TTL_GRACE_SECONDS,
+                max(day.end - now, 1) + _TTL_GRACE_SECONDS,
+                f"{content_type}:{content_id}",
+                0 if replay_marker is None else 1,
+            ),
+            replay_marker,
+        )
+
+    async def _send_views(self, calls: list[_ViewCall]) -> list[_ViewReply]:
+        """Decide a batch of views in one ``record_views`` call; one reply per view, in order."""
+        keys = self.keys
+        call_keys: list[str] = [keys.dirty, keys.epoch, keys.sync_batch]
+        args: list[Any] = list(self._limit_args)
+        for view_keys, view_args, _ in calls:
+            call_keys += view_keys
+            args += view_args
+        call_keys += [marker for _, _, marker in calls if marker is not None]
+        reply = await self.scripts.record_views(keys=call_keys, args=args)
+        return _view_replies(reply, len(calls))
 
     async def replay(self, events: Sequence[OutboxEvent]) -> list[bool | None]:
-        """Offer views kept during an outage, with their original times, in one pipeline.
+        """Offer views kept during an outage, with their original times, in one script call.
 
-        Each event passes through the same script as a live view, with a marker that makes the
-        call idempotent: an event replayed twice (a replayer killed before it deleted the event)
-        is decided once. Returns, per event, whether it counted, or ``None`` when it was decided
-        by an earlier replay.
+        Each event is decided by the same script as a live view, with a marker that makes its
+        decision idempotent: an event replayed twice (a replayer killed before it deleted the
+        event) is decided once. Returns, per event, whether it counted, or ``None`` when it was
+        decided by an earlier replay.
         """
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for event in events:
-                keys, args = self._record_call(
-                    validate_content_type(event.content_type),
-                    validate_content_id(event.content_id),
-                    validate_viewer(event.viewer),
-                    event.viewed_at,
-                    self.keys.replay_marker(event.event_id),
-                )
-                await self.scripts.record_view(keys=keys, args=args, client=pipe)
-            replies = await pipe.execute()
-        outcomes: list[bool | None] = []
-        for reply in replies:
-            if not isinstance(reply, list) or not reply or reply[0] not in (-1, 0, 1):
-                raise MalformedReplyError(f"unexpected reply from record_view: {reply!r:.80}")
-            outcomes.append(None if reply[0] == -1 else bool(reply[0]))
-        return outcomes
+        calls = [
+            self._view_call(
+                validate_content_type(event.content_type),
+                validate_content_id(event.content_id),
+                validate_viewer(event.viewer),
+                event.viewed_at,
+                self.keys.replay_marker(event.event_id),
+            )
+            for event in events
+        ]
+        replies = await self._send_views(calls)
+        return [None if reply[0] == -1 else reply[0] == 1 for reply in replies]
 
     def _calendar_day(self, now: int) -> _Day:
         """The calendar day of ``now`` in the configured zone (computed once per day)."""

@@ -99,13 +99,20 @@ class ResilientTracker:
         """
         # Validated here, before any failure handling: a caller's bad id must not be mistaken
         # for a confused Redis and count against the breaker.
-        content_type = validate_content_type(content_type)
-        content_id = validate_content_id(content_id)
-        viewer = validate_viewer(viewer)
+        return await self.track_valid_view(
+            validate_content_type(content_type),
+            validate_content_id(content_id),
+            validate_viewer(viewer),
+        )
+
+    async def track_valid_view(
+        self, content_type: str, content_id: str, viewer: str
+    ) -> TrackResult:
+        """:meth:`track_view` for names the caller has validated already (no second check)."""
         if not self.breaker.allow():
             return await self._queue(content_type, content_id, viewer)
         try:
-            result = await self.tracker.track_view(content_type, content_id, viewer)
+            result = await self.tracker.track_valid_view(content_type, content_id, viewer)
         except asyncio.CancelledError:
             self._cancelled()
             raise

@@ -1,0 +1,80 @@
+-- Decide every abuse rule for a batch of views, one after the other, and count those that pass;
+-- return each view's outcome and its content's combined count. One view is a batch of one.
+-- Runs atomically, so concurrent identical requests cannot both pass a rule that admits one, and
+-- the views of a batch are decided in order, exactly as if each had been its own call.
+-- Rules are decided against each view's own "now" (whole seconds, from the caller's clock), never
+-- Redis' clock: TTLs only reclaim memory. A view replayed from the outage outbox carries its
+-- original time, which may be older than the viewer's last counted view: "last" never moves back.
+--
+-- KEYS: 1 dirty set, 2 sync epoch, 3 sync batch hash,
+--       then per view 5 keys: pending counter, syncing counter, cached database count,
+--       session hash (fields n = views this session, s = session start, l = last counted view),
+--       daily counter of the viewer;
+--       then one replay marker per view whose "marked" flag is 1, in the order of those views.
+-- ARGV: 1 session limit (0 = off), 2 session seconds, 3 daily limit (0 = off),
+--       4 one view per day (0/1), 5 cooldown seconds (0 = off), 6 replay marker TTL,
+--       then per view 7 values: now, start of its day, end of its day (local midnights),
+--       session hash TTL, daily counter TTL, dirty member, marked (0/1).
+-- Returns {epoch, batch id or "", then per view: counted, reason, pending, syncing,
+--          cached database count or -1}; counted is -1 for a replayed view already decided.
+-- Reasons, in the order they are checked: 1 cooldown, 2 viewed today, 3 session limit, 4 daily limit.
+-- "Viewed today" needs no field of its own: the last counted view falls within the view's day.
+
+local session_limit = tonumber(ARGV[1])
+local session_seconds = tonumber(ARGV[2])
+local daily_limit = tonumber(ARGV[3])
+local one_per_day = ARGV[4] == '1'
+local cooldown = tonumber(ARGV[5])
+local views_in_batch = (#ARGV - 6) / 7
+local next_marker = 4 + 5 * views_in_batch
+local out = {0, ''}
+
+for v = 0, views_in_batch - 1 do
+  local k, a = 3 + 5 * v, 6 + 7 * v
+  local counted, reason = 0, 0
+  if ARGV[a + 7] == '1' then
+    if not redis.call('SET', KEYS[next_marker], '1', 'NX', 'EX', ARGV[6]) then
+      counted = -1
+    end
+    next_marker = next_marker + 1
+  end
+  if counted == 0 then
+    local now = tonumber(ARGV[a + 1])
+    local state = redis.call('HMGET', KEYS[k + 4], 'n', 's', 'l')
+    local views = tonumber(state[1]) or 0
+    local start = tonumber(state[2])
+    local last = tonumber(state[3])
+    if start == nil or now - start >= session_seconds then
+      views, start = 0, now
+    end
+    if cooldown > 0 and last ~= nil and math.abs(now - last) < cooldown then
+      reason = 1
+    elseif one_per_day and last ~= nil and last >= tonumber(ARGV[a + 2])
+        and last < tonumber(ARGV[a + 3]) then
+      reason = 2
+    elseif session_limit > 0 and views >= session_limit then
+      reason = 3
+    elseif daily_limit > 0 and (tonumber(redis.call('GET', KEYS[k + 5])) or 0) >= daily_limit then
+      reason = 4
+    else
+      counted = 1
+      redis.call('HSET', KEYS[k + 4], 'n', views + 1, 's', start, 'l', math.max(now, last or now))
+      redis.call('EXPIRE', KEYS[k + 4], ARGV[a + 4])
+      if daily_limit > 0 then
+        redis.call('INCR', KEYS[k + 5])
+        redis.call('EXPIRE', KEYS[k + 5], ARGV[a + 5])
+      end
+      redis.call('INCR', KEYS[k + 1])
+      redis.call('SADD', KEYS[1], ARGV[a + 6])
+    end
+  end
+  out[#out + 1] = counted
+  out[#out + 1] = reason
+  out[#out + 1] = tonumber(redis.call('GET', KEYS[k + 1])) or 0
+  out[#out + 1] = tonumber(redis.call('GET', KEYS[k + 2])) or 0
+  out[#out + 1] = tonumber(redis.call('GET', KEYS[k + 3])) or -1
+end
+
+out[1] = tonumber(redis.call('GET', KEYS[2])) or 0
+out[2] = redis.call('HGET', KEYS[3], 'id') or ''
+return out
