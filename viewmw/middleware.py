@@ -54,6 +54,10 @@ class RequestTracker(Protocol):
         """Offer one view (names already validated) to the abuse rules."""
         ...
 
+    def offer_valid_view(self, content_type: str, content_id: str, viewer: str) -> int | None:
+        """Offer one view without waiting; the latest known count (deferred mode)."""
+        ...
+
     async def get_view_count_details(
         self, content_type: str, content_ids: Sequence[str | int]
     ) -> dict[str, ViewCount | None]:
@@ -87,6 +91,11 @@ class ViewTrackingMiddleware:
             (default: ``settings.content_tables``).
         create_tables: for a tracker built here: create viewmw's tables (and ``content_tables``)
             if missing, at lifespan start-up or :meth:`startup`.
+        deferred: answer without waiting for Redis. The view leaves with the next batch (at the
+            end of the current event-loop turn) and is decided as always; the header shows the
+            latest count this process knows for the content (see docs/middleware.md), and the
+            debug header says ``0; reason=deferred``. A content this process has not seen yet
+            is answered the default way once. Off by default.
     """
 
     def __init__(
@@ -103,6 +112,7 @@ class ViewTrackingMiddleware:
         respect_privacy_signals: bool = False,
         content_tables: Mapping[str, Column[Any]] | None = None,
         create_tables: bool = True,
+        deferred: bool = False,
     ) -> None:
         self.app = app
         self.routes = RouteTable.coerce(routes)
@@ -130,6 +140,7 @@ class ViewTrackingMiddleware:
         self.count_statuses = count_statuses
         self.respect_privacy_signals = respect_privacy_signals
         self.create_tables = create_tables
+        self.deferred = deferred
         self.errors = ErrorLog()
         self._closed = False
         is_crawler("Mozilla/5.0")  # compile crawlerdetect's patterns now, not on a request
@@ -202,6 +213,14 @@ class ViewTrackingMiddleware:
                 counts = await self.tracker.get_view_count_details(match.content_type, [content_id])
                 return _total(counts.get(content_id)), skip
             viewer = await self.identity.viewer_for(scope, user_agent)
+            if self.deferred:
+                known = self.tracker.offer_valid_view(match.content_type, content_id, viewer)
+                if known is not None:
+                    return known, b"0; reason=deferred"
+                # Not seen yet in this process: this once, wait for the count. The view was
+                # offered already, so it is only read here, not offered again.
+                counts = await self.tracker.get_view_count_details(match.content_type, [content_id])
+                return _total(counts.get(content_id)), b"0; reason=deferred"
             result = await self.tracker.track_valid_view(match.content_type, content_id, viewer)
         except InvalidKeyError:
             # The id is a valid key but its table cannot hold it (too large, not a UUID, …).

@@ -63,6 +63,9 @@ class Batcher(Generic[T, R]):
         self._in_flight = 0
         self._flush_scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self.longest_queued = 0.0
+        """The longest an item waited in this process before its batch left (seconds): what a
+        crash of the process could lose of views that nobody waited for."""
 
     def submit(self, item: T) -> asyncio.Future[R]:
         """Queue ``item``; the future resolves to its reply, its error, or :class:`LateReply`.
@@ -91,6 +94,8 @@ class Batcher(Generic[T, R]):
     def _flush(self) -> None:
         self._flush_scheduled = False
         loop = asyncio.get_running_loop()
+        if self._items:
+            self.longest_queued = max(self.longest_queued, loop.time() - self._oldest)
         while self._items and self._in_flight < self.max_in_flight:
             items, self._items = self._items[: self.max_batch], self._items[self.max_batch :]
             futures, self._futures = (

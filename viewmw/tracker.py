@@ -42,6 +42,8 @@ DATABASE_COUNT_TTL_SECONDS = 24 * 3600
 # A replayed outage event is remembered this long, so a replay killed before it deleted the event
 # from the outbox cannot count it again when it runs again.
 REPLAY_MARKER_TTL_SECONDS = 7 * 24 * 3600
+# Contents whose latest count this process remembers for the deferred mode.
+KNOWN_COUNTS = 100_000
 # A cache fill that a sync overtook is retried this many times before the count is left out.
 _FILL_ATTEMPTS = 3
 
@@ -198,6 +200,7 @@ class ViewTracker:
             self._views = Batcher(self._send_views, deadline=deadline)
             self._reads = Batcher(script_pipeline(redis), deadline=deadline)
         self._limit_args = _limit_args(self.settings)
+        self._known_counts: dict[str, int] = {}
         limits = self.settings.limits
         self._session_seconds = max(limits.session_seconds, limits.view_cooldown_seconds or 0)
 
@@ -259,6 +262,25 @@ class ViewTracker:
         )
         return TrackResult(counted == 1, reason, count[content_id])
 
+    def submit_valid_view(
+        self, content_type: str, content_id: str, viewer: str
+    ) -> asyncio.Future[_ViewReply]:
+        """Queue one view (validated names) for the next batch without waiting for it; the
+        future resolves to its reply. Needs pipelining."""
+        if self._views is None:
+            raise RuntimeError("offering views without waiting needs pipelining=True")
+        return self._views.submit(self._view_call(content_type, content_id, viewer, self.clock()))
+
+    def offer_valid_view(self, content_type: str, content_id: str, viewer: str) -> int | None:
+        """Queue one view without waiting for it (the deferred mode); return the latest count
+        this process knows for the content, or ``None`` when it knows none yet."""
+        self.submit_valid_view(content_type, content_id, viewer).add_done_callback(_consume)
+        return self.known_count(content_type, content_id)
+
+    def known_count(self, content_type: str, content_id: str) -> int | None:
+        """The combined count of a content as of the last reply this process got for it."""
+        return self._known_counts.get(f"{content_type}:{content_id}")
+
     def _view_call(
         self,
         content_type: str,
@@ -301,8 +323,18 @@ class ViewTracker:
             call_keys += view_keys
             args += view_args
         call_keys += [marker for _, _, marker in calls if marker is not None]
-        reply = await self.scripts.record_views(keys=call_keys, args=args)
-        return _view_replies(reply, len(calls))
+        replies = _view_replies(
+            await self.scripts.record_views(keys=call_keys, args=args), len(calls)
+        )
+        known = self._known_counts
+        if len(known) > KNOWN_COUNTS:
+            known.clear()  # a crude bound: counts are re-learned from the next replies
+        for (_, view_args, _), (_, _, pending, syncing, cached, _, _) in zip(
+            calls, replies, strict=True
+        ):
+            if cached is not None or self.store is None:  # no store: the database part is 0
+                known[view_args[5]] = (cached or 0) + pending + syncing
+        return replies
 
     async def replay(self, events: Sequence[OutboxEvent]) -> list[bool | None]:
         """Offer views kept during an outage, with their original times, in one script call.
@@ -545,6 +577,12 @@ class ViewTracker:
 
     async def _count_keys(self, pattern: str) -> int:
         return sum([1 async for _ in self.redis.scan_iter(match=pattern, count=1000)])
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    """Retrieve a deferred view's outcome, so a failure is not reported as never retrieved."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _count(value: Any) -> int:

@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from viewmw.errorlog import ErrorLog
 from viewmw.failures import FailureKind, classify
@@ -121,6 +122,29 @@ class ResilientTracker:
             return _UNKNOWN
         self._succeeded()
         return result
+
+    def offer_valid_view(self, content_type: str, content_id: str, viewer: str) -> int | None:
+        """Offer a view without waiting for it (the deferred mode), on the same paths as
+        :meth:`track_valid_view`; return the latest count this process knows, or ``None``."""
+        if not self.breaker.allow():
+            self._spawn(self._queue(content_type, content_id, viewer))
+            cached = self._outage_counts.get((content_type, content_id))
+            return None if cached is None else cached.value
+        future = self.tracker.submit_valid_view(content_type, content_id, viewer)
+        future.add_done_callback(self._offered)
+        return self.tracker.known_count(content_type, content_id)
+
+    def _offered(self, future: asyncio.Future[Any]) -> None:
+        """The outcome of a deferred view: the breaker learns from it as from any other."""
+        if future.cancelled():
+            self._release_probe()
+        elif (exc := future.exception()) is None:
+            self._succeeded()
+        elif classify(exc) in (FailureKind.LATE, FailureKind.REDIS):
+            self._redis_failed(exc)
+        else:
+            self._release_probe()
+            self._errors.report(exc)
 
     async def _queue(self, content_type: str, content_id: str, viewer: str) -> TrackResult:
         """Redis is unreachable: keep the view in the outbox; show database + outbox."""
