@@ -217,10 +217,7 @@ class ViewTrackingMiddleware:
                 known = self.tracker.offer_valid_view(match.content_type, content_id, viewer)
                 if known is not None:
                     return known, b"0; reason=deferred"
-                # Not seen yet in this process: this once, wait for the count. The view was
-                # offered already, so it is only read here, not offered again.
-                counts = await self.tracker.get_view_count_details(match.content_type, [content_id])
-                return _total(counts.get(content_id)), b"0; reason=deferred"
+                # Not offered (a content not seen yet, a backlog, an outage): the default way.
             result = await self.tracker.track_valid_view(match.content_type, content_id, viewer)
         except InvalidKeyError:
             # The id is a valid key but its table cannot hold it (too large, not a UUID, …).

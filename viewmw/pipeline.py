@@ -83,6 +83,11 @@ class Batcher(Generic[T, R]):
             loop.call_soon(self._flush)
         return future
 
+    @property
+    def backlogged(self) -> bool:
+        """Whether a full batch is waiting for a batch in flight to come back."""
+        return len(self._items) >= self.max_batch
+
     async def drain(self) -> None:
         """Wait until every item submitted so far has been sent and its reply read."""
         while self._items or self._tasks:

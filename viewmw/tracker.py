@@ -272,10 +272,24 @@ class ViewTracker:
         return self._views.submit(self._view_call(content_type, content_id, viewer, self.clock()))
 
     def offer_valid_view(self, content_type: str, content_id: str, viewer: str) -> int | None:
-        """Queue one view without waiting for it (the deferred mode); return the latest count
-        this process knows for the content, or ``None`` when it knows none yet."""
+        """Queue one view without waiting for it (the deferred mode) and return the latest count
+        this process knows for the content.
+
+        Returns ``None`` without queueing the view when it cannot be answered without waiting:
+        the content's count is not known yet, or views are queueing faster than Redis takes them
+        (so a crash could lose more than a moment's views). The caller then offers it with
+        :meth:`track_valid_view`.
+        """
+        known = self.known_count(content_type, content_id)
+        if known is None or self._views is None or self._views.backlogged:
+            return None
         self.submit_valid_view(content_type, content_id, viewer).add_done_callback(_consume)
-        return self.known_count(content_type, content_id)
+        return known
+
+    @property
+    def backlogged(self) -> bool:
+        """Whether views are queueing faster than Redis takes them."""
+        return self._views is not None and self._views.backlogged
 
     def known_count(self, content_type: str, content_id: str) -> int | None:
         """The combined count of a content as of the last reply this process got for it."""
@@ -484,6 +498,8 @@ class ViewTracker:
                 break
             self.database_breaker.success()
             result.update(filled)
+            for content_id, count in filled.items():  # the deferred mode shows these next
+                self._known_counts[f"{content_type}:{content_id}"] = count.total
             missing = [content_id for content_id in missing if content_id not in filled]
             if not missing:
                 break

@@ -124,26 +124,27 @@ class ResilientTracker:
         return result
 
     def offer_valid_view(self, content_type: str, content_id: str, viewer: str) -> int | None:
-        """Offer a view without waiting for it (the deferred mode), on the same paths as
-        :meth:`track_valid_view`; return the latest count this process knows, or ``None``."""
-        if not self.breaker.allow():
-            self._spawn(self._queue(content_type, content_id, viewer))
-            cached = self._outage_counts.get((content_type, content_id))
-            return None if cached is None else cached.value
+        """Offer a view without waiting for it (the deferred mode), or return ``None`` without
+        offering it (see :meth:`ViewTracker.offer_valid_view`; also while Redis is failing, so
+        that the outage path is the default mode's)."""
+        if not self.breaker.is_closed:
+            return None
+        known = self.tracker.known_count(content_type, content_id)
+        if known is None or self.tracker.backlogged:
+            return None
         future = self.tracker.submit_valid_view(content_type, content_id, viewer)
         future.add_done_callback(self._offered)
-        return self.tracker.known_count(content_type, content_id)
+        return known
 
     def _offered(self, future: asyncio.Future[Any]) -> None:
         """The outcome of a deferred view: the breaker learns from it as from any other."""
         if future.cancelled():
-            self._release_probe()
-        elif (exc := future.exception()) is None:
+            return
+        if (exc := future.exception()) is None:
             self._succeeded()
         elif classify(exc) in (FailureKind.LATE, FailureKind.REDIS):
             self._redis_failed(exc)
         else:
-            self._release_probe()
             self._errors.report(exc)
 
     async def _queue(self, content_type: str, content_id: str, viewer: str) -> TrackResult:
