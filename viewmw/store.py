@@ -32,7 +32,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from viewmw.errors import ConfigurationError
+from viewmw.errors import ConfigurationError, StaleFenceError
 from viewmw.settings import Settings
 
 metadata = MetaData()
@@ -57,6 +57,14 @@ sync_batches = Table(
     Column("views", BigInteger, nullable=False),
 )
 """The sync ledger: one row per committed batch; its primary key makes a commit happen once."""
+
+sync_fence = Table(
+    "viewmw_sync_fence",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("fence", BigInteger, nullable=False),
+)
+"""One row (``id`` 1): the newest sync fence a commit carried. An older one is refused."""
 
 # Rows per statement for bulk adds and reads: large enough to amortise round trips, small enough
 # to stay far below the drivers' parameter limits.
@@ -227,18 +235,27 @@ class Store:
             return bool((await connection.execute(query)).scalar_one())
 
     async def commit_batch(
-        self, batch_id: str, started_at: datetime, deltas: Mapping[tuple[str, str], int]
+        self,
+        batch_id: str,
+        started_at: datetime,
+        deltas: Mapping[tuple[str, str], int],
+        *,
+        fence: int = 0,
     ) -> bool:
         """Add every delta and record ``batch_id`` in the ledger, in one transaction.
 
         Returns ``False`` without changing anything if the ledger already holds the batch. Deltas
         of contents whose row does not exist in a mapped table are dropped (their content is gone).
+        A ``fence`` (the sync's fencing token) older than one already committed refuses the
+        commit with :class:`~viewmw.errors.StaleFenceError`; ``0`` skips that check.
         """
         by_type: dict[str, dict[str, int]] = {}
         for (content_type, content_id), delta in deltas.items():
             by_type.setdefault(content_type, {})[content_id] = delta
         try:
             async with self.engine.begin() as connection:
+                if fence:
+                    await self._check_fence(connection, fence)
                 await self._commit(connection, batch_id, started_at, deltas, by_type)
         except _AlreadyCommitted:
             return False
@@ -333,6 +350,36 @@ class Store:
                 .values({count_name: target.count_column + bindparam("b_delta")})
             )
             await connection.execute(update, [{"b_id": i, "b_delta": d} for i, d in pairs])
+
+    async def _check_fence(self, connection: AsyncConnection, fence: int) -> None:
+        # One conditional update: it locks the row until the commit ends, so of two commits
+        # racing with different fences, the older one sees the newer one's fence and is refused.
+        insert = pg_insert if self.dialect == "postgresql" else sqlite_insert
+        await connection.execute(
+            insert(sync_fence).values(id=1, fence=0).on_conflict_do_nothing(index_elements=["id"])
+        )
+        moved = await connection.execute(
+            sync_fence.update()
+            .where(sync_fence.c.id == 1, sync_fence.c.fence <= fence)
+            .values(fence=fence)
+        )
+        if moved.rowcount == 0:
+            raise StaleFenceError(
+                f"sync fence {fence} is stale: a sync that took the lock later has committed"
+            )
+
+    def destinations(self) -> dict[str, str]:
+        """Content type -> ``"table.count_column"`` of every mapped type (others are generic)."""
+        return {
+            content_type: f"{target.table.name}.{target.count_column.name}"
+            for content_type, target in self._targets.items()
+        }
+
+    async def read_fence(self) -> int:
+        """The newest sync fence a commit carried (0 before the first fenced commit)."""
+        async with self.engine.connect() as connection:
+            value = await connection.scalar(select(sync_fence.c.fence).where(sync_fence.c.id == 1))
+        return int(value or 0)
 
     async def last_batches(self, limit: int = 10) -> list[dict[str, Any]]:
         """The most recently committed batches, newest first."""
