@@ -36,11 +36,9 @@ from viewmw.store import sync_fence, view_counts
 
 __all__ = ["backends", "real_world", "world"]  # fixtures, imported to be used here
 
-# Every step boundary a sync reaches, "sealed" (the batch is sealed, its items not read yet)
-# included: the boundary of the original report.
-POINTS = sorted(
-    {*STEP_POINTS, ("sealed", 1)}, key=lambda point: (STEP_POINTS + [point]).index(point)
-)
+# Every step boundary a sync reaches, "sealed" (the batch is sealed, its items not read yet: the
+# boundary of the original report) included.
+POINTS = STEP_POINTS
 POINT_IDS = [f"{step}-{nth}" for step, nth in POINTS]
 
 
