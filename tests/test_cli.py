@@ -382,7 +382,7 @@ def test_a_failed_sync_exits_1_and_the_next_one_finishes_it(
 ) -> None:
     record(services, VIEWS)
 
-    async def refuse(*args: Any) -> bool:
+    async def refuse(*args: Any, **kwargs: Any) -> bool:
         raise OperationalError("COMMIT", {}, ConnectionResetError("server closed the connection"))
 
     with monkeypatch.context() as patched:

@@ -10,6 +10,7 @@ views left pending, with an error that names both places.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from redis.asyncio import Redis
@@ -30,14 +31,17 @@ def destinations(store: Store) -> dict[str, str]:
     return {GENERIC_FIELD: view_counts.name, **store.destinations()}
 
 
-async def record_mapping(redis: Redis, keys: KeySchema, store: Store) -> bool:
+async def record_mapping(
+    redis: Redis, keys: KeySchema, store: Store, *, wait_seconds: float = 5.0
+) -> bool:
     """Record in Redis where the app counts each content type; returns whether it was recorded.
 
     Call it once at the app's start-up (the middleware does, for a tracker it builds). Never
-    raises: an app starts whether or not Redis answers, and the next start records it.
+    raises, and waits at most ``wait_seconds``: an app starts whether or not Redis answers,
+    and the next start records it.
     """
     try:
-        async with redis.pipeline(transaction=True) as pipe:
+        async with asyncio.timeout(wait_seconds), redis.pipeline(transaction=True) as pipe:
             pipe.delete(keys.mapping)
             pipe.hset(keys.mapping, mapping=destinations(store))  # type: ignore[arg-type]
             await pipe.execute()

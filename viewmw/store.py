@@ -166,7 +166,7 @@ class Store:
                 count_column
             ]
         engine_options.setdefault("pool_pre_ping", True)
-        return cls.from_url(settings.database_url, columns, **engine_options)
+        return cls.from_url(settings.resolved_database_url(), columns, **engine_options)
 
     @property
     def dialect(self) -> str:

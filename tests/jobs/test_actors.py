@@ -72,7 +72,7 @@ class FlakyDatabase:
         self.calls = 0
         original = Store.commit_batch
 
-        async def commit_batch(store: Store, *args: Any) -> bool:
+        async def commit_batch(store: Store, *args: Any, **kwargs: Any) -> bool:
             self.calls += 1
             if self.failures > 0:
                 self.failures -= 1
@@ -81,7 +81,7 @@ class FlakyDatabase:
                     {},
                     ConnectionRefusedError("database is down"),
                 )
-            return await original(store, *args)
+            return await original(store, *args, **kwargs)
 
         monkeypatch.setattr(Store, "commit_batch", commit_batch)
 
@@ -92,7 +92,8 @@ async def assert_synced(tracker: ViewTracker, store: Store) -> None:
     assert await redis_counts(tracker, CONTENTS) == dict.fromkeys(CONTENTS, 0)
     assert await tracker.get_view_counts("story", ["1", "2"]) == {"1": 3, "2": 1}
     redis = tracker.redis
-    assert not await redis.exists(KEYS.sync_batch, KEYS.sync_batch_items, KEYS.sync_lock)
+    assert not await redis.exists(KEYS.sync_batch, KEYS.sync_lock)
+    assert not [key async for key in redis.scan_iter(match=KEYS.sync_batch_items("*"))]
     assert not await redis.scard(KEYS.dirty)
 
 
@@ -162,7 +163,8 @@ async def test_a_database_down_for_every_attempt_notifies_once_and_keeps_the_vie
     )
     # Nothing is lost: every view is still in Redis, in the batch kept for recovery.
     assert await redis_counts(viewed, CONTENTS) == VIEWS
-    items = await real_redis.hgetall(KEYS.sync_batch_items)
+    batch_id = (await real_redis.hget(KEYS.sync_batch, "id") or b"").decode()
+    items = await real_redis.hgetall(KEYS.sync_batch_items(batch_id))
     assert {KEYS.split_member(k.decode()): int(v) for k, v in items.items()} == VIEWS  # type: ignore[union-attr]
     assert await real_redis.hexists(KEYS.sync_batch, "id")
     assert not await real_redis.exists(KEYS.sync_lock)
