@@ -30,7 +30,7 @@ from tests.jobs import (
     record,
     redis_counts,
 )
-from tests.support import FakeClock
+from tests.support import REDIS_URL, FakeClock
 from viewmw import Settings, Store, ViewTracker
 from viewmw.cli import main
 from viewmw.sync import SyncReport, ViewSync
@@ -356,3 +356,50 @@ async def test_viewmw_sync_enqueue_sends_the_sync_to_the_worker(
 
     await stub_worker.drain()
     await assert_synced(viewed, pg_store)
+
+
+async def test_a_sync_that_loses_its_lock_fails_without_retries(
+    viewed: ViewTracker,
+    pg_store: Store,
+    real_redis: aioredis.Redis,
+    stub_worker: StubWorker,
+    actor_sync: ActorSync,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    attempts = 0
+
+    async def stall_past_the_lock(step: str) -> None:
+        nonlocal attempts
+        if step == "locked":
+            attempts += 1
+        if step == "sealed":  # stands in for a pause longer than the lock time
+            client = aioredis.Redis.from_url(REDIS_URL)  # on the worker's own event loop
+            try:
+                await client.delete(KEYS.sync_lock)
+            finally:
+                await client.aclose()
+
+    actor_sync.on_step = stall_past_the_lock
+    sync_view_counts.send_with_options(min_backoff=10, max_backoff=40)
+    await stub_worker.drain()
+
+    assert attempts == 1, "a lost lock is not retried: the sync holding it does the work"
+    assert FAILURES == []
+    assert "lost its lock" in caplog.text
+    assert await ledger_size(pg_store) == 0
+    assert await redis_counts(viewed, CONTENTS) == VIEWS  # nothing lost, nothing committed
+
+    actor_sync.on_step = None
+    sync_view_counts.send()
+    await stub_worker.drain()
+    await assert_synced(viewed, pg_store)
+    assert await ledger_size(pg_store) == 1
+
+
+def test_the_actors_listen_on_the_apps_queue() -> None:
+    settings = Settings.from_env({"VIEWMW_KEY_PREFIX": "app1:"})
+    assert worker_settings.queue_name == QUEUE == "viewmw"  # the tests run without a prefix
+    assert (settings.dramatiq_queue_name, settings.dramatiq_namespace) == (
+        "viewmw-app1",
+        "dramatiq-app1",
+    )
