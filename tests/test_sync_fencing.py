@@ -242,6 +242,18 @@ async def test_the_database_refuses_a_commit_with_an_older_fence(store: Store) -
     assert await generic_count(store, "t1") == 8
 
 
+async def test_apps_sharing_a_database_have_fences_of_their_own(store: Store) -> None:
+    """Two apps (two key prefixes, two Redis fence counters) commit into one database."""
+    now = datetime.now(UTC)
+    assert await store.commit_batch("a", now, {("task", "t1"): 1}, fence=100, fence_scope="app1:")
+    assert await store.commit_batch("b", now, {("task", "t1"): 1}, fence=5, fence_scope="app2:")
+    with pytest.raises(StaleFenceError):
+        await store.commit_batch("c", now, {("task", "t1"): 1}, fence=4, fence_scope="app2:")
+    assert (await store.read_fence("app1:"), await store.read_fence("app2:")) == (100, 5)
+    assert await store.read_fence() == 0
+    assert await generic_count(store, "t1") == 2
+
+
 async def test_a_stale_fence_is_refused_even_for_a_batch_already_in_the_ledger(
     store: Store,
 ) -> None:
@@ -261,7 +273,7 @@ async def test_racing_commits_the_newer_fence_wins_on_postgresql(pg_store: Store
     await store.commit_batch("first", now, {("task", "t1"): 1}, fence=1)
     async with store.engine.connect() as newer:
         transaction = await newer.begin()
-        await newer.execute(text("UPDATE viewmw_sync_fence SET fence = 9 WHERE id = 1"))
+        await newer.execute(text("UPDATE viewmw_sync_fence SET fence = 9 WHERE scope = ''"))
         older = asyncio.ensure_future(
             store.commit_batch("older", now, {("task", "t1"): 50}, fence=8)
         )
@@ -269,8 +281,8 @@ async def test_racing_commits_the_newer_fence_wins_on_postgresql(pg_store: Store
             await wait_until_blocked(store)
         finally:
             await transaction.commit()
-        with pytest.raises(StaleFenceError):
-            await older
+            outcome = (await asyncio.gather(older, return_exceptions=True))[0]
+        assert isinstance(outcome, StaleFenceError), repr(outcome)
     assert await generic_count(store, "t1") == 1
     assert await store.read_fence() == 9
 
@@ -285,5 +297,6 @@ async def wait_until_blocked(store: Store) -> None:
         for _ in range(2000):
             if await probe.scalar(query):
                 return
+            await probe.rollback()  # statistics are a snapshot per transaction: take a new one
             await asyncio.sleep(0.005)  # another process's progress: no clock to move
     raise AssertionError("the older commit never waited for the newer one's row lock")

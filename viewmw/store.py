@@ -61,10 +61,11 @@ sync_batches = Table(
 sync_fence = Table(
     "viewmw_sync_fence",
     metadata,
-    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("scope", String(64), primary_key=True),
     Column("fence", BigInteger, nullable=False),
 )
-"""One row (``id`` 1): the newest sync fence a commit carried. An older one is refused."""
+"""Per scope (the Redis key prefix: apps sharing a database each have their own fences), the
+newest sync fence a commit carried. An older one is refused."""
 
 # Rows per statement for bulk adds and reads: large enough to amortise round trips, small enough
 # to stay far below the drivers' parameter limits.
@@ -241,13 +242,15 @@ class Store:
         deltas: Mapping[tuple[str, str], int],
         *,
         fence: int = 0,
+        fence_scope: str = "",
     ) -> bool:
         """Add every delta and record ``batch_id`` in the ledger, in one transaction.
 
         Returns ``False`` without changing anything if the ledger already holds the batch. Deltas
         of contents whose row does not exist in a mapped table are dropped (their content is gone).
-        A ``fence`` (the sync's fencing token) older than one already committed refuses the
-        commit with :class:`~viewmw.errors.StaleFenceError`; ``0`` skips that check.
+        A ``fence`` (the sync's fencing token) older than one already committed in
+        ``fence_scope`` refuses the commit with :class:`~viewmw.errors.StaleFenceError`; ``0``
+        skips that check.
         """
         by_type: dict[str, dict[str, int]] = {}
         for (content_type, content_id), delta in deltas.items():
@@ -255,7 +258,7 @@ class Store:
         try:
             async with self.engine.begin() as connection:
                 if fence:
-                    await self._check_fence(connection, fence)
+                    await self._check_fence(connection, fence, fence_scope)
                 await self._commit(connection, batch_id, started_at, deltas, by_type)
         except _AlreadyCommitted:
             return False
@@ -351,16 +354,18 @@ class Store:
             )
             await connection.execute(update, [{"b_id": i, "b_delta": d} for i, d in pairs])
 
-    async def _check_fence(self, connection: AsyncConnection, fence: int) -> None:
+    async def _check_fence(self, connection: AsyncConnection, fence: int, scope: str) -> None:
         # One conditional update: it locks the row until the commit ends, so of two commits
         # racing with different fences, the older one sees the newer one's fence and is refused.
         insert = pg_insert if self.dialect == "postgresql" else sqlite_insert
         await connection.execute(
-            insert(sync_fence).values(id=1, fence=0).on_conflict_do_nothing(index_elements=["id"])
+            insert(sync_fence)
+            .values(scope=scope, fence=0)
+            .on_conflict_do_nothing(index_elements=["scope"])
         )
         moved = await connection.execute(
             sync_fence.update()
-            .where(sync_fence.c.id == 1, sync_fence.c.fence <= fence)
+            .where(sync_fence.c.scope == scope, sync_fence.c.fence <= fence)
             .values(fence=fence)
         )
         if moved.rowcount == 0:
@@ -375,10 +380,11 @@ class Store:
             for content_type, target in self._targets.items()
         }
 
-    async def read_fence(self) -> int:
-        """The newest sync fence a commit carried (0 before the first fenced commit)."""
+    async def read_fence(self, scope: str = "") -> int:
+        """The newest sync fence a commit in ``scope`` carried (0 before the first one)."""
         async with self.engine.connect() as connection:
-            value = await connection.scalar(select(sync_fence.c.fence).where(sync_fence.c.id == 1))
+            query = select(sync_fence.c.fence).where(sync_fence.c.scope == scope)
+            value = await connection.scalar(query)
         return int(value or 0)
 
     async def last_batches(self, limit: int = 10) -> list[dict[str, Any]]:

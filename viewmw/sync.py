@@ -238,7 +238,7 @@ class ViewSync:
         Only differs when Redis lost its fence counter (a flush, a new server): the counter is
         then moved past the database's fence, or every commit would be refused as stale.
         """
-        floor = await self.store.read_fence()
+        floor = await self.store.read_fence(self.keys.prefix)
         if lease.fence > floor:
             return lease
         fence = int(
@@ -359,7 +359,11 @@ class ViewSync:
             return False
         await self._step("before_commit")
         committed_now = await self.store.commit_batch(
-            batch.batch_id, batch.started_at, deltas, fence=lease.fence
+            batch.batch_id,
+            batch.started_at,
+            deltas,
+            fence=lease.fence,
+            fence_scope=self.keys.prefix,
         )
         await self._step("committed")
         await self._settle(lease, batch, list(deltas))
