@@ -39,6 +39,9 @@ async def _run(*, force: bool, cleanup_only: bool) -> dict[str, Any]:
             # Not retried (see ``throws``): the sync that took the lock over does the work.
             logger.warning("the sync lost its lock and stopped without committing: %s", exc)
             raise
+        for message in report.refused.values():
+            # Views wait in Redis until the declarations agree: make it stand out in the log.
+            logger.error("%s", message)
         if report.already_running:
             logger.info("another sync is running; this message has nothing to do")
         return asdict(report)

@@ -33,6 +33,7 @@ from tests.jobs import (
 from tests.support import REDIS_URL, FakeClock
 from viewmw import Settings, Store, ViewTracker
 from viewmw.cli import main
+from viewmw.mapping import record_mapping
 from viewmw.sync import SyncReport, ViewSync
 
 if TYPE_CHECKING:
@@ -403,3 +404,25 @@ def test_the_actors_listen_on_the_apps_queue() -> None:
         "viewmw-app1",
         "dramatiq-app1",
     )
+
+
+async def test_a_type_the_app_counts_elsewhere_is_left_pending_and_logged_as_an_error(
+    viewed: ViewTracker,
+    pg_store: Store,
+    real_redis: aioredis.Redis,
+    stub_worker: StubWorker,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The app runs without a table for stories; the worker's settings map them to one.
+    assert await record_mapping(real_redis, KEYS, Store(pg_store.engine))
+
+    sync_view_counts.send()
+    await stub_worker.drain()
+
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any(m.startswith("not syncing content type 'story'") for m in errors), errors
+    pending = {c: v for c, v in VIEWS.items() if c[0] == "story"}
+    assert await redis_counts(viewed, list(pending)) == pending
+    assert await database_counts(pg_store, list(pending)) == dict.fromkeys(pending, 0)
+    assert await database_counts(pg_store, [("article", "a-1")]) == {("article", "a-1"): 2}
+    assert FAILURES == []
