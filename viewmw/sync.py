@@ -11,6 +11,8 @@ Protocol (see docs/sync.md):
    if the ledger lacks it, then settled.
 2. Snapshot: pending counts move into a new batch, a chunk of contents per atomic script call
    (pending -> syncing, amounts recorded under the batch id). Found through the dirty set.
+   Content types that the app counts in another table than this sync would (see
+   :mod:`viewmw.mapping`) are refused: their views stay pending.
 3. Commit: one database transaction records the batch id in the ledger and adds every delta in
    bulk. A batch id already in the ledger means the batch is in: skip to settle.
 4. Settle: syncing -> cached database count, per content, atomically; then the batch is deleted.
