@@ -1,7 +1,9 @@
 """The actors: the guarded sync and the cleanup, on periodiq's schedule, and the failure path.
 
 Both are idempotent: a redelivered or duplicated message finds the lock taken or nothing pending,
-and the ledger makes a batch count once whatever happens.
+and the ledger makes a batch count once whatever happens. They listen on the queue named by
+``VIEWMW_QUEUE_NAME`` (by default derived from the key prefix), so the workers of apps that share
+a broker each take only their own app's messages.
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ import dramatiq
 from jobs.broker import broker, settings, worker_settings
 from jobs.notify import notify_failure
 from viewmw.connections import redis_for_background
+from viewmw.errors import LockLostError
 from viewmw.store import Store
 from viewmw.sync import ViewSync
 
 logger = logging.getLogger("viewmw.jobs")
 
-QUEUE = "viewmw"
+QUEUE = worker_settings.queue_name
 
 
 async def _run(*, force: bool, cleanup_only: bool) -> dict[str, Any]:
@@ -30,7 +33,15 @@ async def _run(*, force: bool, cleanup_only: bool) -> dict[str, Any]:
         sync = ViewSync(redis, store, settings)
         if cleanup_only:
             return {"cleaned_keys": await sync.cleanup()}
-        report = await sync.run(force=force)
+        try:
+            report = await sync.run(force=force)
+        except LockLostError as exc:
+            # Not retried (see ``throws``): the sync that took the lock over does the work.
+            logger.warning("the sync lost its lock and stopped without committing: %s", exc)
+            raise
+        for message in report.refused.values():
+            # Views wait in Redis until the declarations agree: make it stand out in the log.
+            logger.error("%s", message)
         if report.already_running:
             logger.info("another sync is running; this message has nothing to do")
         return asdict(report)
@@ -46,10 +57,12 @@ async def _run(*, force: bool, cleanup_only: bool) -> dict[str, Any]:
     min_backoff=worker_settings.retry_min_backoff_ms,
     time_limit=worker_settings.sync_time_limit_ms,
     on_retry_exhausted="notify_sync_failure",
+    throws=(LockLostError,),
     periodic=worker_settings.sync_schedule,
 )
 async def sync_view_counts(force: bool = False) -> dict[str, Any]:
-    """Run the guarded sync; raised errors are retried (3 times, with backoff)."""
+    """Run the guarded sync; raised errors are retried (3 times, with backoff), but for a lost
+    lock: that message fails at once, as the sync holding the lock now finishes the work."""
     return await _run(force=force, cleanup_only=False)
 
 

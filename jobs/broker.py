@@ -18,7 +18,7 @@ SCHEDULE_GRACE_SECONDS = 6 * 3600
 
 def make_broker(worker: WorkerSettings) -> dramatiq.Broker:
     """Dramatiq's Redis, RabbitMQ or stub broker for ``worker.broker_url``, with asyncio support
-    and periodiq's middleware."""
+    and periodiq's middleware. The Redis broker keeps its keys under ``worker.namespace``."""
     url = worker.broker_url
     broker: dramatiq.Broker
     if url.startswith(("amqp://", "amqps://")):
@@ -30,13 +30,14 @@ def make_broker(worker: WorkerSettings) -> dramatiq.Broker:
     else:
         from dramatiq.brokers.redis import RedisBroker
 
-        broker = RedisBroker(url=url)  # type: ignore[no-untyped-call]
+        broker = RedisBroker(url=url, namespace=worker.namespace)  # type: ignore[no-untyped-call]
     broker.add_middleware(AsyncIO())
     broker.add_middleware(PeriodiqMiddleware(skip_delay=SCHEDULE_GRACE_SECONDS))
     return broker
 
 
 settings = Settings.from_env()
+settings.resolved_database_url()  # no database URL with a real Redis: stop at start-up, say so
 worker_settings = WorkerSettings.from_env(settings)
 broker = make_broker(worker_settings)
 dramatiq.set_broker(broker)

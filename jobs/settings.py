@@ -34,6 +34,9 @@ class WorkerSettings:
             (sent the same dict as JSON).
         retry_min_backoff_ms: first retry delay; later ones grow exponentially.
         sync_time_limit_ms: a sync running longer than this is stopped and retried.
+        queue_name: the actors' queue (``VIEWMW_QUEUE_NAME``, derived from the key prefix).
+        namespace: the Redis broker's key namespace (``VIEWMW_BROKER_NAMESPACE``, derived from
+            the key prefix). Apps sharing one broker each get their own queue and namespace.
     """
 
     broker_url: str
@@ -42,6 +45,8 @@ class WorkerSettings:
     failure_hook: str | None = None
     retry_min_backoff_ms: int = 15_000
     sync_time_limit_ms: int = 30 * 60_000
+    queue_name: str = "viewmw"
+    namespace: str = "dramatiq"
 
     @property
     def sync_schedule(self) -> CronSpec:
@@ -82,6 +87,8 @@ class WorkerSettings:
             "failure_hook": env.get("VIEWMW_FAILURE_HOOK") or None,
             "retry_min_backoff_ms": _positive(env, "VIEWMW_RETRY_MIN_BACKOFF_MS", 15_000),
             "sync_time_limit_ms": _positive(env, "VIEWMW_SYNC_TIME_LIMIT_MS", 30 * 60_000),
+            "queue_name": settings.dramatiq_queue_name,
+            "namespace": settings.dramatiq_namespace,
         }
         for name in ("sync_cron", "cleanup_cron"):
             try:

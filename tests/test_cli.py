@@ -382,7 +382,7 @@ def test_a_failed_sync_exits_1_and_the_next_one_finishes_it(
 ) -> None:
     record(services, VIEWS)
 
-    async def refuse(*args: Any) -> bool:
+    async def refuse(*args: Any, **kwargs: Any) -> bool:
         raise OperationalError("COMMIT", {}, ConnectionResetError("server closed the connection"))
 
     with monkeypatch.context() as patched:
@@ -451,3 +451,54 @@ def test_enqueue_with_the_broker_down_exits_2_saying_what_to_start(
     message = one_line(result.stderr)
     assert message.startswith(f"viewmw: the broker at {shown} is not reachable (")
     assert message.endswith("Start it or set VIEWMW_BROKER_URL.")
+
+
+# No silent local database, a lost lock ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_a_real_redis_without_a_database_url_exits_2_saying_what_to_set(
+    command: list[str],
+    services: Settings,
+    environment: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    record(services, VIEWS)
+    environment.delenv("VIEWMW_DATABASE_URL")
+    environment.chdir(tmp_path)
+
+    assert main(command) == EXIT_UNAVAILABLE
+
+    out, err = capsys.readouterr()
+    assert out == ""
+    message = one_line(err)
+    assert message.startswith("viewmw: database_url is not set: set VIEWMW_DATABASE_URL")
+    assert "serves only with the embedded Redis" in message
+    assert list(tmp_path.iterdir()) == [], "a local database file was created"
+    assert counts(services, list(VIEWS)) == (dict.fromkeys(VIEWS, 0), VIEWS)  # still pending
+
+
+def test_a_sync_that_loses_its_lock_exits_1_and_commits_nothing(
+    services: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    record(services, VIEWS)
+
+    def losing_sync(redis: Redis, store: Store, settings: Settings) -> ViewSync:
+        async def expire(step: str) -> None:
+            if step == "sealed":  # stands in for a stall longer than the lock time
+                await redis.delete(KEYS.sync_lock)
+
+        return ViewSync(redis, store, settings, on_step=expire)
+
+    with monkeypatch.context() as patched:
+        patched.setattr("viewmw.cli.ViewSync", losing_sync)
+        assert main(["sync"]) == EXIT_FAILED
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert one_line(err).startswith("viewmw: sync failed: the sync lock expired")
+    assert counts(services, list(VIEWS)) == (dict.fromkeys(VIEWS, 0), VIEWS)
+
+    assert main(["sync"]) == EXIT_OK
+    assert summary(capsys.readouterr().out) == (5, 2, 1, 1)  # the sealed batch, recovered
+    assert counts(services, list(VIEWS)) == (VIEWS, dict.fromkeys(VIEWS, 0))

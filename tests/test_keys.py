@@ -279,7 +279,9 @@ def test_valid_names_round_trip_through_every_key(
                 keys.epoch,
                 keys.sync_lock,
                 keys.sync_batch,
-                keys.sync_batch_items,
+                keys.sync_batch_items("b1"),
+                keys.sync_fence,
+                keys.mapping,
                 keys.draining,
             ]
             assert fnmatch.fnmatchcase(pending, keys.pending_pattern)

@@ -30,7 +30,9 @@ def test_defaults_are_the_documented_rules() -> None:
         None,
         None,
     )
-    assert settings.database_url == "sqlite+aiosqlite:///viewmw.sqlite3"
+    assert settings.database_url == ""  # unset: the embedded SQLite file, with embedded Redis
+    assert settings.resolved_database_url() == "sqlite+aiosqlite:///viewmw.sqlite3"
+    assert (settings.dramatiq_queue_name, settings.dramatiq_namespace) == ("viewmw", "dramatiq")
     assert (settings.redis_timeout, settings.database_timeout) == (0.25, 5.0)
 
 
@@ -90,7 +92,7 @@ def test_limits_refuse_bad_values_naming_the_field(field: str, value: Any) -> No
         ("database_url", "postgresql+pg8000://app@db/app"),
         ("database_url", "sqlite+pysqlcipher:///x.db"),
         ("database_url", "not a url"),
-        ("database_url", ""),
+        ("database_url", "   "),
         ("database_url", "postgresql://app@db:port/app"),
         ("secret", "short"),
         ("secret", "x" * 15),
@@ -233,6 +235,14 @@ BAD_ENVIRONMENT = [
     ("VIEWMW_DATABASE_REQUEST_TIMEOUT", "-0.1"),
     ("VIEWMW_DATABASE_TIMEOUT", "0"),
     ("VIEWMW_DATABASE_TIMEOUT", "-5"),
+    ("VIEWMW_CONTENT_TABLES_MODULE", "tests.no_such_module:tables"),
+    ("VIEWMW_CONTENT_TABLES_MODULE", "tests.conftest"),
+    ("VIEWMW_CONTENT_TABLES_MODULE", "tests.conftest:no_such_name"),
+    ("VIEWMW_CONTENT_TABLES_MODULE", "tests.conftest:stories"),  # a table, not a mapping
+    ("VIEWMW_QUEUE_NAME", "1queue"),
+    ("VIEWMW_QUEUE_NAME", "my queue"),
+    ("VIEWMW_BROKER_NAMESPACE", "name space"),
+    ("VIEWMW_BROKER_NAMESPACE", "a*"),
 ]
 
 
@@ -375,3 +385,65 @@ def test_configuration_docs_mention_every_field() -> None:
         assert f"`{field}`" in text or f"`limits.{field}`" in text, field
     # No variable is mentioned anywhere that viewmw does not read.
     assert set(re.findall(r"VIEWMW_[A-Z_]+", text)) <= {v.name for v in ENVIRONMENT}
+
+
+# Where counts go, where the database is, which queue ----------------------------------------------
+
+
+def test_content_tables_can_be_declared_once_in_code_and_named_by_path() -> None:
+    settings = Settings.from_env({"VIEWMW_CONTENT_TABLES_MODULE": "tests.conftest:CONTENT_TABLES"})
+    assert settings.content_tables == {
+        "story": "stories.view_count",
+        "fantasy": "fantasies.view_count",
+    }
+    # Declaring the same thing twice is harmless (and replace() keeps working); differently is not.
+    assert settings.replace(timezone="Asia/Tokyo").content_tables == settings.content_tables
+    with pytest.raises(ConfigurationError, match="declared twice"):
+        settings.replace(content_tables={"story": "tales.view_count"})
+
+
+def test_without_a_database_url_only_the_embedded_redis_gets_the_sqlite_file() -> None:
+    assert Settings().resolved_database_url() == "sqlite+aiosqlite:///viewmw.sqlite3"
+    real = Settings(redis_url="redis://cache:6379/0")
+    with pytest.raises(ConfigurationError) as error:
+        real.resolved_database_url()
+    assert "set VIEWMW_DATABASE_URL" in str(error.value)
+    # replace() does not carry a default over: the URL stays unset until it is given.
+    assert Settings().replace(redis_url="redis://cache:6379/0").database_url == ""
+    given = real.replace(database_url="postgresql://app@db/app")
+    assert given.resolved_database_url() == "postgresql+asyncpg://app@db/app"
+
+
+@pytest.mark.parametrize(
+    ("prefix", "queue", "namespace"),
+    [
+        ("", "viewmw", "dramatiq"),
+        ("app1:", "viewmw-app1", "dramatiq-app1"),
+        ("shop.eu:", "viewmw-shop.eu", "dramatiq-shop.eu"),
+    ],
+)
+def test_queue_and_namespace_follow_the_key_prefix(prefix: str, queue: str, namespace: str) -> None:
+    settings = Settings(key_prefix=prefix)
+    assert (settings.dramatiq_queue_name, settings.dramatiq_namespace) == (queue, namespace)
+
+
+def test_other_prefixes_get_distinct_valid_queue_names() -> None:
+    prefixes = ["app1", "app1:", "app1::", "app/1:", "app-1:", ":", "é:", "a" * 64]
+    names = [Settings(key_prefix=prefix).dramatiq_queue_name for prefix in prefixes]
+    assert len(set(names)) == len(names), names
+    for name in names:
+        Settings(queue_name=name)  # a name Dramatiq accepts (the same rule)
+
+
+def test_queue_and_namespace_can_be_set() -> None:
+    settings = Settings.from_env(
+        {
+            "VIEWMW_KEY_PREFIX": "app1:",
+            "VIEWMW_QUEUE_NAME": "counts",
+            "VIEWMW_BROKER_NAMESPACE": "shared-dramatiq",
+        }
+    )
+    assert (settings.dramatiq_queue_name, settings.dramatiq_namespace) == (
+        "counts",
+        "shared-dramatiq",
+    )

@@ -1,8 +1,10 @@
 """The ``viewmw`` command: sync by hand, show statistics, create tables, clean up.
 
 Settings come from the same ``VIEWMW_*`` variables as the app and the worker. Exit codes: 0 done,
-1 the operation failed (nothing is lost; run it again), 2 bad configuration or a server is not
-reachable, 75 another sync is running.
+1 the operation failed (nothing is lost; run it again; a sync whose lock expired under it ends
+here too), 2 bad configuration or a server is not reachable (a sync that left a content type's
+views pending because it would move them elsewhere than the app reads them ends here too), 75
+another sync is running.
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = Settings.from_env()
         if args.command == "sync" and args.enqueue:
             return _enqueue(console)
+        settings.resolved_database_url()  # a real Redis and no database URL: say what to set
         command = _COMMANDS["stats" if args.command == "sync" and args.stats else args.command]
         return asyncio.run(_with_services(settings, command, args, console))
     except (ConfigurationError, ServiceUnavailableError) as exc:
@@ -128,6 +131,11 @@ async def _sync(
         console.print("another sync is running; nothing done", markup=False)
         return EXIT_BUSY
     console.print(_summary(report), markup=False, highlight=False)
+    if report.refused:
+        errors = Console(stderr=True, soft_wrap=True)
+        for message in report.refused.values():
+            errors.print(f"viewmw: {message}", markup=False, highlight=False)
+        return EXIT_UNAVAILABLE
     return EXIT_OK
 
 

@@ -136,13 +136,28 @@ class KeySchema:
         return f"{self.prefix}viewmw:sync:batch"
 
     @property
-    def sync_batch_items(self) -> str:
-        """Amounts moved by the unsettled batch: a hash ``{type}:{id}`` -> views."""
+    def sync_fence(self) -> str:
+        """Fencing tokens: a counter taken with the sync lock, larger for every later holder."""
+        return f"{self.prefix}viewmw:sync:fence"
+
+    def sync_batch_items(self, batch_id: str) -> str:
+        """Amounts moved by one batch: a hash ``{type}:{id}`` -> views, keyed by its batch id so
+        that no sync can ever read another batch's items."""
+        return f"{self.prefix}viewmw:sync:batch:{batch_id}:items"
+
+    @property
+    def legacy_sync_batch_items(self) -> str:
+        """Where versions before fencing kept the unsettled batch's items (moved on recovery)."""
         return f"{self.prefix}viewmw:sync:batch:items"
 
     def replay_marker(self, event_id: str) -> str:
         """Set when an outage event is replayed, so that it is decided once (with a TTL)."""
         return f"{self.prefix}viewmw:replayed:{event_id}"
+
+    @property
+    def mapping(self) -> str:
+        """Where the app records which table each content type's counts go to (a hash)."""
+        return f"{self.prefix}viewmw:mapping"
 
     # Patterns for SCAN (statistics and cleanup only; never on the request path).
     @property

@@ -25,6 +25,7 @@ from viewmw.errorlog import ErrorLog
 from viewmw.errors import ConfigurationError, InvalidKeyError
 from viewmw.identity import RequestSignals, ViewerFunction, ViewerIdentity, is_crawler
 from viewmw.keys import validate_content_id
+from viewmw.mapping import record_mapping
 from viewmw.outage.failover import ResilientTracker
 from viewmw.outage.outbox import Outbox
 from viewmw.packing import connection_class_for
@@ -262,13 +263,16 @@ class ViewTrackingMiddleware:
         await self.app(scope, receive_and_start, send_and_close)
 
     async def startup(self) -> None:
-        """Create the tables of a store this middleware built (if ``create_tables``), and start
-        replaying views an earlier run left in the outage outbox.
+        """Create the tables of a store this middleware built (if ``create_tables``), record
+        its content table mapping in Redis for the sync to check (:mod:`viewmw.mapping`), and
+        start replaying views an earlier run left in the outage outbox.
 
         Runs at lifespan start-up. A database that cannot be reached is logged, not raised: the
         app starts anyway and serves its pages without counts.
         """
         store = None if self._owned is None else self._owned.store
+        if self._owned is not None and store is not None:  # where the sync must move counts
+            await record_mapping(self._owned.redis, self._owned.keys, store)
         if self.create_tables and store is not None:
             try:
                 async with asyncio.timeout(self.settings.database_timeout):
@@ -339,7 +343,7 @@ def build_tracker(
     if content_tables is None:
         store = Store.from_settings(settings)
     else:
-        store = Store.from_url(settings.database_url, content_tables, pool_pre_ping=True)
+        store = Store.from_url(settings.resolved_database_url(), content_tables, pool_pre_ping=True)
     return ViewTracker(connect_redis(settings), store, settings, clock=clock)
 
 

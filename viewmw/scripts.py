@@ -27,9 +27,13 @@ class Scripts:
     record_views: AsyncScript
     read_counts: AsyncScript
     fill_cache: AsyncScript
+    take_lock: AsyncScript
+    raise_fence: AsyncScript
     open_batch: AsyncScript
     snapshot: AsyncScript
     seal: AsyncScript
+    read_batch: AsyncScript
+    drop_batch: AsyncScript
     settle: AsyncScript
     release_lock: AsyncScript
     renew_lock: AsyncScript

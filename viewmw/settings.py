@@ -7,6 +7,8 @@ first request.
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -22,7 +24,12 @@ from starlette.config import Config, Environ
 from viewmw.errors import ConfigurationError
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///viewmw.sqlite3"
+"""The embedded database: only when Redis is embedded too (no ``redis_url``), as in the example."""
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
+_QUEUE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9._-]{0,99}")  # what Dramatiq accepts, bounded
+_NAMESPACE = re.compile(r"[A-Za-z0-9._:-]{1,100}")
+_SAFE_PREFIX = re.compile(r"[A-Za-z0-9._-]+:?")
+_MODULE_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 _TABLE_COLUMN = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}\.[A-Za-z_][A-Za-z0-9_]{0,62}")
 # Synchronous driver names users often paste, mapped to the async driver viewmw runs on.
 _ASYNC_DRIVERS = {
@@ -76,7 +83,9 @@ class Settings:
         redis_url: ``redis://``, ``rediss://`` or ``unix://`` URL; ``None`` lets the caller pick an
             embedded stand-in (the example app uses fakeredis).
         database_url: SQLAlchemy URL; synchronous driver names are switched to their async driver
-            (``postgresql://`` runs on asyncpg, ``sqlite://`` on aiosqlite).
+            (``postgresql://`` runs on asyncpg, ``sqlite://`` on aiosqlite). Empty: the embedded
+            SQLite file ``viewmw.sqlite3``, but only while Redis is embedded too (no
+            ``redis_url``); see :meth:`resolved_database_url`.
         secret: key for hashing anonymous viewers. ``None`` makes a random one per process, which
             suits one process but splits anonymous viewers across several: set it in production.
         redis_timeout: seconds a request waits for Redis' reply before it is answered without a
@@ -90,19 +99,31 @@ class Settings:
         content_tables: content type -> ``"table.count_column"`` of a table of the app's own whose
             integer primary key ``id`` is the content id (``{"story": "stories.view_count"}``).
             Other types are counted in viewmw's generic table.
+        content_tables_module: ``"package.module:name"`` of a mapping content type -> count
+            column (a SQLAlchemy ``Column`` or ``"table.column"``), imported to fill
+            ``content_tables``: one declaration that the app, the command and the worker all
+            read. Set this or ``content_tables``, not both.
+        queue_name: the Dramatiq queue of the sync actors. Empty: ``viewmw``, or
+            ``viewmw-{prefix}`` with a key prefix, so apps sharing a broker never take each
+            other's syncs (see :attr:`dramatiq_queue_name`).
+        broker_namespace: the Redis broker's key namespace. Empty: ``dramatiq``, or
+            ``dramatiq-{prefix}`` with a key prefix (see :attr:`dramatiq_namespace`).
     """
 
     limits: Limits = field(default_factory=Limits)
     timezone: str = "UTC"
     key_prefix: str = ""
     redis_url: str | None = None
-    database_url: str = DEFAULT_DATABASE_URL
+    database_url: str = ""
     secret: str | None = None
     redis_timeout: float = 0.25
     redis_probe_timeout: float = 2.0
     database_timeout: float = 5.0
     database_request_timeout: float = 0.1
     content_tables: Mapping[str, str] = field(default_factory=dict)
+    content_tables_module: str | None = None
+    queue_name: str = ""
+    broker_namespace: str = ""
 
     def __post_init__(self) -> None:
         try:
@@ -112,7 +133,8 @@ class Settings:
         _check_key_prefix(self.key_prefix)
         if self.redis_url is not None:
             _check_redis_url(self.redis_url)
-        object.__setattr__(self, "database_url", _async_database_url(self.database_url))
+        if self.database_url:
+            object.__setattr__(self, "database_url", _async_database_url(self.database_url))
         for name in (
             "redis_timeout",
             "redis_probe_timeout",
@@ -126,7 +148,53 @@ class Settings:
                 )
         if self.secret is not None and len(self.secret) < 16:
             raise ConfigurationError("secret", "must be at least 16 characters long")
-        object.__setattr__(self, "content_tables", _check_content_tables(self.content_tables))
+        tables = _check_content_tables(self.content_tables)
+        if self.content_tables_module is not None:
+            declared = _check_content_tables(_import_content_tables(self.content_tables_module))
+            if tables and tables != declared:
+                raise ConfigurationError(
+                    "content_tables",
+                    "is declared twice (content_tables and content_tables_module), differently: "
+                    "keep one declaration",
+                )
+            tables = declared
+        object.__setattr__(self, "content_tables", tables)
+        if self.queue_name and not _QUEUE_NAME.fullmatch(self.queue_name):
+            raise ConfigurationError(
+                "queue_name", "must be letters, digits, '.', '_' or '-', starting with a letter"
+            )
+        if self.broker_namespace and not _NAMESPACE.fullmatch(self.broker_namespace):
+            raise ConfigurationError(
+                "broker_namespace", "must be 1-100 letters, digits, '.', '_', ':' or '-'"
+            )
+
+    def resolved_database_url(self) -> str:
+        """The database to write counts to: ``database_url``, else the embedded SQLite file.
+
+        Raises:
+            ConfigurationError: no database URL is set while Redis is a real server: the
+                embedded SQLite file would quietly take the views of a real deployment.
+        """
+        if self.database_url:
+            return self.database_url
+        if self.redis_url is None:
+            return DEFAULT_DATABASE_URL
+        raise ConfigurationError(
+            "database_url",
+            "is not set: set VIEWMW_DATABASE_URL (or database_url) to the database your app reads "
+            "its counts from, e.g. postgresql://app@db.internal/app. The embedded SQLite file "
+            "serves only with the embedded Redis (no VIEWMW_REDIS_URL).",
+        )
+
+    @property
+    def dramatiq_queue_name(self) -> str:
+        """``queue_name``, or one derived from the key prefix."""
+        return self.queue_name or _derived_name("viewmw", self.key_prefix)
+
+    @property
+    def dramatiq_namespace(self) -> str:
+        """``broker_namespace``, or one derived from the key prefix."""
+        return self.broker_namespace or _derived_name("dramatiq", self.key_prefix)
 
     @property
     def zone(self) -> ZoneInfo:
@@ -285,7 +353,11 @@ ENVIRONMENT: tuple[EnvironmentVariable, ...] = (
         "Redis URL; unset means an embedded stand-in where one is offered.",
     ),
     EnvironmentVariable(
-        "VIEWMW_DATABASE_URL", "settings", "database_url", _str, "SQLAlchemy database URL."
+        "VIEWMW_DATABASE_URL",
+        "settings",
+        "database_url",
+        _str,
+        "SQLAlchemy database URL; unset: an embedded SQLite file, with the embedded Redis only.",
     ),
     EnvironmentVariable(
         "VIEWMW_SECRET",
@@ -300,6 +372,27 @@ ENVIRONMENT: tuple[EnvironmentVariable, ...] = (
         "content_tables",
         _content_tables,
         "Content types counted in the app's own tables: 'story=stories.view_count,...'.",
+    ),
+    EnvironmentVariable(
+        "VIEWMW_CONTENT_TABLES_MODULE",
+        "settings",
+        "content_tables_module",
+        _optional_str,
+        "'package.module:name' of the content tables mapping the app declares in code.",
+    ),
+    EnvironmentVariable(
+        "VIEWMW_QUEUE_NAME",
+        "settings",
+        "queue_name",
+        _str,
+        "Dramatiq queue of the sync actors; unset: derived from the key prefix.",
+    ),
+    EnvironmentVariable(
+        "VIEWMW_BROKER_NAMESPACE",
+        "settings",
+        "broker_namespace",
+        _str,
+        "Redis broker key namespace; unset: derived from the key prefix.",
     ),
     EnvironmentVariable(
         "VIEWMW_REDIS_TIMEOUT",
@@ -366,6 +459,40 @@ def _check_content_tables(tables: Mapping[str, str]) -> dict[str, str]:
             )
         checked[content_type] = target
     return checked
+
+
+def _import_content_tables(path: str) -> Mapping[str, str]:
+    """The mapping named by ``package.module:name``, as content type -> ``table.column``."""
+    if not _MODULE_PATH.fullmatch(path):
+        raise ConfigurationError(
+            "content_tables_module", f"must look like 'package.module:name', got {path!r}"
+        )
+    module_name, _, name = path.partition(":")
+    try:
+        declared = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigurationError("content_tables_module", f"cannot be imported: {exc}") from None
+    if not isinstance(declared, Mapping):
+        raise ConfigurationError(
+            "content_tables_module", f"{path} must be a mapping content type -> column"
+        )
+    tables: dict[str, str] = {}
+    for content_type, target in declared.items():
+        table = getattr(getattr(target, "table", None), "name", None)
+        tables[content_type] = f"{table}.{target.name}" if table else target
+    return tables
+
+
+def _derived_name(base: str, prefix: str) -> str:
+    """``base`` alone without a prefix; ``base-app`` for ``app:``; a digest keeps any other
+    prefix apart from the names the readable ones give."""
+    if not prefix:
+        return base
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", prefix).strip("-.")[:40]
+    if _SAFE_PREFIX.fullmatch(prefix) and prefix.endswith(":"):
+        return f"{base}-{slug}"
+    digest = hashlib.sha256(prefix.encode()).hexdigest()[:8]
+    return f"{base}-{slug}-{digest}" if slug else f"{base}-{digest}"
 
 
 def _redact(url: str) -> str:

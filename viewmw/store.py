@@ -32,7 +32,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from viewmw.errors import ConfigurationError
+from viewmw.errors import ConfigurationError, StaleFenceError
 from viewmw.settings import Settings
 
 metadata = MetaData()
@@ -57,6 +57,15 @@ sync_batches = Table(
     Column("views", BigInteger, nullable=False),
 )
 """The sync ledger: one row per committed batch; its primary key makes a commit happen once."""
+
+sync_fence = Table(
+    "viewmw_sync_fence",
+    metadata,
+    Column("scope", String(64), primary_key=True),
+    Column("fence", BigInteger, nullable=False),
+)
+"""Per scope (the Redis key prefix: apps sharing a database each have their own fences), the
+newest sync fence a commit carried. An older one is refused."""
 
 # Rows per statement for bulk adds and reads: large enough to amortise round trips, small enough
 # to stay far below the drivers' parameter limits.
@@ -158,7 +167,7 @@ class Store:
                 count_column
             ]
         engine_options.setdefault("pool_pre_ping", True)
-        return cls.from_url(settings.database_url, columns, **engine_options)
+        return cls.from_url(settings.resolved_database_url(), columns, **engine_options)
 
     @property
     def dialect(self) -> str:
@@ -227,18 +236,29 @@ class Store:
             return bool((await connection.execute(query)).scalar_one())
 
     async def commit_batch(
-        self, batch_id: str, started_at: datetime, deltas: Mapping[tuple[str, str], int]
+        self,
+        batch_id: str,
+        started_at: datetime,
+        deltas: Mapping[tuple[str, str], int],
+        *,
+        fence: int = 0,
+        fence_scope: str = "",
     ) -> bool:
         """Add every delta and record ``batch_id`` in the ledger, in one transaction.
 
         Returns ``False`` without changing anything if the ledger already holds the batch. Deltas
         of contents whose row does not exist in a mapped table are dropped (their content is gone).
+        A ``fence`` (the sync's fencing token) older than one already committed in
+        ``fence_scope`` refuses the commit with :class:`~viewmw.errors.StaleFenceError`; ``0``
+        skips that check.
         """
         by_type: dict[str, dict[str, int]] = {}
         for (content_type, content_id), delta in deltas.items():
             by_type.setdefault(content_type, {})[content_id] = delta
         try:
             async with self.engine.begin() as connection:
+                if fence:
+                    await self._check_fence(connection, fence, fence_scope)
                 await self._commit(connection, batch_id, started_at, deltas, by_type)
         except _AlreadyCommitted:
             return False
@@ -333,6 +353,39 @@ class Store:
                 .values({count_name: target.count_column + bindparam("b_delta")})
             )
             await connection.execute(update, [{"b_id": i, "b_delta": d} for i, d in pairs])
+
+    async def _check_fence(self, connection: AsyncConnection, fence: int, scope: str) -> None:
+        # One conditional update: it locks the row until the commit ends, so of two commits
+        # racing with different fences, the older one sees the newer one's fence and is refused.
+        insert = pg_insert if self.dialect == "postgresql" else sqlite_insert
+        await connection.execute(
+            insert(sync_fence)
+            .values(scope=scope, fence=0)
+            .on_conflict_do_nothing(index_elements=["scope"])
+        )
+        moved = await connection.execute(
+            sync_fence.update()
+            .where(sync_fence.c.scope == scope, sync_fence.c.fence <= fence)
+            .values(fence=fence)
+        )
+        if moved.rowcount == 0:
+            raise StaleFenceError(
+                f"sync fence {fence} is stale: a sync that took the lock later has committed"
+            )
+
+    def destinations(self) -> dict[str, str]:
+        """Content type -> ``"table.count_column"`` of every mapped type (others are generic)."""
+        return {
+            content_type: f"{target.table.name}.{target.count_column.name}"
+            for content_type, target in self._targets.items()
+        }
+
+    async def read_fence(self, scope: str = "") -> int:
+        """The newest sync fence a commit in ``scope`` carried (0 before the first one)."""
+        async with self.engine.connect() as connection:
+            query = select(sync_fence.c.fence).where(sync_fence.c.scope == scope)
+            value = await connection.scalar(query)
+        return int(value or 0)
 
     async def last_batches(self, limit: int = 10) -> list[dict[str, Any]]:
         """The most recently committed batches, newest first."""

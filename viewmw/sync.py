@@ -2,11 +2,17 @@
 
 Protocol (see docs/sync.md):
 
-0. Lock: one sync at a time (a token with an expiry, renewed while the sync runs).
-1. Recover: an unsettled batch left by a failed sync is committed if the ledger lacks it, then
-   settled.
+0. Lock: one sync at a time (a token with an expiry, renewed while the sync runs), and with it a
+   fence: a number that grows with every lock taken. Every later step proves, in the same atomic
+   script that reads or changes the batch, that the run still holds the lock and owns the batch
+   (its id and fence); the database commit refuses a fence older than one it already took. A
+   run whose lock expired stops without committing and raises :class:`LockLostError`.
+1. Recover: an unsettled batch left by a failed sync is taken over under the new fence, committed
+   if the ledger lacks it, then settled.
 2. Snapshot: pending counts move into a new batch, a chunk of contents per atomic script call
    (pending -> syncing, amounts recorded under the batch id). Found through the dirty set.
+   Content types that the app counts in another table than this sync would (see
+   :mod:`viewmw.mapping`) are refused: their views stay pending.
 3. Commit: one database transaction records the batch id in the ledger and adds every delta in
    bulk. A batch id already in the ledger means the batch is in: skip to settle.
 4. Settle: syncing -> cached database count, per content, atomically; then the batch is deleted.
@@ -30,6 +36,7 @@ from redis.asyncio import Redis
 
 from viewmw.errors import LockLostError, SyncError
 from viewmw.keys import KeySchema
+from viewmw.mapping import mapping_conflicts
 from viewmw.scripts import Scripts
 from viewmw.settings import Settings
 from viewmw.store import Store
@@ -55,6 +62,9 @@ class SyncReport:
         views: views moved into the database.
         cleaned_keys: previous days' tracking keys deleted.
         duration: seconds the run took.
+        batch_ids: the ids of the batches this run committed.
+        refused: content type -> why its views were left pending (the app counts that type in
+            another table than this sync would move it to).
     """
 
     already_running: bool = False
@@ -65,12 +75,25 @@ class SyncReport:
     cleaned_keys: int = 0
     duration: float = 0.0
     batch_ids: list[str] = field(default_factory=list)
+    refused: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
 class _Batch:
     batch_id: str
     started_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class _Lease:
+    """The lock as one run holds it: its token, and the fence taken with it."""
+
+    token: str
+    fence: int
+
+
+# Items per read of a sealed batch: one script call per page keeps Redis responsive.
+_PAGE = 5000
 
 
 class ViewSync:
@@ -85,7 +108,7 @@ class ViewSync:
         chunk_contents: contents per snapshot or settle script call.
         lock_seconds: lock expiry; the lock is renewed every third of it while the sync runs.
         on_step: awaited at every step boundary with its name (``locked``, ``snapshot``,
-            ``before_commit``, ``committed``, ``settle``, ``cleanup``).
+            ``sealed``, ``before_commit``, ``committed``, ``settle``, ``cleanup``).
         clock: seconds since the epoch; decides which calendar days are over.
     """
 
@@ -121,22 +144,29 @@ class ViewSync:
         with it, cleanup runs too.
 
         Raises:
+            LockLostError: the lock expired under this run (a stall longer than the lock time);
+                it stopped without committing anything it no longer owns, and the sync holding
+                the lock now finishes its work.
             SyncError: the run stopped part-way; everything it moved is safe for the next run.
             redis.RedisError, sqlalchemy.exc.SQLAlchemyError: a server failed; same guarantee.
         """
         started = time.monotonic()
         report = SyncReport()
-        async with self._lock() as token:
-            if token is None:
+        async with self._lock() as lease:
+            if lease is None:
                 report.already_running = True
                 return report
             await self._step("locked")
-            recovered = await self._recover(token, report)
+            unsettled = await self._current_batch()
             total = await self._take_dirty()
-            if total == 0 and not force and not recovered:
+            if unsettled is None and total == 0 and not force:
                 report.duration = time.monotonic() - started
                 return report
-            while await self._sync_one_batch(token, report):
+            lease = await self._fenced(lease)
+            refused = await self._refused_types(report)
+            if unsettled is not None:
+                await self._recover(lease, unsettled, report)
+            while await self._sync_one_batch(lease, report, refused):
                 if progress:
                     progress(report.contents, total)
             report.cleaned_keys = await self.cleanup()
@@ -153,24 +183,42 @@ class ViewSync:
         )
         return report
 
-    # Lock ---------------------------------------------------------------------------------------
+    # Lock and fence -----------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def _lock(self) -> AsyncIterator[str | None]:
-        """Hold the sync lock for the block (``None`` when another sync has it), renewing it."""
+    async def _lock(self) -> AsyncIterator[_Lease | None]:
+        """Hold the sync lock for the block (``None`` when another sync has it), renewing it.
+
+        Raises :class:`LockLostError` after a block that ended normally if the lock was no longer
+        this run's when it ended: the run outlived its lock, and must not report success.
+        """
+        keys = self.keys
         token = uuid.uuid4().hex
-        if not await self.redis.set(self.keys.sync_lock, token, nx=True, px=self.lock_ms):
+        fence = int(
+            await self.scripts.take_lock(
+                keys=[keys.sync_lock, keys.sync_fence], args=[token, self.lock_ms]
+            )
+        )
+        if not fence:
             yield None
             return
         renewal = asyncio.create_task(self._renew(token))
+        released: bool | None = None
         try:
-            yield token
+            yield _Lease(token, fence)
         finally:
             renewal.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renewal
-            with contextlib.suppress(Exception):
-                await self.scripts.release_lock(keys=[self.keys.sync_lock], args=[token])
+            with contextlib.suppress(Exception):  # a Redis failure here is not a lost lock
+                released = bool(
+                    int(await self.scripts.release_lock(keys=[keys.sync_lock], args=[token]))
+                )
+        if released is False:
+            raise LockLostError(
+                "the sync lock expired before this sync ended; the sync that took it over "
+                "finishes the work"
+            )
 
     async def _renew(self, token: str) -> None:
         while True:
@@ -186,23 +234,47 @@ class ViewSync:
                 logger.warning("the sync lock was lost; this sync will stop at its next step")
                 return
 
+    async def _fenced(self, lease: _Lease) -> _Lease:
+        """``lease``, with a fence newer than any the database has seen.
+
+        Only differs when Redis lost its fence counter (a flush, a new server): the counter is
+        then moved past the database's fence, or every commit would be refused as stale.
+        """
+        floor = await self.store.read_fence(self.keys.prefix)
+        if lease.fence > floor:
+            return lease
+        fence = int(
+            await self.scripts.raise_fence(
+                keys=[self.keys.sync_lock, self.keys.sync_fence], args=[lease.token, floor]
+            )
+        )
+        if fence < 0:
+            raise LockLostError("the sync lock expired before the first step; nothing was done")
+        logger.warning("the sync fence in Redis was behind the database's; moved to %d", fence)
+        return _Lease(lease.token, fence)
+
+    async def _refused_types(self, report: SyncReport) -> list[str]:
+        """Content types whose views this sync must leave pending: it would move them somewhere
+        else than the app reads them (see :mod:`viewmw.mapping`)."""
+        report.refused = await mapping_conflicts(self.redis, self.keys, self.store)
+        for message in report.refused.values():
+            logger.warning("%s", message)
+        return sorted(report.refused)
+
     async def _step(self, name: str) -> None:
         if self.on_step is not None:
             await self.on_step(name)
 
     # Batches ------------------------------------------------------------------------------------
 
-    async def _recover(self, token: str, report: SyncReport) -> bool:
-        """Finish a batch that an earlier sync left unsettled. Returns whether there was one."""
-        batch = await self._current_batch()
-        if batch is None:
-            return False
+    async def _recover(self, lease: _Lease, batch: _Batch, report: SyncReport) -> None:
+        """Finish a batch that an earlier sync left unsettled, under this run's fence."""
         logger.warning("recovering unsettled sync batch %s", batch.batch_id)
-        # Sealed first, read after: what is committed is exactly what will be settled.
-        await self._seal(token, batch)
-        if await self._commit_and_settle(batch, report, await self._batch_items()):
+        # Sealed (and so made this run's) first, read after: what is committed is exactly what
+        # will be settled, and the sync that left the batch can no longer touch it.
+        await self._seal(lease, batch)
+        if await self._commit_and_settle(lease, batch, report):
             report.recovered_batches += 1
-        return True
 
     async def _take_dirty(self) -> int:
         """Move the dirty set into the run's own set; returns how many contents the run has.
@@ -217,7 +289,7 @@ class ViewSync:
             total, _ = await pipe.execute()
         return int(total)
 
-    async def _sync_one_batch(self, token: str, report: SyncReport) -> bool:
+    async def _sync_one_batch(self, lease: _Lease, report: SyncReport, refused: list[str]) -> bool:
         """Snapshot up to ``batch_contents`` of the run's contents, commit, settle.
 
         Returns whether contents of the run are left for another batch.
@@ -225,7 +297,7 @@ class ViewSync:
         batch = _Batch(uuid.uuid4().hex, datetime.fromtimestamp(self.clock(), UTC))
         opened = await self.scripts.open_batch(
             keys=[self.keys.sync_lock, self.keys.sync_batch],
-            args=[token, batch.batch_id, batch.started_at.isoformat()],
+            args=[lease.token, batch.batch_id, batch.started_at.isoformat(), lease.fence],
         )
         if int(opened) == -1:
             raise LockLostError("the sync lock expired; the next sync carries on")
@@ -235,50 +307,68 @@ class ViewSync:
         while taken < self.batch_contents and left:
             await self._step("snapshot")
             size = min(self.chunk_contents, self.batch_contents - taken)
-            left = await self._snapshot_chunk(token, batch, size)
+            left = await self._snapshot_chunk(lease, batch, size, refused)
             taken += size
-        # What is committed is what Redis recorded under the sealed batch, never what this
-        # process believes it moved: a snapshot whose reply was lost (and retried) still counts.
-        await self._seal(token, batch)
-        await self._commit_and_settle(batch, report, await self._batch_items())
+        await self._seal(lease, batch)
+        await self._commit_and_settle(lease, batch, report)
         return left > 0
 
-    async def _snapshot_chunk(self, token: str, batch: _Batch, size: int) -> int:
+    async def _snapshot_chunk(
+        self, lease: _Lease, batch: _Batch, size: int, refused: list[str]
+    ) -> int:
         """Move one chunk into the batch; returns how many of the run's contents are left."""
         keys = self.keys
         reply = await self.scripts.snapshot(
             keys=[
                 keys.sync_lock,
                 keys.sync_batch,
-                keys.sync_batch_items,
+                keys.sync_batch_items(batch.batch_id),
                 keys.draining,
                 keys.epoch,
+                keys.dirty,
             ],
-            args=[token, batch.batch_id, keys.prefix, size],
+            args=[lease.token, batch.batch_id, keys.prefix, size, lease.fence, *refused],
         )
         if int(reply[0]) < 0:
             raise LockLostError("the sync lock expired during the snapshot; the next sync recovers")
         return int(reply[2])
 
-    async def _seal(self, token: str, batch: _Batch) -> None:
+    async def _seal(self, lease: _Lease, batch: _Batch) -> None:
+        keys = self.keys
         reply = await self.scripts.seal(
-            keys=[self.keys.sync_lock, self.keys.sync_batch], args=[token, batch.batch_id]
+            keys=[
+                keys.sync_lock,
+                keys.sync_batch,
+                keys.sync_batch_items(batch.batch_id),
+                keys.legacy_sync_batch_items,
+            ],
+            args=[lease.token, batch.batch_id, lease.fence],
         )
         if int(reply) < 0:
             raise LockLostError("the sync lock expired before the commit; the next sync recovers")
+        await self._step("sealed")
 
-    async def _commit_and_settle(
-        self, batch: _Batch, report: SyncReport, deltas: dict[tuple[str, str], int]
-    ) -> bool:
-        """Commit ``deltas`` (the batch's items, as recorded in Redis) under the batch id, then
-        settle. Returns whether the batch had anything in it."""
+    async def _commit_and_settle(self, lease: _Lease, batch: _Batch, report: SyncReport) -> bool:
+        """Commit the sealed batch's items under its id and this run's fence, then settle.
+
+        What is committed is what Redis recorded under the sealed batch, read by this run while
+        it still owned the batch, never what this process believes it moved: a snapshot whose
+        reply was lost (and retried) still counts. Returns whether the batch had anything in it.
+        """
+        deltas = await self._batch_items(lease, batch)
         if not deltas:
-            await self._drop_empty_batch(batch)
+            await self._drop_empty_batch(lease, batch)
             return False
         await self._step("before_commit")
-        committed_now = await self.store.commit_batch(batch.batch_id, batch.started_at, deltas)
+        committed_now = await self.store.commit_batch(
+            batch.batch_id,
+            batch.started_at,
+            deltas,
+            fence=lease.fence,
+            fence_scope=self.keys.prefix,
+        )
         await self._step("committed")
-        await self._settle(batch, list(deltas))
+        await self._settle(lease, batch, list(deltas))
         if committed_now:
             report.batches += 1
             report.contents += len(deltas)
@@ -286,17 +376,30 @@ class ViewSync:
             report.batch_ids.append(batch.batch_id)
         return True
 
-    async def _settle(self, batch: _Batch, contents: list[tuple[str, str]]) -> None:
+    async def _settle(self, lease: _Lease, batch: _Batch, contents: list[tuple[str, str]]) -> None:
         keys = self.keys
         members = [keys.member(content_type, content_id) for content_type, content_id in contents]
         for start in range(0, len(members), self.chunk_contents):
             await self._step("settle")
             reply = await self.scripts.settle(
-                keys=[keys.sync_batch, keys.sync_batch_items, keys.epoch],
-                args=[batch.batch_id, keys.prefix, *members[start : start + self.chunk_contents]],
+                keys=[
+                    keys.sync_batch,
+                    keys.sync_batch_items(batch.batch_id),
+                    keys.epoch,
+                    keys.sync_lock,
+                ],
+                args=[
+                    batch.batch_id,
+                    keys.prefix,
+                    lease.token,
+                    lease.fence,
+                    *members[start : start + self.chunk_contents],
+                ],
             )
             if int(reply[0]) < 0:
-                return  # another sync settled this batch already
+                raise LockLostError(
+                    "the sync lock expired after the commit; the next sync settles the batch"
+                )
 
     async def _current_batch(self) -> _Batch | None:
         fields = await self.redis.hgetall(self.keys.sync_batch)
@@ -307,23 +410,34 @@ class ViewSync:
         started_at = datetime.fromisoformat(started) if started else datetime.now(UTC)
         return _Batch(values["id"], started_at)
 
-    async def _batch_items(self) -> dict[tuple[str, str], int]:
+    async def _batch_items(self, lease: _Lease, batch: _Batch) -> dict[tuple[str, str], int]:
+        """The sealed batch's items, read page by page, each page only while the run owns it."""
+        keys = self.keys
         items: dict[tuple[str, str], int] = {}
-        async for member, amount in self.redis.hscan_iter(self.keys.sync_batch_items, count=5000):
-            items[KeySchema.split_member(_text(member))] = int(amount)
-        return items
+        cursor: bytes | str = "0"
+        while True:
+            reply = await self.scripts.read_batch(
+                keys=[keys.sync_lock, keys.sync_batch, keys.sync_batch_items(batch.batch_id)],
+                args=[lease.token, batch.batch_id, lease.fence, cursor, _PAGE],
+            )
+            if reply[0] == -1:
+                raise LockLostError(
+                    "the sync lock expired before the batch was read; the next sync recovers it"
+                )
+            cursor = reply[0]
+            for index in range(1, len(reply), 2):
+                items[KeySchema.split_member(_text(reply[index]))] = int(reply[index + 1])
+            if _text(cursor) == "0":
+                return items
 
-    async def _drop_empty_batch(self, batch: _Batch) -> None:
-        # Only while it is still this batch: a batch with items is never dropped.
-        async with self.redis.pipeline(transaction=True) as pipe:
-            await pipe.watch(self.keys.sync_batch, self.keys.sync_batch_items)
-            current = await pipe.hget(self.keys.sync_batch, "id")
-            items = await pipe.hlen(self.keys.sync_batch_items)
-            if _text(current) != batch.batch_id or items:
-                return
-            pipe.multi()  # type: ignore[no-untyped-call]
-            pipe.delete(self.keys.sync_batch)
-            await pipe.execute()
+    async def _drop_empty_batch(self, lease: _Lease, batch: _Batch) -> None:
+        keys = self.keys
+        dropped = await self.scripts.drop_batch(
+            keys=[keys.sync_lock, keys.sync_batch, keys.sync_batch_items(batch.batch_id)],
+            args=[lease.token, batch.batch_id, lease.fence],
+        )
+        if int(dropped) < 0:
+            raise LockLostError("the sync lock expired; the next sync carries on")
 
     # Cleanup ------------------------------------------------------------------------------------
 

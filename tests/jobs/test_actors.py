@@ -30,9 +30,10 @@ from tests.jobs import (
     record,
     redis_counts,
 )
-from tests.support import FakeClock
+from tests.support import REDIS_URL, FakeClock
 from viewmw import Settings, Store, ViewTracker
 from viewmw.cli import main
+from viewmw.mapping import record_mapping
 from viewmw.sync import SyncReport, ViewSync
 
 if TYPE_CHECKING:
@@ -72,7 +73,7 @@ class FlakyDatabase:
         self.calls = 0
         original = Store.commit_batch
 
-        async def commit_batch(store: Store, *args: Any) -> bool:
+        async def commit_batch(store: Store, *args: Any, **kwargs: Any) -> bool:
             self.calls += 1
             if self.failures > 0:
                 self.failures -= 1
@@ -81,7 +82,7 @@ class FlakyDatabase:
                     {},
                     ConnectionRefusedError("database is down"),
                 )
-            return await original(store, *args)
+            return await original(store, *args, **kwargs)
 
         monkeypatch.setattr(Store, "commit_batch", commit_batch)
 
@@ -92,7 +93,8 @@ async def assert_synced(tracker: ViewTracker, store: Store) -> None:
     assert await redis_counts(tracker, CONTENTS) == dict.fromkeys(CONTENTS, 0)
     assert await tracker.get_view_counts("story", ["1", "2"]) == {"1": 3, "2": 1}
     redis = tracker.redis
-    assert not await redis.exists(KEYS.sync_batch, KEYS.sync_batch_items, KEYS.sync_lock)
+    assert not await redis.exists(KEYS.sync_batch, KEYS.sync_lock)
+    assert not [key async for key in redis.scan_iter(match=KEYS.sync_batch_items("*"))]
     assert not await redis.scard(KEYS.dirty)
 
 
@@ -162,7 +164,8 @@ async def test_a_database_down_for_every_attempt_notifies_once_and_keeps_the_vie
     )
     # Nothing is lost: every view is still in Redis, in the batch kept for recovery.
     assert await redis_counts(viewed, CONTENTS) == VIEWS
-    items = await real_redis.hgetall(KEYS.sync_batch_items)
+    batch_id = (await real_redis.hget(KEYS.sync_batch, "id") or b"").decode()
+    items = await real_redis.hgetall(KEYS.sync_batch_items(batch_id))
     assert {KEYS.split_member(k.decode()): int(v) for k, v in items.items()} == VIEWS  # type: ignore[union-attr]
     assert await real_redis.hexists(KEYS.sync_batch, "id")
     assert not await real_redis.exists(KEYS.sync_lock)
@@ -354,3 +357,72 @@ async def test_viewmw_sync_enqueue_sends_the_sync_to_the_worker(
 
     await stub_worker.drain()
     await assert_synced(viewed, pg_store)
+
+
+async def test_a_sync_that_loses_its_lock_fails_without_retries(
+    viewed: ViewTracker,
+    pg_store: Store,
+    real_redis: aioredis.Redis,
+    stub_worker: StubWorker,
+    actor_sync: ActorSync,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    attempts = 0
+
+    async def stall_past_the_lock(step: str) -> None:
+        nonlocal attempts
+        if step == "locked":
+            attempts += 1
+        if step == "sealed":  # stands in for a pause longer than the lock time
+            client = aioredis.Redis.from_url(REDIS_URL)  # on the worker's own event loop
+            try:
+                await client.delete(KEYS.sync_lock)
+            finally:
+                await client.aclose()
+
+    actor_sync.on_step = stall_past_the_lock
+    sync_view_counts.send_with_options(min_backoff=10, max_backoff=40)
+    await stub_worker.drain()
+
+    assert attempts == 1, "a lost lock is not retried: the sync holding it does the work"
+    assert FAILURES == []
+    assert "lost its lock" in caplog.text
+    assert await ledger_size(pg_store) == 0
+    assert await redis_counts(viewed, CONTENTS) == VIEWS  # nothing lost, nothing committed
+
+    actor_sync.on_step = None
+    sync_view_counts.send()
+    await stub_worker.drain()
+    await assert_synced(viewed, pg_store)
+    assert await ledger_size(pg_store) == 1
+
+
+def test_the_actors_listen_on_the_apps_queue() -> None:
+    settings = Settings.from_env({"VIEWMW_KEY_PREFIX": "app1:"})
+    assert worker_settings.queue_name == QUEUE == "viewmw"  # the tests run without a prefix
+    assert (settings.dramatiq_queue_name, settings.dramatiq_namespace) == (
+        "viewmw-app1",
+        "dramatiq-app1",
+    )
+
+
+async def test_a_type_the_app_counts_elsewhere_is_left_pending_and_logged_as_an_error(
+    viewed: ViewTracker,
+    pg_store: Store,
+    real_redis: aioredis.Redis,
+    stub_worker: StubWorker,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The app runs without a table for stories; the worker's settings map them to one.
+    assert await record_mapping(real_redis, KEYS, Store(pg_store.engine))
+
+    sync_view_counts.send()
+    await stub_worker.drain()
+
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any(m.startswith("not syncing content type 'story'") for m in errors), errors
+    pending = {c: v for c, v in VIEWS.items() if c[0] == "story"}
+    assert await redis_counts(viewed, list(pending)) == pending
+    assert await database_counts(pg_store, list(pending)) == dict.fromkeys(pending, 0)
+    assert await database_counts(pg_store, [("article", "a-1")]) == {("article", "a-1"): 2}
+    assert FAILURES == []

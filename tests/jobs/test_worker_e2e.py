@@ -310,7 +310,8 @@ async def test_a_worker_killed_in_the_middle_of_a_large_sync_loses_and_doubles_n
     first.kill()
 
     # Killed mid-sync: the batch is unsettled, the lock is left behind.
-    items = await real_redis.hlen(KEYS.sync_batch_items)
+    batch_id = (await real_redis.hget(KEYS.sync_batch, "id") or b"").decode()
+    items = await real_redis.hlen(KEYS.sync_batch_items(batch_id))
     assert items == CONTENT_COUNT if batch_items == "all" else 0 < items < CONTENT_COUNT
     assert await ledger_size(pg_store) == ledger
     assert await real_redis.exists(KEYS.sync_lock)

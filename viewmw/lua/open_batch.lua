@@ -1,6 +1,7 @@
 -- Open a new batch, only for the lock holder and only when no batch is unsettled, so a sync whose
--- lock expired never leaves an empty batch behind.
--- KEYS: 1 sync lock, 2 batch hash.  ARGV: 1 lock token, 2 batch id, 3 started (ISO 8601).
+-- lock expired never leaves an empty batch behind. The batch records its owner's fence.
+-- KEYS: 1 sync lock, 2 batch hash.
+-- ARGV: 1 lock token, 2 batch id, 3 started (ISO 8601), 4 fence.
 -- Returns 1, -1 if the caller does not hold the lock, -2 if a batch is unsettled.
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return -1
@@ -8,5 +9,5 @@ end
 if redis.call('EXISTS', KEYS[2]) == 1 then
   return -2
 end
-redis.call('HSET', KEYS[2], 'id', ARGV[2], 'started', ARGV[3])
+redis.call('HSET', KEYS[2], 'id', ARGV[2], 'started', ARGV[3], 'fence', ARGV[4])
 return 1

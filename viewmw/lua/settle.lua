@@ -1,16 +1,19 @@
 -- Settle committed views: for each content, syncing -> cached database count, then forget the item.
--- Idempotent per item (an item is removed as it settles), so two settlers never settle twice.
+-- Only for the sync that owns the batch (lock token and fence): a sync whose lock expired after
+-- its commit leaves the settling to the sync that took over.
+-- Idempotent per item (an item is removed as it settles), so nothing ever settles twice.
 -- The epoch moves first, so a cache fill that read the database before this cannot be stored.
--- KEYS: 1 batch hash, 2 batch items, 3 sync epoch
--- ARGV: 1 batch id, 2 key prefix, then the members to settle
--- Returns {contents settled, items left} or {-1} if the batch is not the unsettled one.
-if redis.call('HGET', KEYS[1], 'id') ~= ARGV[1] then
+-- KEYS: 1 batch hash, 2 this batch's items, 3 sync epoch, 4 sync lock
+-- ARGV: 1 batch id, 2 key prefix, 3 lock token, 4 fence, then the members to settle
+-- Returns {contents settled, items left} or {-1} if the caller does not own the batch.
+if redis.call('GET', KEYS[4]) ~= ARGV[3] or redis.call('HGET', KEYS[1], 'id') ~= ARGV[1]
+    or redis.call('HGET', KEYS[1], 'fence') ~= ARGV[4] then
   return {-1}
 end
 redis.call('INCR', KEYS[3])
 local prefix = ARGV[2]
 local settled = 0
-for i = 3, #ARGV do
+for i = 5, #ARGV do
   local member = ARGV[i]
   local amount = tonumber(redis.call('HGET', KEYS[2], member))
   if amount then
