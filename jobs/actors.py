@@ -18,8 +18,10 @@ from jobs.broker import broker, settings, worker_settings
 from jobs.notify import notify_failure
 from viewmw.connections import redis_for_background
 from viewmw.errors import LockLostError
+from viewmw.outage.replayer import replay_outbox
 from viewmw.store import Store
 from viewmw.sync import ViewSync
+from viewmw.tracker import ViewTracker
 
 logger = logging.getLogger("viewmw.jobs")
 
@@ -33,6 +35,9 @@ async def _run(*, force: bool, cleanup_only: bool) -> dict[str, Any]:
         sync = ViewSync(redis, store, settings)
         if cleanup_only:
             return {"cleaned_keys": await sync.cleanup()}
+        # Views kept in the outbox during a Redis outage, by any web process (even one that is
+        # gone), go through the rules before the sync moves counts.
+        replayed = await replay_outbox(ViewTracker(redis, store, settings, pipelining=False))
         try:
             report = await sync.run(force=force)
         except LockLostError as exc:
@@ -44,7 +49,7 @@ async def _run(*, force: bool, cleanup_only: bool) -> dict[str, Any]:
             logger.error("%s", message)
         if report.already_running:
             logger.info("another sync is running; this message has nothing to do")
-        return asdict(report)
+        return {**asdict(report), "replayed": replayed.events}
     finally:
         await redis.aclose()
         await store.close()

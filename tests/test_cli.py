@@ -26,7 +26,7 @@ from sqlalchemy import inspect, text
 from sqlalchemy.exc import OperationalError
 
 from tests.support import DATABASE_URL, REDIS_URL, FakeClock
-from viewmw import KeySchema, Settings, Store, ViewTracker
+from viewmw import KeySchema, Outbox, OutboxEvent, Settings, Store, ViewTracker
 from viewmw import metadata as viewmw_metadata
 from viewmw.cli import EXIT_BUSY, EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE, main
 from viewmw.sync import ViewSync
@@ -502,3 +502,33 @@ def test_a_sync_that_loses_its_lock_exits_1_and_commits_nothing(
     assert main(["sync"]) == EXIT_OK
     assert summary(capsys.readouterr().out) == (5, 2, 1, 1)  # the sealed batch, recovered
     assert counts(services, list(VIEWS)) == (VIEWS, dict.fromkeys(VIEWS, 0))
+
+
+def test_sync_replays_the_outbox_first_and_stats_show_it(
+    services: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Views kept during a Redis outage by a web process that never came back: the command
+    replays them through the rules, then syncs them."""
+
+    async def keep_during_an_outage() -> None:
+        store = Store.from_settings(services)
+        try:
+            outbox = Outbox(store.engine)
+            now = time.time()
+            for n, viewer in enumerate(["user:1", "user:2", "user:1"]):  # a refresh by user 1
+                assert await outbox.add(OutboxEvent.new("article", "x-9", viewer, now + n))
+        finally:
+            await store.close()
+
+    run(keep_during_an_outage)
+    assert main(["sync", "--stats"]) == EXIT_OK
+    assert re.search(r"outbox_events\s*│\s*3", capsys.readouterr().out)
+
+    assert main(["sync"]) == EXIT_OK
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "replayed 3 views kept during a Redis outage (2 counted)"
+    assert summary(out[1]) == (2, 1, 1, 0)
+    assert counts(services, [("article", "x-9")]) == (
+        {("article", "x-9"): 2},
+        {("article", "x-9"): 0},
+    )

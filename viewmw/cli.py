@@ -25,6 +25,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from viewmw.connections import check_database, check_redis, redacted, redis_for_background
 from viewmw.errors import ConfigurationError, ServiceUnavailableError, ViewmwError
+from viewmw.outage.outbox import Outbox
+from viewmw.outage.replayer import replay_outbox
 from viewmw.settings import Settings
 from viewmw.store import Store
 from viewmw.sync import SyncReport, ViewSync
@@ -100,7 +102,7 @@ async def _with_services(
     try:
         await check_redis(redis, settings.redis_url)
         await check_database(store)
-        tracker = ViewTracker(redis, store, settings)
+        tracker = ViewTracker(redis, store, settings, pipelining=False)
         sync = ViewSync(redis, store, settings)
         return await command(tracker, sync, args, console)
     finally:
@@ -111,6 +113,8 @@ async def _with_services(
 async def _sync(
     tracker: ViewTracker, sync: ViewSync, args: argparse.Namespace, console: Console
 ) -> int:
+    # Views kept in the outbox during a Redis outage go through the rules first, then sync.
+    replayed = await replay_outbox(tracker)
     if console.is_terminal:
         with Progress(
             TextColumn("syncing"),
@@ -127,6 +131,13 @@ async def _sync(
             )
     else:
         report = await sync.run(force=args.force)
+    if replayed.events:
+        console.print(
+            f"replayed {replayed.events} views kept during a Redis outage "
+            f"({replayed.counted} counted)",
+            markup=False,
+            highlight=False,
+        )
     if report.already_running:
         console.print("another sync is running; nothing done", markup=False)
         return EXIT_BUSY
@@ -153,6 +164,8 @@ async def _stats(
     tracker: ViewTracker, sync: ViewSync, args: argparse.Namespace, console: Console
 ) -> int:
     stats = await tracker.abuse_stats()
+    if tracker.store is not None:
+        stats.update(await Outbox(tracker.store.engine).stats())
     table = Table(title="viewmw abuse prevention")
     table.add_column("setting or count")
     table.add_column("value", justify="right")

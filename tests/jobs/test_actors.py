@@ -31,7 +31,7 @@ from tests.jobs import (
     redis_counts,
 )
 from tests.support import REDIS_URL, FakeClock
-from viewmw import Settings, Store, ViewTracker
+from viewmw import Outbox, OutboxEvent, Settings, Store, ViewTracker
 from viewmw.cli import main
 from viewmw.mapping import record_mapping
 from viewmw.sync import SyncReport, ViewSync
@@ -425,4 +425,21 @@ async def test_a_type_the_app_counts_elsewhere_is_left_pending_and_logged_as_an_
     assert await redis_counts(viewed, list(pending)) == pending
     assert await database_counts(pg_store, list(pending)) == dict.fromkeys(pending, 0)
     assert await database_counts(pg_store, [("article", "a-1")]) == {("article", "a-1"): 2}
+    assert FAILURES == []
+
+
+async def test_the_sync_actor_replays_the_outbox_before_it_syncs(
+    pg_tracker: ViewTracker, pg_store: Store, stub_worker: StubWorker
+) -> None:
+    """Views a web process kept during a Redis outage and never replayed (it is gone)."""
+    outbox = Outbox(pg_store.engine)
+    now = pg_tracker.clock()
+    for n, viewer in enumerate(["user:7", "user:8", "user:7"]):  # a refresh by user 7
+        assert await outbox.add(OutboxEvent.new("article", "a-9", viewer, now + n))
+
+    sync_view_counts.send()
+    await stub_worker.drain()
+
+    assert await database_counts(pg_store, [("article", "a-9")]) == {("article", "a-9"): 2}
+    assert await outbox.oldest(10) == []
     assert FAILURES == []

@@ -89,6 +89,15 @@ class Replayer:
         return report
 
 
+async def replay_outbox(tracker: ViewTracker) -> ReplayReport:
+    """Replay whatever the outbox of ``tracker``'s database holds (the worker and ``viewmw sync``
+    run this before every sync, so the outbox drains even if the process that wrote it is gone).
+    """
+    if tracker.store is None:
+        return ReplayReport()
+    return await Replayer(tracker, Outbox(tracker.store.engine)).replay()
+
+
 def _is_valid(event: OutboxEvent) -> bool:
     try:
         validate_content_type(event.content_type)
