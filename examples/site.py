@@ -33,6 +33,7 @@ from starlette.responses import HTMLResponse
 from starlette.routing import Route
 
 from viewmw import Settings, Store, content_table
+from viewmw.mapping import record_mapping
 from viewmw.middleware import ViewTrackingMiddleware, build_tracker
 from viewmw.outage.failover import ResilientTracker
 from viewmw.outage.outbox import Outbox
@@ -120,6 +121,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await store.create_tables()
+        # Tell the sync where this app counts each type (it refuses to move them elsewhere).
+        await record_mapping(redis_tracker.redis, redis_tracker.keys, store)
         await seed(store)
         await tracker.startup()
         try:
