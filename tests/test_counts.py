@@ -385,3 +385,25 @@ async def test_a_database_outage_leaves_counts_out_and_logs_once_a_minute(
     assert await tracker.get_view_counts("story", [1, 2]) == {}
     lines = [r for r in caplog.records if "reading database counts failed" in r.getMessage()]
     assert len(lines) == 1
+
+
+async def test_a_crowd_missing_one_content_shares_one_database_read(
+    tracker: ViewTracker, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads: list[list[str]] = []
+    original = Store.read_counts
+
+    async def counted_read(self: Store, *args: Any, **kwargs: Any) -> Any:
+        reads.append(list(args[1]))
+        return await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Store, "read_counts", counted_read)
+    import asyncio
+
+    results = await asyncio.gather(
+        *(tracker.track_view("task", "crowd-1", f"user:{n}") for n in range(50))
+    )
+    assert all(result.counted for result in results)
+    assert reads == [["crowd-1"]]
+    # All 50 were decided in one batch before the count was read: each shows the count then.
+    assert [result.count.total if result.count else None for result in results] == [50] * 50

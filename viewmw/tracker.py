@@ -201,6 +201,7 @@ class ViewTracker:
             self._reads = Batcher(script_pipeline(redis), deadline=deadline)
         self._limit_args = _limit_args(self.settings)
         self._known_counts: dict[str, int] = {}
+        self._fills: dict[tuple[str, str], asyncio.Future[None]] = {}
         limits = self.settings.limits
         self._session_seconds = max(limits.session_seconds, limits.view_cooldown_seconds or 0)
 
@@ -470,7 +471,8 @@ class ViewTracker:
     async def _complete(
         self, content_type: str, raw: dict[str, _RawCounts], epoch: int, batch_id: str
     ) -> dict[str, ViewCount | None]:
-        """Fill in database counts missing from the Redis cache."""
+        """Fill in database counts missing from the Redis cache; never raises (a count that
+        cannot be completed now is ``None``: the view it comes with is recorded all the same)."""
         result: dict[str, ViewCount | None] = {
             content_id: ViewCount(parts.database, parts.pending, parts.syncing)
             if parts.database is not None
@@ -484,25 +486,58 @@ class ViewTracker:
             for content_id in missing:
                 result[content_id] = ViewCount(0, raw[content_id].pending, raw[content_id].syncing)
             return result
+        # Concurrent requests that miss the same content (a flash crowd on a new page) share one
+        # database read: the others wait for it and then read the cached count from Redis.
+        key = (content_type, missing[0]) if len(missing) == 1 else None
+        leader = self._fills.get(key) if key is not None else None
+        try:
+            if leader is not None:
+                await asyncio.shield(leader)
+                raw, _, _ = await self._read_raw(content_type, missing)
+                for content_id, parts in raw.items():
+                    if parts.database is not None:
+                        result[content_id] = ViewCount(parts.database, parts.pending, parts.syncing)
+                return result
+            if key is not None:
+                self._fills[key] = asyncio.get_running_loop().create_future()
+            try:
+                await self._fill_missing(content_type, missing, raw, epoch, batch_id, result)
+            finally:
+                if key is not None:
+                    self._fills.pop(key).set_result(None)
+        except Exception as exc:
+            self._database_errors.report(exc)
+        return result
+
+    async def _fill_missing(
+        self,
+        content_type: str,
+        missing: list[str],
+        raw: dict[str, _RawCounts],
+        epoch: int,
+        batch_id: str,
+        result: dict[str, ViewCount | None],
+    ) -> None:
+        """Read missing database counts into ``result`` and the Redis cache (a few attempts)."""
         for _attempt in range(_FILL_ATTEMPTS):
             # A page never waits on a slow database: a short deadline of its own, and no reads at
             # all while the database is failing (the count is left out instead).
             if not self.database_breaker.allow():
-                break
+                return
             try:
                 async with asyncio.timeout(self.settings.database_request_timeout):
                     filled = await self._fill_cache(content_type, missing, raw, epoch, batch_id)
             except Exception as exc:
                 self.database_breaker.failure()
                 self._database_errors.report(exc)
-                break
+                return
             self.database_breaker.success()
             result.update(filled)
             for content_id, count in filled.items():  # the deferred mode shows these next
                 self._known_counts[f"{content_type}:{content_id}"] = count.total
             missing = [content_id for content_id in missing if content_id not in filled]
             if not missing:
-                break
+                return
             # A sync moved views while the database was read: read Redis again and retry.
             raw, epoch, batch_id = await self._read_raw(content_type, missing)
             for content_id, parts in raw.items():
@@ -510,8 +545,7 @@ class ViewTracker:
                     result[content_id] = ViewCount(parts.database, parts.pending, parts.syncing)
             missing = [content_id for content_id in missing if result[content_id] is None]
             if not missing:
-                break
-        return result
+                return
 
     async def _fill_cache(
         self,
