@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 import httpx
+import redis.asyncio as aioredis
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 from sqlalchemy.pool import NullPool
@@ -21,14 +22,12 @@ from starlette.types import Scope
 
 from tests.conftest import stories
 from tests.support import FakeClock
-from viewmw import ReplayReport, ResilientTracker, Store, ViewTracker
+from viewmw import ResilientTracker, Store, ViewTracker
 
 ROUTES = {"/stories/{id:int}": "story"}
 DEBUG_HEADER = "X-View-Counted"
 SECRET = "outage-http-secret-0123456789"
 PAGE = "the app's own page"
-# Headers that mean the view was counted, or durably kept to be decided at replay.
-ACCEPTED = ("1", "1; queued")
 # A browser's user agent, so that crawler detection lets the request count.
 BROWSER = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"
 
@@ -64,7 +63,7 @@ def site(before_report: Callable[[], Awaitable[None]] | None = None) -> Starlett
     return Starlette(routes=[Route("/stories/{id:int}", story), Route("/report", report)])
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class Seen:
     """What one tracked response said."""
 
@@ -235,10 +234,10 @@ class Migration:
         await self.engine.dispose()
 
 
-async def recover(tracker: ResilientTracker, breaker_clock: FakeClock) -> ReplayReport:
+async def recover(tracker: ResilientTracker, breaker_clock: FakeClock) -> None:
     """Redis is back: let the breaker's back-off pass and probe with a count read until it
-    closes, then replay the outbox to the end (a background replay may run too; the markers
-    make that safe)."""
+    closes, then replay the outbox to the end (the breaker's own background replay may run at
+    the same time; the replay markers make that safe)."""
     for _ in range(10):  # stale pooled connections may fail a probe or two
         breaker_clock.advance(120)
         await tracker.get_view_count("story", "1")
@@ -246,4 +245,9 @@ async def recover(tracker: ResilientTracker, breaker_clock: FakeClock) -> Replay
             break
     assert tracker.breaker.is_closed, f"the breaker stayed {tracker.breaker.state}"
     assert tracker.replayer is not None
-    return await tracker.replayer.replay()
+    await tracker.replayer.replay()
+
+
+async def replay_markers(client: aioredis.Redis) -> int:
+    """Outage events Redis has decided (each leaves a marker)."""
+    return len([key async for key in client.scan_iter(match="viewmw:replayed:*", count=1000)])

@@ -29,6 +29,7 @@ from tests.outage_support import (
     outbox_size,
     quiet,
     recover,
+    replay_markers,
     seed_stories,
     site,
     totals,
@@ -286,19 +287,17 @@ async def test_redis_down_and_the_database_slow_every_header_is_true(
             )
 
             server.start()
-            report = await recover(outage, breaker_clock)
+            await recover(outage, breaker_clock)
             assert await outbox_size(pg_store) == 0, "the replay left events in the outbox"
+            assert await replay_markers(tracker.redis) == len(ids) - len(refused)
+        async with aioredis.Redis.from_url(server.url) as redis:
+            await ViewSync(redis, pg_store, settings).run()
     finally:
         await migration.aclose()
         await outage.aclose()
         await tracker.redis.aclose()
         await tracker.store.close()
-    try:
-        async with aioredis.Redis.from_url(server.url) as redis:
-            await ViewSync(redis, pg_store, settings).run()
-    finally:
         server.kill()
-    print(f"replay: {report}")
     synced = await database_counts(pg_store, ids)
     expected = {one.story: 0 for one in refused}
     expected |= {one.story: 1 for one in queued}

@@ -29,6 +29,7 @@ from tests.outage_support import (
     lock_waiters,
     outbox_size,
     recover,
+    replay_markers,
     seed_stories,
     site,
     user_of,
@@ -138,37 +139,36 @@ async def test_views_offered_during_an_outage_are_decided_as_if_redis_had_stayed
     model = ViewTracker(real_redis, None, settings.replace(redis_url=REDIS_URL), clock=model_clock)
     answers: list[str | None] = []
     try:
-        async with served(app) as url, client_for(url) as client, asyncio.timeout(120):
-            visits = Visits(client)
-            for n, offer in enumerate(traffic):
-                if n == 80:
-                    server.kill()
-                if n == 160:
-                    server.start()
-                    # Before any live view: the outage's views are older, and go first.
-                    report = await recover(outage, breaker_clock)
-                    assert report.events == 77, report
-                    assert await outbox_size(pg_store) == 0, "the replay left events behind"
-                clock.now = offer.at
-                seen = await visits.view(offer.story, user=str(offer.user))
-                answers.append(seen.counted)
-                if 80 <= n < 83:
-                    continue  # refused: never ran, so the model never sees it
-                model_clock.now = offer.at
-                decided = await model.track_view("story", str(offer.story), offer.viewer)
-                if not 80 <= n < 160:
-                    said = "1" if decided.counted else f"0; reason={decided.reason}"
-                    assert seen.counted == said, f"view {n} ({offer}): {seen.counted!r} != {said}"
-            assert outage.breaker.opened_count == 1
-    finally:
-        await outage.aclose()
-        await tracker.redis.aclose()
+        try:
+            async with served(app) as url, client_for(url) as client, asyncio.timeout(120):
+                visits = Visits(client)
+                for n, offer in enumerate(traffic):
+                    if n == 80:
+                        server.kill()
+                    if n == 160:
+                        server.start()
+                        # Before any live view: the outage's views are older, and go first.
+                        await recover(outage, breaker_clock)
+                        assert await outbox_size(pg_store) == 0, "the replay left events behind"
+                        assert await replay_markers(tracker.redis) == 77
+                    clock.now = offer.at
+                    seen = await visits.view(offer.story, user=str(offer.user))
+                    answers.append(seen.counted)
+                    if 80 <= n < 83:
+                        continue  # refused: never ran, so the model never sees it
+                    model_clock.now = offer.at
+                    decided = await model.track_view("story", str(offer.story), offer.viewer)
+                    if not 80 <= n < 160:
+                        said = "1" if decided.counted else f"0; reason={decided.reason}"
+                        assert seen.counted == said, f"view {n} ({offer}): {seen.counted!r}"
+        finally:
+            await outage.aclose()
+            await tracker.redis.aclose()
 
-    assert answers[80:83] == ["0; reason=unavailable"] * 3, answers[80:83]
-    assert answers[83:160] == ["1; queued"] * 77, answers[83:160]
-    assert "0; reason=unavailable" not in answers[:80] + answers[160:]
-    assert "1; queued" not in answers[:80] + answers[160:]
-    try:
+        assert answers[80:83] == ["0; reason=unavailable"] * 3, answers[80:83]
+        assert answers[83:160] == ["1; queued"] * 77, answers[83:160]
+        assert "0; reason=unavailable" not in answers[:80] + answers[160:]
+        assert "1; queued" not in answers[:80] + answers[160:]
         async with aioredis.Redis.from_url(server.url) as restarted:
             replayed = ViewTracker(restarted, None, settings)
             expected = await pending(model)
@@ -242,8 +242,7 @@ async def test_a_replayer_killed_between_redis_and_the_database_doubles_nothing(
         await model.track_view("story", str(offer.story), offer.viewer)
     expected = await pending(model)
     assert await pending(tracker) == expected, "a replayed event was counted twice (or lost)"
-    markers = [key async for key in real_redis.scan_iter(match="viewmw:replayed:*", count=1000)]
-    assert len(markers) == 60, "every event is decided once, and remembered"
+    assert await replay_markers(real_redis) == 60, "every event is decided once, and remembered"
 
     await ViewSync(real_redis, pg_store, settings).run()
     assert await database_counts(pg_store, STORIES) == expected
@@ -286,6 +285,7 @@ async def test_shutdown_writes_the_views_whose_outbox_write_was_in_flight(
     event = OutboxEvent.new("story", "1", offer.viewer, offer.at)
     await migration.lock("viewmw_outbox")
     add = asyncio.create_task(outbox.add(event))
+    closing: asyncio.Task[None] | None = None
     try:
         # The writer took the event and its INSERT waits for the lock.
         await eventually(lambda: lock_waiters(pg_store, "viewmw_outbox"), 1, "writes waiting")
@@ -300,6 +300,8 @@ async def test_shutdown_writes_the_views_whose_outbox_write_was_in_flight(
         async with asyncio.timeout(5):
             assert await add, "the request that queued it was never answered"
     finally:
-        add.cancel()
-        await asyncio.gather(add, return_exceptions=True)
+        tasks = [task for task in (add, closing) if task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await migration.aclose()
