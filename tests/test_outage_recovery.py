@@ -1,22 +1,46 @@
-"""A Redis outage from start to end: a private redis-server killed mid-traffic and restarted.
+"""A Redis outage from start to end, on a private redis-server that is killed and restarted.
 
-Every request keeps getting the app's own response; views accepted while Redis is down are counted
-in the database; after recovery the totals are exact: views accepted = database + pending.
+Views offered while Redis is unreachable go to the database outbox (``1; queued``) and are decided
+later by the same script with their original times, exactly once: the counts equal what the same
+traffic gives with Redis up all along, also when the replayer itself is killed mid-replay.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Any
+import asyncio
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
+import redis.asyncio as aioredis
 
-from tests.asgi_support import RedisProcess, drive, free_port, header, http_scope, plain_app
-from tests.support import FakeClock
+from tests.asgi_support import RedisProcess, free_port, served
+from tests.outage_support import (
+    DEBUG_HEADER,
+    ROUTES,
+    SECRET,
+    Migration,
+    Visits,
+    client_for,
+    database_counts,
+    eventually,
+    lock_waiters,
+    outbox_size,
+    recover,
+    replay_markers,
+    seed_stories,
+    site,
+    user_of,
+)
+from tests.support import DATABASE_URL, NOON_UTC, REDIS_URL, FakeClock
 from viewmw import (
     CircuitBreaker,
-    DatabaseFallback,
     Limits,
+    Outbox,
+    OutboxEvent,
+    Replayer,
     ResilientTracker,
     Settings,
     Store,
@@ -27,130 +51,258 @@ from viewmw import (
 from viewmw.middleware import connect_redis
 from viewmw.outage.breaker import BreakerState
 
-APP_BODY = b"the app's own page"
-STORIES = range(1, 6)
+ROOT = Path(__file__).resolve().parent.parent
+STORIES = range(1, 5)
+USERS = range(501, 507)
+# Rules whose windows the seeded traffic crosses often: several counted views per viewer and day.
+LIMITS = Limits(
+    max_views_per_session=3,
+    session_seconds=2 * 3600,
+    max_daily_views_per_user=6,
+    one_view_per_day=False,
+    view_cooldown_seconds=600,
+)
 
 
-class Outage:
-    """The app, the middleware and the servers of one outage."""
+@dataclass(frozen=True, slots=True)
+class Offer:
+    """One view of the seeded traffic: when, by whom, of what."""
 
-    def __init__(self, store: Store, server: RedisProcess) -> None:
-        self.server = server
-        self.store = store
-        self.settings = Settings(
-            redis_url=server.url,
-            secret="outage-secret-0123456789",
-            redis_timeout=0.2,
-            # Every view of a new viewer counts, in Redis and in the fallback alike.
-            limits=Limits(
-                max_views_per_session=0, max_daily_views_per_user=0, view_cooldown_seconds=0
-            ),
-        )
-        self.breaker_clock = FakeClock(now=0.0)
-        self.redis = connect_redis(self.settings)
-        self.tracker = ViewTracker(self.redis, store, self.settings, clock=FakeClock())
-        self.fallback = DatabaseFallback(store, flush_seconds=3600)  # flushed by the test
-        self.resilient = ResilientTracker(
-            self.tracker,
-            self.fallback,
-            breaker=CircuitBreaker(failure_threshold=3, reset_seconds=5, clock=self.breaker_clock),
-        )
-        self.app = ViewTrackingMiddleware(
-            plain_app(body=APP_BODY),
-            tracker=self.resilient,  # type: ignore[arg-type]
-            # A type without a table of its own: no rows to seed.
-            routes={"/stories/{id:int}": "task"},
-            debug_header="X-View-Counted",
-        )
-        self.accepted = dict.fromkeys(map(str, STORIES), 0)
-        self.viewers = 0
+    at: float
+    user: int
+    story: int
 
-    async def traffic(self, requests: int) -> list[bytes | None]:
-        """``requests`` views by new viewers, round-robin over the stories; every response must
-        be the app's own. Returns the debug header of each."""
-        outcomes = []
-        for n in range(requests):
-            self.viewers += 1
-            story = str(STORIES[n % len(STORIES)])
-            agent = f"Mozilla/5.0 outage-viewer-{self.viewers}".encode()
-            sent = await drive(
-                self.app, http_scope(f"/stories/{story}", headers=[(b"user-agent", agent)])
-            )
-            assert (sent[0]["status"], sent[1]["body"]) == (200, APP_BODY)
-            counted = header(sent[0], b"x-view-counted")
-            if counted == b"1":
-                self.accepted[story] += 1
-            outcomes.append(counted)
-        return outcomes
-
-    async def totals(self) -> dict[str, int]:
-        """database + pending (+ syncing) per story."""
-        return {
-            story: await self.tracker.get_database_view_count("task", story)
-            + await self.tracker.get_redis_view_count("task", story)
-            for story in self.accepted
-        }
+    @property
+    def viewer(self) -> str:
+        return f"user:{self.user}"
 
 
-@pytest.fixture
-async def outage(store: Store) -> AsyncIterator[Outage]:
-    server = RedisProcess(free_port())
-    server.start()
-    world = Outage(store, server)
-    yield world
-    await world.resilient.aclose()
-    await world.redis.aclose()
-    server.kill()
+def seeded_traffic(views: int, seed: int = 11) -> list[Offer]:
+    """``views`` views by a few users of a few stories, strictly later one after the other (whole
+    seconds), about 30 hours in all: windows open and close, a day ends."""
+    rng = random.Random(seed)
+    at, offers = NOON_UTC, []
+    for _ in range(views):
+        at += rng.randint(1, 900)
+        offers.append(Offer(at, rng.choice(USERS), rng.choice(STORIES)))
+    return offers
 
 
-async def test_views_during_an_outage_reach_the_database_and_totals_stay_exact(
-    outage: Outage,
+async def tracking_state(client: aioredis.Redis) -> dict[bytes, object]:
+    """Every session hash and daily counter: the rules' memory of which views counted."""
+    state: dict[bytes, object] = {}
+    async for key in client.scan_iter(match="viewed:*", count=1000):
+        state[key] = await client.hgetall(key)
+    async for key in client.scan_iter(match="daily_views:*", count=1000):
+        state[key] = await client.get(key)
+    return state
+
+
+async def pending(tracker: ViewTracker) -> dict[int, int]:
+    return {s: await tracker.get_redis_view_count("story", s) for s in STORIES}
+
+
+# Killed mid-traffic ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_views_offered_during_an_outage_are_decided_as_if_redis_had_stayed_up(
+    pg_store: Store, real_redis: aioredis.Redis, tmp_path: Path
 ) -> None:
-    assert await outage.traffic(10) == [b"1"] * 10  # on Redis
+    """240 seeded views over HTTP; the redis-server is killed after 80 and restarted after 160.
 
-    outage.server.kill()
-    during = await outage.traffic(40)
-    # The first failures open the breaker and are not counted (the script may have run); after
-    # that every new viewer is counted by the database fallback, without touching Redis.
-    assert during[:3] == [b"0; reason=unavailable"] * 3
-    assert during[3:] == [b"1"] * 37
-    assert outage.resilient.breaker.state is BreakerState.OPEN
-    assert await outage.fallback.flush() == 37
-
-    outage.server.start()  # empty: a restarted Redis without persistence lost its pending views
-    outage.breaker_clock.advance(5)  # the back-off is over: the next request probes Redis
-    after = await outage.traffic(10)
-    assert after == [b"1"] * 10
-    assert outage.resilient.breaker.state is BreakerState.CLOSED
-    assert outage.resilient._reconciling is not None
-    await outage.resilient._reconciling  # the fallback's contents are re-read from the database
-
-    # The 10 views pending in the killed server are gone with it; everything else is exact.
-    lost_with_the_server = {story: 2 for story in outage.accepted}
-    expected = {s: outage.accepted[s] - lost_with_the_server[s] for s in outage.accepted}
-    assert await outage.totals() == expected
-    shown = await outage.resilient.get_view_counts("task", list(outage.accepted))
-    assert shown == expected  # the cached counts were refreshed, not stale
-
-    await ViewSync(outage.redis, outage.store, outage.settings).run()
-    for story, count in expected.items():
-        assert await outage.tracker.get_database_view_count("task", story) == count
-        assert await outage.tracker.get_redis_view_count("task", story) == 0
-
-
-async def test_redis_that_hangs_is_handled_the_same_way(store: Store, monkeypatch: Any) -> None:
-    from tests.asgi_support import StubRedis
-
-    async with StubRedis(None) as stub:  # accepts connections, never answers
-        server = RedisProcess(free_port())
-        server.url = stub.url
-        world = Outage(store, server)
+    The model is the same traffic on a second, healthy Redis, with the same clock. It is offered
+    every view but the three that met the dead server before the breaker opened: those calls
+    were refused, so they never ran anywhere (their header says ``unavailable``).
+    """
+    await seed_stories(pg_store, STORIES)
+    traffic = seeded_traffic(240)
+    server = RedisProcess(free_port(), data_dir=tmp_path)  # keeps what it acknowledged
+    server.start()
+    # Generous request deadlines: this test is about outcomes, not about a loaded machine.
+    settings = Settings(
+        secret=SECRET,
+        redis_url=server.url,
+        database_url=DATABASE_URL,
+        limits=LIMITS,
+        redis_timeout=5.0,
+        database_request_timeout=5.0,
+    )
+    clock, breaker_clock = FakeClock(), FakeClock(now=0.0)
+    tracker = ViewTracker(connect_redis(settings), pg_store, settings, clock=clock)
+    outage = ResilientTracker(
+        tracker, Outbox(pg_store.engine), breaker=CircuitBreaker(clock=breaker_clock)
+    )
+    app = ViewTrackingMiddleware(
+        site(), tracker=outage, routes=ROUTES, viewer=user_of, debug_header=DEBUG_HEADER
+    )
+    model_clock = FakeClock()
+    model = ViewTracker(real_redis, None, settings.replace(redis_url=REDIS_URL), clock=model_clock)
+    answers: list[str | None] = []
+    try:
         try:
-            during = await world.traffic(8)
-            assert during[:3] == [b"0; reason=unavailable"] * 3
-            assert during[3:] == [b"1"] * 5
-            assert await world.fallback.flush() == 5
-            assert sum([await store.read_count("task", s) for s in world.accepted]) == 5
+            async with served(app) as url, client_for(url) as client, asyncio.timeout(120):
+                visits = Visits(client)
+                for n, offer in enumerate(traffic):
+                    if n == 80:
+                        server.kill()
+                    if n == 160:
+                        server.start()
+                        # Before any live view: the outage's views are older, and go first.
+                        await recover(outage, breaker_clock)
+                        assert await outbox_size(pg_store) == 0, "the replay left events behind"
+                        assert await replay_markers(tracker.redis) == 77
+                    clock.now = offer.at
+                    seen = await visits.view(offer.story, user=str(offer.user))
+                    answers.append(seen.counted)
+                    if 80 <= n < 83:
+                        continue  # refused: never ran, so the model never sees it
+                    model_clock.now = offer.at
+                    decided = await model.track_view("story", str(offer.story), offer.viewer)
+                    if not 80 <= n < 160:
+                        said = "1" if decided.counted else f"0; reason={decided.reason}"
+                        assert seen.counted == said, f"view {n} ({offer}): {seen.counted!r}"
         finally:
-            await world.resilient.aclose()
-            await world.redis.aclose()
+            await outage.aclose()
+            await tracker.redis.aclose()
+
+        assert answers[80:83] == ["0; reason=unavailable"] * 3, answers[80:83]
+        assert answers[83:160] == ["1; queued"] * 77, answers[83:160]
+        assert "0; reason=unavailable" not in answers[:80] + answers[160:]
+        assert "1; queued" not in answers[:80] + answers[160:]
+        async with aioredis.Redis.from_url(server.url) as restarted:
+            replayed = ViewTracker(restarted, None, settings)
+            expected = await pending(model)
+            assert await pending(replayed) == expected, "the counts differ from the model's"
+            assert await tracking_state(restarted) == await tracking_state(real_redis), (
+                "the rules' state (sessions, daily counters) differs from the model's"
+            )
+            await ViewSync(restarted, pg_store, settings).run()
+            assert await pending(replayed) == dict.fromkeys(STORIES, 0)
+    finally:
+        server.kill()
+    assert await database_counts(pg_store, STORIES) == expected
+    assert sum(expected.values()) >= 60, f"too few views counted to mean much: {expected}"
+
+
+# A replayer killed -9 ---------------------------------------------------------------------------
+
+
+async def write_outbox(store: Store, offers: list[Offer]) -> list[OutboxEvent]:
+    outbox = Outbox(store.engine)
+    events = [OutboxEvent.new("story", str(o.story), o.viewer, o.at) for o in offers]
+    written = await asyncio.gather(*(outbox.add(event) for event in events))
+    assert all(written), "the outbox refused events"
+    return events
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("killed_after", [1, 2], ids=["first-chunk", "second-chunk"])
+async def test_a_replayer_killed_between_redis_and_the_database_doubles_nothing(
+    killed_after: int, pg_store: Store, real_redis: aioredis.Redis
+) -> None:
+    """A replayer process is killed -9 right after chunk ``killed_after`` reached Redis, before
+    that chunk left the outbox; a second replay decides every event once."""
+    await seed_stories(pg_store, STORIES)
+    offers = seeded_traffic(60, seed=4)
+    await write_outbox(pg_store, offers)
+    settings = Settings()  # the worker's: default rules
+
+    worker = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(ROOT / "tests" / "outage_replay_worker.py"),
+        REDIS_URL,
+        DATABASE_URL,
+        "20",
+        str(killed_after),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        cwd=ROOT,
+    )
+    try:
+        assert worker.stdout is not None
+        async with asyncio.timeout(60):
+            line = await worker.stdout.readline()
+        assert line == b"paused\n", line + await worker.stdout.read()
+    finally:
+        if worker.returncode is None:
+            worker.kill()
+        await worker.wait()
+    left = 60 - 20 * (killed_after - 1)
+    assert await outbox_size(pg_store) == left, "the kill did not land between Redis and delete"
+
+    tracker = ViewTracker(real_redis, pg_store, settings)
+    report = await Replayer(tracker, Outbox(pg_store.engine), chunk=20).replay()
+    assert (report.events, report.already_replayed) == (left, 20), report
+    assert await outbox_size(pg_store) == 0
+
+    model_clock = FakeClock()
+    model = ViewTracker(real_redis, None, settings.replace(key_prefix="model:"), clock=model_clock)
+    for offer in offers:
+        model_clock.now = offer.at
+        await model.track_view("story", str(offer.story), offer.viewer)
+    expected = await pending(model)
+    assert await pending(tracker) == expected, "a replayed event was counted twice (or lost)"
+    assert await replay_markers(real_redis) == 60, "every event is decided once, and remembered"
+
+    await ViewSync(real_redis, pg_store, settings).run()
+    assert await database_counts(pg_store, STORIES) == expected
+    assert await pending(tracker) == dict.fromkeys(STORIES, 0)
+
+
+# Findings: the outbox ---------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="viewmw/outage/outbox.py OutboxEvent.row() rounds viewed_at to the nearest "
+    "millisecond, so a view offered at x.9996 s is replayed as second x+1: floor it instead",
+)
+async def test_a_queued_view_is_decided_in_the_second_it_was_offered(
+    pg_store: Store, real_redis: aioredis.Redis
+) -> None:
+    settings = Settings(limits=Limits(one_view_per_day=False))  # cooldown 300 s
+    clock = FakeClock()
+    tracker = ViewTracker(real_redis, pg_store, settings, clock=clock)
+    assert (await tracker.track_view("story", "1", "user:1")).counted
+    # 299.9996 s later: inside the cooldown (the rules see whole seconds: 299).
+    await write_outbox(pg_store, [Offer(clock.now + 299.9996, 1, 1)])
+    report = await Replayer(tracker, Outbox(pg_store.engine)).replay()
+    assert report.counted == 0, "a view inside the cooldown counted because it was replayed"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="viewmw/outage/outbox.py Outbox.aclose() cancels the writer task mid-write: the group "
+    "it holds is neither in _queue nor in _unwritten, so it is never written, and the add() "
+    "callers of that group wait forever on a future nobody resolves",
+)
+async def test_shutdown_writes_the_views_whose_outbox_write_was_in_flight(
+    pg_store: Store,
+) -> None:
+    outbox = Outbox(pg_store.engine)
+    migration = Migration(DATABASE_URL)
+    (offer,) = seeded_traffic(1)
+    event = OutboxEvent.new("story", "1", offer.viewer, offer.at)
+    await migration.lock("viewmw_outbox")
+    add = asyncio.create_task(outbox.add(event))
+    closing: asyncio.Task[None] | None = None
+    try:
+        # The writer took the event and its INSERT waits for the lock.
+        await eventually(lambda: lock_waiters(pg_store, "viewmw_outbox"), 1, "writes waiting")
+        assert outbox.in_memory == 0
+        closing = asyncio.create_task(outbox.aclose(write_seconds=30))
+        for _ in range(10):
+            await asyncio.sleep(0)  # let the shutdown begin while the write is still stuck
+        await migration.release()
+        async with asyncio.timeout(30):
+            await closing
+        assert await outbox_size(pg_store) == 1, "a view kept in memory was lost at shutdown"
+        async with asyncio.timeout(5):
+            assert await add, "the request that queued it was never answered"
+    finally:
+        tasks = [task for task in (add, closing) if task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await migration.aclose()
