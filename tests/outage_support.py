@@ -170,15 +170,7 @@ async def totals(tracker: ViewTracker, ids: Iterable[int]) -> dict[int, int]:
 async def quiet(tracker: ViewTracker) -> None:
     """Wait until every script call ``tracker`` queued has been answered (late ones included), so
     that Redis holds their outcome before the test reads it."""
-    pipeline = tracker._pipeline  # the calls in flight live there; no public handle exists
-    if pipeline is None:
-        return
-    for _ in range(100):
-        if not pipeline._tasks and not pipeline._queue:
-            return
-        await asyncio.gather(*pipeline._tasks, return_exceptions=True)
-        await asyncio.sleep(0)  # a flush scheduled for calls still queued
-    raise AssertionError("the script calls in flight never settled")
+    await tracker.drain()
 
 
 async def eventually(

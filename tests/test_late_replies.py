@@ -15,13 +15,6 @@ from viewmw.middleware import connect_redis
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="viewmw/pipeline.py AutoPipeline._flush drops the calls whose caller's deadline passed "
-    "while they waited for a free pipeline slot (`batch = [call for call in batch if not "
-    "call.future.done()]`): such a view is never decided, so a flash crowd loses views. Send "
-    "them anyway: _deliver already ignores a caller that left.",
-)
 async def test_a_view_whose_deadline_passed_while_queued_is_still_decided() -> None:
     """Four pipelines wait on Redis (writes paused, as a busy Redis or a busy loop would hold
     them); a fifth view queues behind them and its request's deadline passes. Its outcome is

@@ -107,3 +107,17 @@ def test_trip_opens_at_once_and_counts_once(clock: FakeClock) -> None:
     assert breaker.allow()
     breaker.success()
     assert breaker.state is BreakerState.CLOSED and breaker.opened_count == 2
+
+
+def test_an_inconclusive_call_neither_opens_nor_closes_it(clock: FakeClock) -> None:
+    breaker = make(clock)
+    for _ in range(10):
+        assert breaker.allow()
+        breaker.inconclusive()
+    assert breaker.state is BreakerState.CLOSED
+    breaker.trip()
+    clock.advance(1.0)
+    assert breaker.allow() and not breaker.allow()  # one probe at a time
+    breaker.inconclusive()
+    assert breaker.state is BreakerState.HALF_OPEN
+    assert breaker.allow()  # the probe may be tried again

@@ -138,11 +138,6 @@ async def test_a_busy_event_loop_neither_opens_the_breaker_nor_counts_a_reload_a
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=False,
-    reason="fails in about one run of three until viewmw/pipeline.py stops dropping late calls "
-    "(pinned by test_late_replies.py); remove this mark with that fix",
-)
 async def test_a_flash_crowd_counts_exactly_and_never_opens_the_breaker(
     pg_store: Store, real_redis: aioredis.Redis
 ) -> None:

@@ -49,7 +49,6 @@ from viewmw import (
     ViewTrackingMiddleware,
 )
 from viewmw.middleware import connect_redis
-from viewmw.outage.breaker import BreakerState
 
 ROOT = Path(__file__).resolve().parent.parent
 STORIES = range(1, 5)
@@ -253,11 +252,6 @@ async def test_a_replayer_killed_between_redis_and_the_database_doubles_nothing(
 # Findings: the outbox ---------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="viewmw/outage/outbox.py OutboxEvent.row() rounds viewed_at to the nearest "
-    "millisecond, so a view offered at x.9996 s is replayed as second x+1: floor it instead",
-)
 async def test_a_queued_view_is_decided_in_the_second_it_was_offered(
     pg_store: Store, real_redis: aioredis.Redis
 ) -> None:
@@ -271,12 +265,6 @@ async def test_a_queued_view_is_decided_in_the_second_it_was_offered(
     assert report.counted == 0, "a view inside the cooldown counted because it was replayed"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="viewmw/outage/outbox.py Outbox.aclose() cancels the writer task mid-write: the group "
-    "it holds is neither in _queue nor in _unwritten, so it is never written, and the add() "
-    "callers of that group wait forever on a future nobody resolves",
-)
 async def test_shutdown_writes_the_views_whose_outbox_write_was_in_flight(
     pg_store: Store,
 ) -> None:

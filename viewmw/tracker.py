@@ -527,6 +527,11 @@ class ViewTracker:
             try:
                 async with asyncio.timeout(self.settings.database_request_timeout):
                     filled = await self._fill_cache(content_type, missing, raw, epoch, batch_id)
+            except TimeoutError as exc:
+                # Our deadline, not the database's failure (a lock, or a busy event loop).
+                self.database_breaker.inconclusive()
+                self._database_errors.report(exc)
+                return
             except Exception as exc:
                 self.database_breaker.failure()
                 self._database_errors.report(exc)

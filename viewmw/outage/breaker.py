@@ -95,6 +95,12 @@ class CircuitBreaker:
             return
         self._open()
 
+    def inconclusive(self) -> None:
+        """The call that was allowed ended without an answer either way (the caller's own
+        deadline passed): it neither opens nor closes the breaker; a probe may be tried again."""
+        if self.state is BreakerState.HALF_OPEN:
+            self._probing = False
+
     def trip(self) -> None:
         """Open now: a check outside the request path found the server failing."""
         if self.state is BreakerState.HALF_OPEN:

@@ -223,7 +223,10 @@ class ResilientTracker:
                     counts, _ = await store.read_counts(content_type, stale)
                     waiting = await outbox.counts(content_type, stale)
             except Exception as exc:
-                database.failure()
+                if isinstance(exc, TimeoutError):
+                    database.inconclusive()  # our deadline, not the database's failure
+                else:
+                    database.failure()
                 self._errors.report(exc)
             else:
                 database.success()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -67,7 +68,8 @@ class OutboxEvent:
         """The event as a row of :data:`outbox_events`."""
         return {
             "event_id": self.event_id,
-            "viewed_at_ms": round(self.viewed_at * 1000),
+            # Floored: a view must be replayed in the second it was offered, never the next.
+            "viewed_at_ms": math.floor(self.viewed_at * 1000),
             "content_type": self.content_type,
             "content_id": self.content_id,
             "viewer": self.viewer,
@@ -96,6 +98,8 @@ class Outbox:
         self.written = 0
         self._queue: list[OutboxEvent] = []
         self._queued_done: asyncio.Future[bool] | None = None
+        self._writing: list[OutboxEvent] = []
+        self._writing_done: asyncio.Future[bool] | None = None
         self._unwritten: list[OutboxEvent] = []
         self._writer: asyncio.Task[None] | None = None
         self._retrier: asyncio.Task[None] | None = None
@@ -106,13 +110,13 @@ class Outbox:
     @property
     def in_memory(self) -> int:
         """Events offered to this process and not yet known to be written."""
-        return len(self._queue) + len(self._unwritten)
+        return len(self._queue) + len(self._writing) + len(self._unwritten)
 
     def in_memory_for(self, content_type: str, content_id: str) -> int:
         """Events of one content held in this process, not yet known to be written."""
         return sum(
             1
-            for event in (*self._queue, *self._unwritten)
+            for event in (*self._queue, *self._writing, *self._unwritten)
             if event.content_id == content_id and event.content_type == content_type
         )
 
@@ -138,13 +142,14 @@ class Outbox:
         """Write what is queued, one group at a time, until nothing is queued."""
         await asyncio.sleep(0)  # let the requests of this loop turn join the group
         while self._queue:
-            events, self._queue = self._queue, []
-            done, self._queued_done = self._queued_done, None
-            written = await self._write(events)
+            # Kept visible while it is written, so a shutdown that stops the write keeps it.
+            self._writing, self._queue = self._queue, []
+            self._writing_done, self._queued_done = self._queued_done, None
+            written = await self._write(self._writing)
             if not written:
-                self._keep_unwritten(events)
-            if done is not None and not done.done():
-                done.set_result(written)
+                self._keep_unwritten(self._writing)
+            _resolve(self._writing_done, written)
+            self._writing, self._writing_done = [], None
 
     async def _write(self, events: Sequence[OutboxEvent]) -> bool:
         try:
@@ -197,10 +202,11 @@ class Outbox:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        self._unwritten = [*self._unwritten, *self._queue]
-        self._queue = []
-        if self._queued_done is not None and not self._queued_done.done():
-            self._queued_done.set_result(False)
+        # Writes are idempotent: a group whose write was stopped midway is simply written again.
+        self._unwritten = [*self._unwritten, *self._writing, *self._queue]
+        self._queue, self._writing = [], []
+        _resolve(self._queued_done, False)
+        _resolve(self._writing_done, False)
         if not self._unwritten:
             return
         try:
@@ -267,3 +273,8 @@ class Outbox:
             "outbox_in_memory": self.in_memory,
             "outbox_dropped": self.dropped,
         }
+
+
+def _resolve(future: asyncio.Future[bool] | None, written: bool) -> None:
+    if future is not None and not future.done():
+        future.set_result(written)
