@@ -6,16 +6,17 @@ and a burst shares one round trip. While ``max_in_flight`` batches wait for Redi
 gather and leave as the next batch, which keeps batches large under load and the connection
 count small.
 
-Each batch has one deadline (``deadline`` seconds after its oldest item was submitted) instead of
-a timeout per request: when it passes, the requests still waiting get :class:`LateReply` and
-move on. The batch itself is never withdrawn: an item once submitted is sent and its reply read,
-because for a view only the script Redis runs may decide it.
+The items of one loop turn share one deadline (``deadline`` seconds after the first was
+submitted) instead of a timeout per request: when it passes, the requests still waiting get
+:class:`LateReply` and move on. The batch itself is never withdrawn: an item once submitted is
+sent and its reply read, because for a view only the script Redis runs may decide it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar
 
@@ -59,7 +60,9 @@ class Batcher(Generic[T, R]):
         self.max_in_flight = max_in_flight
         self._items: list[T] = []
         self._futures: list[asyncio.Future[R]] = []
+        self._undated: list[asyncio.Future[R]] = []  # submitted since the last flush
         self._oldest = 0.0
+        self._turns: deque[list[float]] = deque()  # [submitted at, items left] per loop turn
         self._in_flight = 0
         self._flush_scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -74,10 +77,13 @@ class Batcher(Generic[T, R]):
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[R] = loop.create_future()
-        if not self._items:
+        if not self._undated:
             self._oldest = loop.time()
+            self._turns.append([self._oldest, 0])
+        self._turns[-1][1] += 1
         self._items.append(item)
         self._futures.append(future)
+        self._undated.append(future)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
@@ -99,20 +105,34 @@ class Batcher(Generic[T, R]):
     def _flush(self) -> None:
         self._flush_scheduled = False
         loop = asyncio.get_running_loop()
-        if self._items:
-            self.longest_queued = max(self.longest_queued, loop.time() - self._oldest)
+        if self._undated:
+            # One deadline for everything submitted in this loop turn, whether it leaves now or
+            # has to wait for a batch in flight to come back.
+            if self.deadline is not None:
+                loop.call_at(self._oldest + self.deadline, _expire, self._undated)
+            self._undated = []
         while self._items and self._in_flight < self.max_in_flight:
             items, self._items = self._items[: self.max_batch], self._items[self.max_batch :]
+            self._note_queue_time(loop.time(), len(items))
             futures, self._futures = (
                 self._futures[: self.max_batch],
                 self._futures[self.max_batch :],
             )
-            if self.deadline is not None:
-                loop.call_at(self._oldest + self.deadline, _expire, futures)
             self._in_flight += 1
             task = loop.create_task(self._send(items, futures))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def _note_queue_time(self, now: float, leaving: int) -> None:
+        """Account for ``leaving`` items, oldest first, in :attr:`longest_queued`."""
+        self.longest_queued = max(self.longest_queued, now - self._turns[0][0])
+        while leaving:
+            turn = self._turns[0]
+            taken = min(leaving, int(turn[1]))
+            turn[1] -= taken
+            leaving -= taken
+            if not turn[1]:
+                self._turns.popleft()
 
     async def _send(self, items: list[T], futures: list[asyncio.Future[R]]) -> None:
         try:
