@@ -205,15 +205,16 @@ class Outbox:
         # Writes are idempotent: a group whose write was stopped midway is simply written again.
         self._unwritten = [*self._unwritten, *self._writing, *self._queue]
         self._queue, self._writing = [], []
-        _resolve(self._queued_done, False)
-        _resolve(self._writing_done, False)
-        if not self._unwritten:
-            return
-        try:
-            async with asyncio.timeout(write_seconds):
-                await self.write_unwritten()
-        except TimeoutError:
-            pass
+        waiting = [self._queued_done, self._writing_done]
+        self._queued_done = self._writing_done = None
+        if self._unwritten:
+            try:
+                async with asyncio.timeout(write_seconds):
+                    await self.write_unwritten()
+            except TimeoutError:
+                pass
+        for done in waiting:  # their requests learn whether the views were kept after all
+            _resolve(done, not self._unwritten)
         if self._unwritten:
             logger.error(
                 "viewmw: %d views offered during a Redis outage could not be written and are lost",
