@@ -21,7 +21,7 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
 from viewmw.errorlog import ErrorLog
-from viewmw.errors import ServiceUnavailableError
+from viewmw.errors import InvalidKeyError, ServiceUnavailableError
 from viewmw.keys import KeySchema, validate_content_id, validate_content_type, validate_viewer
 from viewmw.pipeline import AutoPipeline
 from viewmw.scripts import Scripts
@@ -159,6 +159,9 @@ class ViewTracker:
         content_type = validate_content_type(content_type)
         content_id = validate_content_id(content_id)
         viewer = validate_viewer(viewer)
+        if self.store is not None and not self.store.accepts_id(content_type, content_id):
+            # Counted now, it could never reach its table: refuse it while the client is here.
+            raise InvalidKeyError(f"no {content_type} row can have the id {content_id!r}")
         now = math.floor(self.clock())
         day = self._calendar_day(now)
         seconds_left_today = day.end - now
