@@ -15,6 +15,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import pytest
 import redis.asyncio as aioredis
@@ -328,3 +329,73 @@ def test_unmapped_types_accept_every_valid_id(sqlite_store: Store) -> None:
     assert sqlite_store.accepts_id("task", "9" * 64)
     assert sqlite_store.accepts_id("story", str(2**63 - 1))
     assert not sqlite_store.accepts_id("story", str(2**63))
+
+
+# Tables named in settings (VIEWMW_CONTENT_TABLES) ----------------------------------------------
+
+
+async def test_tables_named_in_settings_work_with_their_real_key_type(
+    store: Store, real_redis: aioredis.Redis, clock: FakeClock
+) -> None:
+    """The store reads each named table's key type from the database at first use.
+
+    SQLite has no UUID type (SQLAlchemy stores UUIDs there as 32 hex digits), so UUID keys are
+    named in settings on PostgreSQL only; in code (``content_tables=``) they work on both.
+    """
+    await recreate(store.engine, id_tables)
+    tables = {"num": "ids_int.view_count", "code": "ids_code.views"}
+    if store.dialect == "postgresql":
+        tables["uid"] = "ids_uuid.view_count"
+    config = Settings(
+        secret="test-secret-0123456789",
+        redis_timeout=5.0,
+        limits=PERMISSIVE,
+        database_url=store.engine.url.render_as_string(hide_password=False),
+        content_tables=tables,
+    )
+    named = Store.from_settings(config)
+    try:
+        assert named.accepts_id("code", "x" * 30)  # not known before the first use
+
+        await named.create_tables()  # the tables exist: nothing created, key types read
+
+        assert named.accepts_id("code", "x" * 20)
+        assert not named.accepts_id("code", "x" * 21)
+        assert named.accepts_id("num", str(2**31 - 1))
+        assert named.accepts_id("num", str(2**31)) == (store.dialect == "sqlite")
+        world = IdWorld(real_redis, named, ViewTracker(real_redis, named, config, clock=clock))
+        contents = [("num", "2147483647"), ("code", "a-slug_of_20_chars_x")]
+        if store.dialect == "postgresql":
+            assert not named.accepts_id("uid", uuid.UUID(int=7).hex)
+            contents.append(("uid", str(uuid.UUID(int=2**128 - 1))))
+        await world.insert_rows(contents)
+        for content in contents:
+            assert await world.offer(*content)
+        assert not await world.offer("code", "x" * 21)
+
+        report = await ViewSync(real_redis, named, config).run()
+
+        assert (report.views, report.unmatched_views) == (len(contents), 0)
+        assert [await world.row_count(*c) for c in contents] == [1] * len(contents)
+    finally:
+        await named.close()
+        async with store.engine.begin() as connection:
+            await connection.run_sync(id_tables.drop_all)
+
+
+async def test_a_table_named_in_settings_is_created_with_a_bigint_key(store: Store) -> None:
+    config = Settings(
+        database_url=store.engine.url.render_as_string(hide_password=False),
+        content_tables={"clip": "ids_clips.view_count"},
+    )
+    named = Store.from_settings(config)
+    try:
+        await named.create_tables()
+        assert named.accepts_id("clip", str(2**63 - 1))
+        assert not named.accepts_id("clip", "abc")
+        await named.commit_batch("b", datetime.now(UTC), {("clip", "5"): 1})
+        assert await named.read_count("clip", "5") == 1  # no row 5: kept as unmatched
+    finally:
+        async with named.engine.begin() as connection:
+            await connection.exec_driver_sql("DROP TABLE ids_clips")
+        await named.close()
