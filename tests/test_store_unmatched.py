@@ -15,8 +15,9 @@ import pytest
 from sqlalchemy import event, select
 
 from tests.conftest import stories
-from tests.test_sync import World, real_world
+from tests.test_sync import Hook, InjectedCrash, World, real_world
 from viewmw import Store
+from viewmw import store as store_module
 from viewmw.store import CommitResult, unmatched_views
 
 __all__ = ["real_world"]  # the fixture, shared with test_sync.py
@@ -110,6 +111,23 @@ async def test_retry_moves_kept_views_into_rows_that_exist_now(real_world: World
     assert await world.store.retry_unmatched() == {}
 
 
+async def test_a_sync_that_dies_after_the_commit_keeps_the_views_once(real_world: World) -> None:
+    world = real_world.permissive()
+    await world.seed()
+    await offer(world, EXISTING + MISSING, range(2))
+    hook = Hook()
+    hook.crash_at("committed")
+    with pytest.raises(InjectedCrash):
+        await world.sync(on_step=hook).run()
+    await world.check_conservation()
+
+    report = await world.sync().run()  # finds the batch in the ledger: only settles it
+
+    assert (report.recovered_batches, report.unmatched_views) == (1, 0)
+    assert await world.store.unmatched_totals() == (3, 6)
+    await world.check_settled()
+
+
 # At the store's level -----------------------------------------------------------------------------
 
 
@@ -152,6 +170,21 @@ async def test_missing_rows_are_found_in_bulk_not_row_by_row(
     assert result.unmatched_views == 600
     counts, _ = await store.read_counts("story", ["1", "300", "1001", "1300"])
     assert counts == {"1": 4, "300": 2, "1001": 4, "1300": 2}
+
+
+async def test_missing_rows_spread_over_several_chunks(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "CHUNK_ROWS", 3)
+    await seed_stories(store, range(1, 6))
+    deltas = {("story", str(i)): i for i in range(1, 11)}
+
+    result = await store.commit_batch("chunked", datetime.now(UTC), deltas)
+
+    assert result.unmatched == {("story", str(i)): i for i in range(6, 11)}
+    counts, _ = await store.read_counts("story", [str(i) for i in range(1, 11)])
+    assert counts == {str(i): i for i in range(1, 11)}
+    assert await store.unmatched_totals() == (5, 40)
 
 
 async def test_a_batch_already_committed_changes_nothing_and_reports_nothing(store: Store) -> None:
