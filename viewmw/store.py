@@ -286,7 +286,8 @@ class Store:
         Everything comes from one statement, so from one snapshot of the database: the caller
         can tell whether the counts already include the unsettled batch.
         """
-        await self._reflect()
+        if self._described:  # the request path: no coroutine when there is nothing to read
+            await self._reflect()
         target = self._targets.get(content_type)
         ids = list(content_ids)
         if target is None:
