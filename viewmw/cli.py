@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -28,7 +29,7 @@ from viewmw.errors import ConfigurationError, ServiceUnavailableError, ViewmwErr
 from viewmw.outage.outbox import Outbox
 from viewmw.outage.replayer import replay_outbox
 from viewmw.settings import Settings
-from viewmw.store import Store
+from viewmw.store import Store, UnmatchedViews
 from viewmw.sync import SyncReport, ViewSync
 from viewmw.tracker import ViewTracker
 
@@ -55,7 +56,21 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("stats", help="the same as `sync --stats`")
     commands.add_parser("cleanup", help="delete previous days' daily counters")
     commands.add_parser("init-db", help="create viewmw's tables (and mapped content tables)")
+    _add_unmatched_parser(commands)
     return parser
+
+
+def _add_unmatched_parser(commands: Any) -> None:
+    unmatched = commands.add_parser(
+        "unmatched", help="list views the sync kept because their row did not exist"
+    )
+    unmatched.add_argument(
+        "--retry", action="store_true", help="first add them to the rows that exist by now"
+    )
+    unmatched.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    unmatched.add_argument(
+        "--limit", type=int, default=50, metavar="N", help="list at most N (default 50)"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -157,6 +172,11 @@ def _summary(report: SyncReport) -> str:
     )
     if report.cleaned_keys:
         text += f"; removed {report.cleaned_keys} old tracking keys"
+    if report.unmatched_views:
+        text += (
+            f"; {report.unmatched_views} views of {report.unmatched_contents} contents whose rows "
+            "do not exist were kept (see `viewmw unmatched`)"
+        )
     return text
 
 
@@ -172,6 +192,10 @@ async def _stats(
     for name, value in stats.items():
         if name != "last_syncs":
             table.add_row(name, _show(value))
+    assert tracker.store is not None
+    unmatched_contents, unmatched_views = await tracker.store.unmatched_totals()
+    table.add_row("unmatched_contents", str(unmatched_contents))
+    table.add_row("unmatched_views", str(unmatched_views))
     console.print(table)
     syncs = Table(title="last syncs")
     for column in ("batch", "started (UTC)", "committed (UTC)", "contents", "views"):
@@ -203,6 +227,62 @@ async def _init_db(
     await tracker.store.create_tables()
     console.print("tables are ready", markup=False)
     return EXIT_OK
+
+
+async def _unmatched(
+    tracker: ViewTracker, sync: ViewSync, args: argparse.Namespace, console: Console
+) -> int:
+    store = tracker.store
+    assert store is not None
+    moved = await store.retry_unmatched() if args.retry else None
+    kept = await store.unmatched_views(limit=max(args.limit, 0))
+    contents, views = await store.unmatched_totals()
+    if args.json:
+        document: dict[str, Any] = {
+            "unmatched_contents": contents,
+            "unmatched_views": views,
+            "unmatched": [_unmatched_json(entry) for entry in kept],
+        }
+        if moved is not None:
+            document["moved"] = [
+                {"content_type": t, "content_id": i, "view_count": n}
+                for (t, i), n in sorted(moved.items())
+            ]
+        console.print(json.dumps(document, indent=2), markup=False, highlight=False)
+        return EXIT_OK
+    if moved is not None:
+        console.print(
+            f"moved {sum(moved.values())} views of {len(moved)} contents into their rows",
+            markup=False,
+        )
+    if not contents:
+        console.print("no unmatched views", markup=False)
+        return EXIT_OK
+    table = Table(title=f"unmatched views: {views} views of {contents} contents")
+    for column in ("type", "id", "views", "first seen (UTC)", "last seen (UTC)"):
+        table.add_column(column, justify="right" if column == "views" else "left")
+    for entry in kept:
+        table.add_row(
+            entry.content_type,
+            entry.content_id,
+            str(entry.view_count),
+            _utc(entry.first_seen),
+            _utc(entry.last_seen),
+        )
+    console.print(table)
+    if contents > len(kept):
+        console.print(f"… and {contents - len(kept)} more (--limit)", markup=False)
+    return EXIT_OK
+
+
+def _unmatched_json(entry: UnmatchedViews) -> dict[str, Any]:
+    return {
+        "content_type": entry.content_type,
+        "content_id": entry.content_id,
+        "view_count": entry.view_count,
+        "first_seen": _utc(entry.first_seen),
+        "last_seen": _utc(entry.last_seen),
+    }
 
 
 def _enqueue(console: Console) -> int:
@@ -247,6 +327,7 @@ _COMMANDS: dict[str, Command] = {
     "stats": _stats,
     "cleanup": _cleanup,
     "init-db": _init_db,
+    "unmatched": _unmatched,
 }
 
 

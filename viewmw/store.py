@@ -1,14 +1,15 @@
 """The SQL side: tables that hold synced counts, the sync ledger, bulk adds and count reads.
 
 Content types map to a count column of the user's own table (``stories.view_count``); any other
-type is kept in the generic ``viewmw_view_counts`` table. :data:`metadata` holds viewmw's own
-tables so they can go into the user's Alembic migrations.
+type is kept in the generic ``viewmw_view_counts`` table. Views of rows that do not exist in a
+mapped table are kept in ``viewmw_unmatched_views`` and reported, never dropped. :data:`metadata`
+holds viewmw's own tables so they can go into the user's Alembic migrations.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,12 +17,17 @@ from sqlalchemy import (
     BigInteger,
     Column,
     DateTime,
+    Index,
     Integer,
     MetaData,
     String,
     Table,
     bindparam,
+    case,
+    cast,
     func,
+    inspect,
+    literal_column,
     null,
     select,
     text,
@@ -29,10 +35,12 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from viewmw.errors import ConfigurationError, StaleFenceError
+from viewmw.ids import DbId, IdFormat
 from viewmw.settings import Settings
 
 metadata = MetaData()
@@ -44,6 +52,8 @@ view_counts = Table(
     Column("content_type", String(32), primary_key=True),
     Column("content_id", String(64), primary_key=True),
     Column("view_count", BigInteger, nullable=False, server_default="0"),
+    # "Most viewed of a type" reads this index in order instead of sorting the table.
+    Index("ix_viewmw_view_counts_type_count", "content_type", "view_count"),
 )
 """Counts of content types that have no table of their own."""
 
@@ -56,7 +66,22 @@ sync_batches = Table(
     Column("contents", Integer, nullable=False),
     Column("views", BigInteger, nullable=False),
 )
-"""The sync ledger: one row per committed batch; its primary key makes a commit happen once."""
+"""The sync ledger: one row per committed batch; its primary key makes a commit happen once.
+
+``contents`` and ``views`` count the whole batch, unmatched views included."""
+
+unmatched_views = Table(
+    "viewmw_unmatched_views",
+    metadata,
+    Column("content_type", String(32), primary_key=True),
+    Column("content_id", String(64), primary_key=True),
+    Column("view_count", BigInteger, nullable=False),
+    Column("first_seen", DateTime(timezone=True), nullable=False),
+    Column("last_seen", DateTime(timezone=True), nullable=False),
+)
+"""Views the sync could not add because their row does not exist in the mapped table (or the
+id cannot be a row there): kept, added up across syncs, until :meth:`Store.retry_unmatched`
+moves them into rows that exist by then."""
 
 sync_fence = Table(
     "viewmw_sync_fence",
@@ -75,7 +100,8 @@ CHUNK_ROWS = 5000
 def content_table(
     table_metadata: MetaData, name: str, *, count_column: str = "view_count"
 ) -> Table:
-    """Define a minimal content table (``id`` BIGINT primary key, a BIGINT count defaulting to 0).
+    """Define a minimal content table (``id`` BIGINT primary key, a BIGINT count defaulting to 0,
+    indexed so "most viewed" queries need no sort).
 
     For apps that do not have one yet; apps that do pass their own table's column to :class:`Store`.
     """
@@ -83,8 +109,44 @@ def content_table(
         name,
         table_metadata,
         Column("id", BigInteger, primary_key=True, autoincrement=False),
-        Column(count_column, BigInteger, nullable=False, server_default="0"),
+        Column(count_column, BigInteger, nullable=False, server_default="0", index=True),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class CommitResult:
+    """What :meth:`Store.commit_batch` did.
+
+    True when this call committed the batch; false when the ledger already held it (then nothing
+    changed and ``unmatched`` is empty).
+
+    Attributes:
+        committed: whether this call committed the batch.
+        unmatched: (type, id) -> views of the batch whose row does not exist in the mapped table;
+            they were added to ``viewmw_unmatched_views`` in the same transaction.
+    """
+
+    committed: bool
+    unmatched: Mapping[tuple[str, str], int] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return self.committed
+
+    @property
+    def unmatched_views(self) -> int:
+        """How many views went to ``viewmw_unmatched_views``."""
+        return sum(self.unmatched.values())
+
+
+@dataclass(frozen=True, slots=True)
+class UnmatchedViews:
+    """Views kept for one content whose row did not exist when the sync added them."""
+
+    content_type: str
+    content_id: str
+    view_count: int
+    first_seen: datetime
+    last_seen: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,10 +156,10 @@ class CountTarget:
     table: Table
     id_column: Column[Any]
     count_column: Column[Any]
-    integer_ids: bool
+    ids: IdFormat
 
     @classmethod
-    def for_column(cls, content_type: str, column: Column[Any]) -> CountTarget:
+    def for_column(cls, content_type: str, column: Column[Any], dialect: str) -> CountTarget:
         table = column.table
         if not isinstance(table, Table):
             raise ConfigurationError("content_tables", f"{content_type!r}: column has no table")
@@ -107,21 +169,12 @@ class CountTarget:
                 "content_tables",
                 f"{content_type!r}: table {table.name} needs a one-column primary key",
             )
-        python_type = _python_type(keys[0])
-        return cls(table, keys[0], column, python_type is int)
+        ids = IdFormat.of(keys[0], dialect, content_type=content_type)
+        return cls(table, keys[0], column, ids)
 
-    def db_id(self, content_id: str) -> int | str | None:
-        """The id as the column stores it, or ``None`` if it cannot exist there."""
-        if not self.integer_ids:
-            return content_id
-        return int(content_id) if content_id.isdigit() and len(content_id) <= 18 else None
-
-
-def _python_type(column: Column[Any]) -> type | None:
-    try:
-        return column.type.python_type
-    except NotImplementedError:
-        return None
+    def db_id(self, content_id: str) -> DbId | None:
+        """The id as the column stores it, or ``None`` if no row can have it."""
+        return self.ids.parse(content_id)
 
 
 class Store:
@@ -130,7 +183,8 @@ class Store:
     Args:
         engine: an async SQLAlchemy engine (``postgresql+asyncpg`` or ``sqlite+aiosqlite``).
         content_tables: content type -> the count column of its table, e.g.
-            ``{"story": stories.c.view_count}``. Other types use ``viewmw_view_counts``.
+            ``{"story": stories.c.view_count}``. The table's one-column primary key (integer,
+            string or UUID) is the content id. Other types use ``viewmw_view_counts``.
     """
 
     def __init__(
@@ -138,9 +192,12 @@ class Store:
     ):
         self.engine = engine
         self._targets = {
-            content_type: CountTarget.for_column(content_type, column)
+            content_type: CountTarget.for_column(content_type, column, self.dialect)
             for content_type, column in (content_tables or {}).items()
         }
+        # Types whose table was only named (``VIEWMW_CONTENT_TABLES``): the key's real type is
+        # read from the database at first use (see _reflect).
+        self._described: dict[str, tuple[str, str]] = {}
 
     @classmethod
     def from_url(
@@ -156,8 +213,11 @@ class Store:
     def from_settings(cls, settings: Settings, **engine_options: Any) -> Store:
         """A store for ``settings.database_url`` and ``settings.content_tables``.
 
-        Each mapped table is described as ``id`` BIGINT primary key plus the count column; the
-        app's real table may have any other columns.
+        A mapped table that does not exist yet is created by :meth:`create_tables` as
+        :func:`content_table` describes it (``id`` BIGINT). Of a table that exists, the store
+        reads the primary key's real type from the database at first use (``create_tables``,
+        the first count read or the first sync), so integer, string and UUID keys all work;
+        until then every valid id is accepted.
         """
         tables = MetaData()
         columns = {}
@@ -167,23 +227,61 @@ class Store:
                 count_column
             ]
         engine_options.setdefault("pool_pre_ping", True)
-        return cls.from_url(settings.resolved_database_url(), columns, **engine_options)
+        store = cls.from_url(settings.resolved_database_url(), columns, **engine_options)
+        store._described = {
+            content_type: (target.split(".")[0], target.split(".")[1])
+            for content_type, target in settings.content_tables.items()
+        }
+        return store
 
     @property
     def dialect(self) -> str:
         """``postgresql`` or ``sqlite``."""
         return self.engine.dialect.name
 
+    def accepts_id(self, content_type: str, content_id: str) -> bool:
+        """Whether a view of ``content_id`` can reach the database (pure Python, no SQL).
+
+        False when ``content_type`` maps to a table whose primary key cannot hold the id: an
+        integer out of the column's range or not in canonical decimal (``"07"``), a UUID not in
+        canonical lowercase text with hyphens, a string longer than the column. ``content_id``
+        must have passed :func:`viewmw.keys.validate_content_id`.
+        """
+        target = self._targets.get(content_type)
+        if target is None or content_type in self._described:
+            return True
+        return target.db_id(content_id) is not None
+
     async def create_tables(self) -> None:
-        """Create viewmw's tables and the mapped content tables if they do not exist."""
-        tables = [*metadata.sorted_tables, *{t.table for t in self._targets.values()}]
+        """Create viewmw's tables and the mapped content tables if they do not exist.
+
+        Indexes: viewmw's own tables get any index they lack (an index a newer version added);
+        a mapped table gets the indexes it declares (:func:`content_table` indexes its count
+        column) when it is created here. Tables of the app's own are never altered.
+        """
+        content = dict.fromkeys(target.table for target in self._targets.values())
         async with self.engine.begin() as connection:
-            for table in tables:
+            for table in metadata.sorted_tables:
                 await connection.run_sync(table.create, checkfirst=True)
+                for index in table.indexes:
+                    await connection.run_sync(index.create, checkfirst=True)
+            for table in content:
+                await connection.run_sync(table.create, checkfirst=True)
+        await self._reflect()
 
     async def close(self) -> None:
         """Dispose of the engine's connections."""
         await self.engine.dispose()
+
+    async def _reflect(self) -> None:
+        """Read the primary key type of described tables that exist (once each)."""
+        if not self._described:
+            return
+        async with self.engine.connect() as connection:
+            columns = await connection.run_sync(_reflect_count_columns, dict(self._described))
+        for content_type, column in columns.items():
+            self._targets[content_type] = CountTarget.for_column(content_type, column, self.dialect)
+            self._described.pop(content_type, None)
 
     # Reads --------------------------------------------------------------------------------------
 
@@ -192,40 +290,77 @@ class Store:
     ) -> tuple[dict[str, int], bool]:
         """Counts of ``content_ids`` (0 for a missing row), and whether ``batch_id`` is committed.
 
-        Both come from one statement, so from one snapshot of the database: the caller can tell
-        whether the counts already include the unsettled batch.
+        A count includes the content's unmatched views (kept while its row did not exist), so
+        it is every view synced for the id, and moving them into the row changes nothing here.
+        Everything comes from one statement, so from one snapshot of the database: the caller
+        can tell whether the counts already include the unsettled batch.
         """
+        if self._described:  # the request path: no coroutine when there is nothing to read
+            await self._reflect()
         target = self._targets.get(content_type)
+        ids = list(content_ids)
         if target is None:
-            rows = select(view_counts.c.content_id, view_counts.c.view_count).where(
-                view_counts.c.content_type == content_type,
-                view_counts.c.content_id.in_(list(content_ids)),
-            )
+            rows = select(
+                literal_column("0"), view_counts.c.content_id, view_counts.c.view_count
+            ).where(view_counts.c.content_type == content_type, view_counts.c.content_id.in_(ids))
         else:
-            db_ids = [i for i in (target.db_id(c) for c in content_ids) if i is not None]
-            rows = select(target.id_column, target.count_column).where(target.id_column.in_(db_ids))
+            db_ids = [i for i in (target.db_id(c) for c in ids) if i is not None]
+            rows = select(
+                literal_column("0"), cast(target.id_column, String), target.count_column
+            ).where(target.id_column.in_(db_ids))
+        kept = select(
+            literal_column("1"), unmatched_views.c.content_id, unmatched_views.c.view_count
+        ).where(
+            unmatched_views.c.content_type == content_type, unmatched_views.c.content_id.in_(ids)
+        )
         committed = select(
-            null().label("content_id"),
+            literal_column("2"),
+            null(),
             select(func.count())
             .select_from(sync_batches)
             .where(sync_batches.c.batch_id == batch_id)
             .scalar_subquery(),
         )
-        by_row: dict[str, int] = {}
+        counts = dict.fromkeys(ids, 0)
         in_ledger = False
         async with self.engine.connect() as connection:
-            for row_id, value in (await connection.execute(union_all(rows, committed))).all():
-                if row_id is None:
+            result = await connection.execute(union_all(rows, kept, committed))
+            for part, row_id, value in result.all():
+                if part == 2:
                     in_ledger = bool(value)
-                else:
-                    by_row[str(row_id)] = int(value or 0)
-        row_of = (lambda c: c) if target is None else (lambda c: str(target.db_id(c)))
-        return {c: by_row.get(row_of(c), 0) for c in content_ids}, in_ledger
+                    continue
+                content_id = row_id if part == 1 or target is None else target.ids.text(row_id)
+                if content_id in counts:
+                    counts[content_id] += int(value or 0)
+        return counts, in_ledger
 
     async def read_count(self, content_type: str, content_id: str) -> int:
         """The database count of one content (0 when it has no row)."""
         counts, _ = await self.read_counts(content_type, [content_id])
         return counts[content_id]
+
+    async def unmatched_views(
+        self, content_type: str | None = None, *, limit: int | None = None
+    ) -> list[UnmatchedViews]:
+        """Views kept because their row did not exist, most views first."""
+        query = select(unmatched_views).order_by(
+            unmatched_views.c.view_count.desc(),
+            unmatched_views.c.content_type,
+            unmatched_views.c.content_id,
+        )
+        if content_type is not None:
+            query = query.where(unmatched_views.c.content_type == content_type)
+        if limit is not None:
+            query = query.limit(limit)
+        async with self.engine.connect() as connection:
+            return [UnmatchedViews(**row._mapping) for row in await connection.execute(query)]
+
+    async def unmatched_totals(self) -> tuple[int, int]:
+        """How many contents have unmatched views, and how many views that is in all."""
+        query = select(func.count(), func.coalesce(func.sum(unmatched_views.c.view_count), 0))
+        async with self.engine.connect() as connection:
+            contents, views = (await connection.execute(query)).one()
+        return int(contents), int(views)
 
     # The sync's side ----------------------------------------------------------------------------
 
@@ -243,15 +378,17 @@ class Store:
         *,
         fence: int = 0,
         fence_scope: str = "",
-    ) -> bool:
+    ) -> CommitResult:
         """Add every delta and record ``batch_id`` in the ledger, in one transaction.
 
-        Returns ``False`` without changing anything if the ledger already holds the batch. Deltas
-        of contents whose row does not exist in a mapped table are dropped (their content is gone).
+        Returns a false result without changing anything if the ledger already holds the batch.
+        Deltas of contents whose row does not exist in a mapped table are added to
+        ``viewmw_unmatched_views`` in the same transaction and returned in the result.
         A ``fence`` (the sync's fencing token) older than one already committed in
         ``fence_scope`` refuses the commit with :class:`~viewmw.errors.StaleFenceError`; ``0``
         skips that check.
         """
+        await self._reflect()
         by_type: dict[str, dict[str, int]] = {}
         for (content_type, content_id), delta in deltas.items():
             by_type.setdefault(content_type, {})[content_id] = delta
@@ -259,15 +396,15 @@ class Store:
             async with self.engine.begin() as connection:
                 if fence:
                     await self._check_fence(connection, fence, fence_scope)
-                await self._commit(connection, batch_id, started_at, deltas, by_type)
+                unmatched = await self._commit(connection, batch_id, started_at, deltas, by_type)
         except _AlreadyCommitted:
-            return False
+            return CommitResult(False)
         except IntegrityError:
             # Another sync inserted the same batch id first and committed: the batch is in.
             if await self.is_committed(batch_id):
-                return False
+                return CommitResult(False)
             raise
-        return True
+        return CommitResult(True, unmatched)
 
     async def _commit(
         self,
@@ -276,40 +413,57 @@ class Store:
         started_at: datetime,
         deltas: Mapping[tuple[str, str], int],
         by_type: dict[str, dict[str, int]],
-    ) -> None:
+    ) -> dict[tuple[str, str], int]:
         exists = select(func.count()).where(sync_batches.c.batch_id == batch_id)
         if (await connection.execute(exists)).scalar_one():
             raise _AlreadyCommitted
+        now = datetime.now(UTC)
         await connection.execute(
             sync_batches.insert().values(
                 batch_id=batch_id,
                 started_at=started_at,
-                committed_at=datetime.now(UTC),
+                committed_at=now,
                 contents=len(deltas),
                 views=sum(deltas.values()),
             )
         )
+        unmatched: dict[tuple[str, str], int] = {}
         for content_type, type_deltas in by_type.items():
-            await self._add(connection, content_type, type_deltas)
+            for content_id in await self._add(connection, content_type, type_deltas):
+                unmatched[(content_type, content_id)] = type_deltas[content_id]
+        await self._keep_unmatched(
+            connection,
+            [
+                _unmatched_row(content_type, content_id, views, now, now)
+                for (content_type, content_id), views in unmatched.items()
+            ],
+        )
+        return unmatched
 
     async def _add(
         self, connection: AsyncConnection, content_type: str, deltas: dict[str, int]
-    ) -> None:
+    ) -> list[str]:
+        """Add ``deltas`` to the type's counts; returns the ids whose row does not exist."""
         target = self._targets.get(content_type)
         items = list(deltas.items())
+        missing: list[str] = []
         for start in range(0, len(items), CHUNK_ROWS):
             chunk = items[start : start + CHUNK_ROWS]
             if target is None:
                 await self._upsert_generic(connection, content_type, chunk)
             else:
-                await self._update_mapped(connection, target, chunk)
+                missing += await self._update_mapped(connection, target, chunk)
+        return missing
+
+    def _insert(self, table: Table) -> Any:
+        """An INSERT of the engine's dialect (both have ON CONFLICT … DO UPDATE)."""
+        return (pg_insert if self.dialect == "postgresql" else sqlite_insert)(table)
 
     async def _upsert_generic(
         self, connection: AsyncConnection, content_type: str, chunk: list[tuple[str, int]]
     ) -> None:
         rows = [{"content_type": content_type, "content_id": i, "view_count": d} for i, d in chunk]
-        insert = pg_insert if self.dialect == "postgresql" else sqlite_insert
-        statement = insert(view_counts).values(rows)
+        statement = self._insert(view_counts).values(rows)
         statement = statement.on_conflict_do_update(
             index_elements=[view_counts.c.content_type, view_counts.c.content_id],
             set_={"view_count": view_counts.c.view_count + statement.excluded.view_count},
@@ -318,41 +472,107 @@ class Store:
 
     async def _update_mapped(
         self, connection: AsyncConnection, target: CountTarget, chunk: list[tuple[str, int]]
-    ) -> None:
-        # Ids such as "7" and "07" name the same integer row, and UPDATE … FROM applies one
-        # source row per target row: add them up first.
-        summed: dict[int | str, int] = {}
-        for content_id, delta in chunk:
-            db_id = target.db_id(content_id)
-            if db_id is not None:
-                summed[db_id] = summed.get(db_id, 0) + delta
-        pairs = list(summed.items())
-        if not pairs:
-            return
-        table, id_name, count_name = (
-            target.table.name,
-            target.id_column.name,
-            target.count_column.name,
-        )
-        if self.dialect == "postgresql":
-            # One set-based statement per chunk; ids are unique per batch, so no pre-aggregation.
-            id_type = "bigint" if target.integer_ids else "text"
-            statement = text(
-                f'UPDATE "{table}" AS t SET "{count_name}" = t."{count_name}" + d.delta '
-                f"FROM unnest(CAST(:ids AS {id_type}[]), CAST(:deltas AS bigint[])) "
-                f"AS d(id, delta) "
-                f'WHERE t."{id_name}" = d.id'
-            ).bindparams(bindparam("ids"), bindparam("deltas"))
-            await connection.execute(
-                statement, {"ids": [i for i, _ in pairs], "deltas": [d for _, d in pairs]}
-            )
-        else:
+    ) -> list[str]:
+        """Add one chunk to existing rows; returns the ids that have no row.
+
+        Accepted ids have one spelling each (see :mod:`viewmw.ids`), so ids are unique per
+        chunk, as ``UPDATE … FROM`` needs (it applies one source row per target row).
+        """
+        pairs = [(db_id, d) for c, d in chunk if (db_id := target.db_id(c)) is not None]
+        found: set[str] = set()
+        if pairs and self.dialect == "postgresql":
+            found = await self._update_mapped_postgresql(connection, target, pairs)
+        elif pairs:
+            # SQLite takes the database's write lock at the ledger insert, so no row can appear
+            # or go between this read and the update.
+            existing = select(target.id_column).where(target.id_column.in_([i for i, _ in pairs]))
+            found = {target.ids.text(i) for i in (await connection.execute(existing)).scalars()}
             update = (
                 target.table.update()
                 .where(target.id_column == bindparam("b_id"))
-                .values({count_name: target.count_column + bindparam("b_delta")})
+                .values({target.count_column.name: target.count_column + bindparam("b_delta")})
             )
-            await connection.execute(update, [{"b_id": i, "b_delta": d} for i, d in pairs])
+            present = [{"b_id": i, "b_delta": d} for i, d in pairs if target.ids.text(i) in found]
+            if present:
+                await connection.execute(update, present)
+        return [content_id for content_id, _ in chunk if content_id not in found]
+
+    async def _update_mapped_postgresql(
+        self, connection: AsyncConnection, target: CountTarget, pairs: list[tuple[DbId, int]]
+    ) -> set[str]:
+        """One set-based statement per chunk; returns the ids of the rows it updated."""
+        quote = self.engine.dialect.identifier_preparer.quote
+        table = self.engine.dialect.identifier_preparer.format_table(target.table)
+        id_name, count_name = quote(target.id_column.name), quote(target.count_column.name)
+        statement = text(
+            f"UPDATE {table} AS t SET {count_name} = t.{count_name} + d.delta "
+            f"FROM unnest(CAST(:ids AS {target.ids.sql_type}[]), CAST(:deltas AS bigint[])) "
+            f"AS d(id, delta) "
+            f"WHERE t.{id_name} = d.id RETURNING t.{id_name}"
+        ).bindparams(bindparam("ids"), bindparam("deltas"))
+        result = await connection.execute(
+            statement,
+            {
+                "ids": [target.ids.sql_value(i) for i, _ in pairs],
+                "deltas": [d for _, d in pairs],
+            },
+        )
+        return {target.ids.text(row_id) for row_id in result.scalars()}
+
+    async def _keep_unmatched(
+        self, connection: AsyncConnection, rows: list[dict[str, Any]]
+    ) -> None:
+        """Add views to ``viewmw_unmatched_views`` (added up with what is kept already)."""
+        for start in range(0, len(rows), CHUNK_ROWS):
+            statement = self._insert(unmatched_views).values(rows[start : start + CHUNK_ROWS])
+            new, kept = statement.excluded, unmatched_views.c
+            statement = statement.on_conflict_do_update(
+                index_elements=[kept.content_type, kept.content_id],
+                set_={
+                    "view_count": kept.view_count + new.view_count,
+                    "first_seen": case(
+                        (new.first_seen < kept.first_seen, new.first_seen), else_=kept.first_seen
+                    ),
+                    "last_seen": case(
+                        (new.last_seen > kept.last_seen, new.last_seen), else_=kept.last_seen
+                    ),
+                },
+            )
+            await connection.execute(statement)
+
+    async def retry_unmatched(self) -> dict[tuple[str, str], int]:
+        """Add kept unmatched views to the rows that exist now; returns what moved.
+
+        One transaction takes every kept entry, adds those whose row exists (or whose type now
+        has no table of its own) and keeps the rest. Counts read through :meth:`read_counts` do
+        not change: they included the kept views already.
+        """
+        await self._reflect()
+        async with self.engine.begin() as connection:
+            taken = [
+                dict(row._mapping)
+                for row in await connection.execute(
+                    unmatched_views.delete().returning(*unmatched_views.c)
+                )
+            ]
+            by_type: dict[str, dict[str, int]] = {}
+            for row in taken:
+                by_type.setdefault(row["content_type"], {})[row["content_id"]] = row["view_count"]
+            missing: set[tuple[str, str]] = set()
+            for content_type, deltas in by_type.items():
+                missing.update(
+                    (content_type, content_id)
+                    for content_id in await self._add(connection, content_type, deltas)
+                )
+            await self._keep_unmatched(
+                connection,
+                [row for row in taken if (row["content_type"], row["content_id"]) in missing],
+            )
+        return {
+            (row["content_type"], row["content_id"]): row["view_count"]
+            for row in taken
+            if (row["content_type"], row["content_id"]) not in missing
+        }
 
     async def _check_fence(self, connection: AsyncConnection, fence: int, scope: str) -> None:
         # One conditional update: it locks the row until the commit ends, so of two commits
@@ -396,3 +616,42 @@ class Store:
 
 class _AlreadyCommitted(Exception):
     """The ledger holds the batch: roll back and report it."""
+
+
+def _unmatched_row(
+    content_type: str, content_id: str, views: int, first_seen: datetime, last_seen: datetime
+) -> dict[str, Any]:
+    return {
+        "content_type": content_type,
+        "content_id": content_id,
+        "view_count": views,
+        "first_seen": first_seen,
+        "last_seen": last_seen,
+    }
+
+
+def _reflect_count_columns(
+    connection: Connection, described: dict[str, tuple[str, str]]
+) -> dict[str, Column[Any]]:
+    """The count columns of the described tables that exist, with their real key types."""
+    inspector = inspect(connection)
+    columns: dict[str, Column[Any]] = {}
+    for content_type, (table_name, count_name) in described.items():
+        if not inspector.has_table(table_name):
+            continue  # create_tables creates it as described, or the first use names it
+        key = inspector.get_pk_constraint(table_name)["constrained_columns"]
+        types = {column["name"]: column["type"] for column in inspector.get_columns(table_name)}
+        if len(key) != 1 or count_name not in types:
+            raise ConfigurationError(
+                "content_tables",
+                f"{content_type!r}: table {table_name} needs a one-column primary key and a "
+                f"{count_name} column",
+            )
+        table = Table(
+            table_name,
+            MetaData(),
+            Column(key[0], types[key[0]], primary_key=True, autoincrement=False),
+            *([Column(count_name, types[count_name])] if count_name != key[0] else []),
+        )
+        columns[content_type] = table.c[count_name]
+    return columns

@@ -28,7 +28,8 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -65,6 +66,9 @@ class SyncReport:
         batch_ids: the ids of the batches this run committed.
         refused: content type -> why its views were left pending (the app counts that type in
             another table than this sync would move it to).
+        unmatched_contents: contents among ``contents`` whose row does not exist in their mapped
+            table; their views were kept in ``viewmw_unmatched_views`` (``viewmw unmatched``).
+        unmatched_views: views among ``views`` kept that way.
     """
 
     already_running: bool = False
@@ -76,6 +80,8 @@ class SyncReport:
     duration: float = 0.0
     batch_ids: list[str] = field(default_factory=list)
     refused: dict[str, str] = field(default_factory=dict)
+    unmatched_contents: int = 0
+    unmatched_views: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -374,6 +380,9 @@ class ViewSync:
             report.contents += len(deltas)
             report.views += sum(deltas.values())
             report.batch_ids.append(batch.batch_id)
+            report.unmatched_contents += len(committed_now.unmatched)
+            report.unmatched_views += committed_now.unmatched_views
+            _warn_unmatched(batch.batch_id, committed_now.unmatched)
         return True
 
     async def _settle(self, lease: _Lease, batch: _Batch, contents: list[tuple[str, str]]) -> None:
@@ -467,6 +476,22 @@ class ViewSync:
             return 0
         await self._step("cleanup")
         return int(await self.redis.unlink(*keys))
+
+
+def _warn_unmatched(batch_id: str, unmatched: Mapping[tuple[str, str], int]) -> None:
+    if not unmatched:
+        return
+    by_type = Counter[str]()
+    for (content_type, _), views in unmatched.items():
+        by_type[content_type] += views
+    logger.warning(
+        "sync batch %s: %d views of %d contents whose rows do not exist (%s) were kept in "
+        "viewmw_unmatched_views; list them with `viewmw unmatched`",
+        batch_id,
+        sum(unmatched.values()),
+        len(unmatched),
+        ", ".join(f"{content_type}: {views}" for content_type, views in sorted(by_type.items())),
+    )
 
 
 def _text(value: object) -> str:

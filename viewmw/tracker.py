@@ -21,7 +21,7 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
 from viewmw.errorlog import ErrorLog
-from viewmw.errors import MalformedReplyError, ServiceUnavailableError
+from viewmw.errors import InvalidKeyError, MalformedReplyError, ServiceUnavailableError
 from viewmw.keys import KeySchema, validate_content_id, validate_content_type, validate_viewer
 from viewmw.outage.breaker import CircuitBreaker
 from viewmw.pipeline import Batcher, LateReply, ScriptCall, script_pipeline
@@ -245,6 +245,7 @@ class ViewTracker:
         self, content_type: str, content_id: str, viewer: str
     ) -> TrackResult:
         """:meth:`track_view` for names the caller has validated already (no second check)."""
+        self.refuse_impossible_id(content_type, content_id)
         call = self._view_call(content_type, content_id, viewer, self.clock())
         if self._views is not None:
             reply = await self._views.submit(call)
@@ -263,6 +264,12 @@ class ViewTracker:
         )
         return TrackResult(counted == 1, reason, count[content_id])
 
+    def refuse_impossible_id(self, content_type: str, content_id: str) -> None:
+        """Raise :class:`InvalidKeyError` for an id the content's table cannot hold (too large
+        for its integer key, not a UUID, …): counted now, it could never reach its row. No SQL."""
+        if self.store is not None and not self.store.accepts_id(content_type, content_id):
+            raise InvalidKeyError(f"no {content_type} row can have the id {content_id!r}")
+
     def submit_valid_view(
         self, content_type: str, content_id: str, viewer: str
     ) -> asyncio.Future[_ViewReply]:
@@ -270,6 +277,7 @@ class ViewTracker:
         future resolves to its reply. Needs pipelining."""
         if self._views is None:
             raise RuntimeError("offering views without waiting needs pipelining=True")
+        self.refuse_impossible_id(content_type, content_id)
         return self._views.submit(self._view_call(content_type, content_id, viewer, self.clock()))
 
     def offer_valid_view(self, content_type: str, content_id: str, viewer: str) -> int | None:

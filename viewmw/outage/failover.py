@@ -151,6 +151,7 @@ class ResilientTracker:
         """Redis is unreachable: keep the view in the outbox; show database + outbox."""
         if self.outbox is None:
             return _UNKNOWN
+        self.tracker.refuse_impossible_id(content_type, content_id)  # as Redis' path would
         event = OutboxEvent.new(content_type, content_id, viewer, self.tracker.clock())
         key = (content_type, content_id)
         self._added[key] = self._added.get(key, 0) + 1
