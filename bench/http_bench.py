@@ -1,52 +1,153 @@
-"""HTTP throughput and latency: uvicorn serving the same site with and without viewmw, under wrk."""
+"""HTTP throughput, CPU per request and latency: uvicorn serving the same site several ways.
+
+Every variant gets its own uvicorn process (one worker), all started once and kept running; the
+measurements then go round the variants in turn (A B C … A B C …), so slow drifts in the
+machine's other load touch every variant alike. Per round and variant:
+
+- throughput: bench/loadgen.py in closed loop; the app's CPU time (``/proc/<pid>/stat`` utime +
+  stime) and Redis' (``INFO cpu`` used_cpu_user + used_cpu_sys) before and after, divided by the
+  requests answered. CPU per request is steady where req/s moves with the machine's load.
+- latency: bench/loadgen.py in open loop at a fixed moderate rate; p50 and p99 per round, and
+  the median over rounds: a burst of the machine's other load spoils the p99 of the round it
+  falls in, not the figure (pooling every round's latencies would let one burst set the p99).
+"""
 
 from __future__ import annotations
 
+import json
 import os
-import re
-import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import redis
+
+from bench.http_apps import deferred_supported
+
 ROOT = Path(__file__).resolve().parent.parent
-VARIANTS = {
-    # name: (uvicorn app, path wrk requests)
-    "bare app": ("bench.http_apps:bare", "/stories/"),
-    "tracked route": ("bench.http_apps:tracked", "/stories/"),
-    "untracked route": ("bench.http_apps:tracked", "/about"),
-    "naive baseline": ("bench.http_apps:naive", "/stories/"),
-}
-WRK_SCRIPT = """
-request = function()
-  local path = "{path}"
-  if path == "/stories/" then path = path .. math.random(1, 1000) end
-  return wrk.format("GET", path, {{["User-Agent"] = "Mozilla/5.0 bench-" .. math.random(1, 500)}})
-end
-"""
+SETTLE_SECONDS = 0.3  # work a server does after its last answer (queued sends) is part of the round
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-@dataclass
-class HttpFigures:
-    """Median over rounds of requests/s and latency percentiles (ms) for one variant."""
+@dataclass(frozen=True)
+class Variant:
+    """One way of serving the site: the app factory and the path requested."""
 
+    name: str
+    factory: str
+    path: str
+    counts: bool  # answers carry X-View-Count
+
+
+BARE = "bare app"
+UNTRACKED = "untracked route"
+TRACKED = "tracked route"
+DEFERRED = "tracked route, deferred mode"
+DO_NOTHING = "viewmw, do-nothing tracker"
+INCR = "one INCR per request"
+NAIVE = "naive baseline"
+VARIANTS = [
+    Variant(BARE, "bench.http_apps:bare", "/stories/", counts=False),
+    Variant(UNTRACKED, "bench.http_apps:tracked", "/about", counts=False),
+    Variant(TRACKED, "bench.http_apps:tracked", "/stories/", counts=True),
+    Variant(DEFERRED, "bench.http_apps:tracked_deferred", "/stories/", counts=True),
+    Variant(DO_NOTHING, "bench.http_apps:do_nothing", "/stories/", counts=True),
+    Variant(INCR, "bench.http_apps:incr_counter", "/stories/", counts=True),
+    Variant(NAIVE, "bench.http_apps:naive", "/stories/", counts=True),
+]
+
+
+@dataclass(frozen=True)
+class HttpOptions:
+    """How long and how hard to drive each variant."""
+
+    rounds: int = 5
+    seconds: float = 4.0
+    # Long enough for the tracked route's count cache to hold every story's database count.
+    warmup_seconds: float = 3.0
+    connections: int = 32
+    rate: float = 300.0
+    latency_seconds: float = 3.0
+
+
+QUICK = HttpOptions(rounds=1, seconds=1.0, warmup_seconds=1.0, latency_seconds=1.0)
+
+
+@dataclass(frozen=True)
+class Round:
+    """One closed-loop round of one variant."""
+
+    requests: int
     requests_per_second: float
+    app_cpu_us: float  # per request
+    redis_cpu_us: float  # per request
+    loadgen_busy: float  # the load generator's CPU time / wall time
+    loadgen_cpu_us: float  # per request
+    without_count: int
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Latency percentiles of one open-loop round, in milliseconds."""
+
     p50_ms: float
     p99_ms: float
 
+    @classmethod
+    def of(cls, latencies_ms: list[float]) -> Latency:
+        ordered = sorted(latencies_ms)
 
-def require_wrk() -> str:
-    """The path of wrk, or exit with how to install it."""
-    path = shutil.which("wrk")
-    if path is None:
-        sys.exit("nox -s bench needs the HTTP load generator wrk: apt-get install wrk")
-    return path
+        def percentile(p: float) -> float:
+            return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+
+        return cls(percentile(50), percentile(99))
+
+
+@dataclass
+class VariantFigures:
+    """Everything measured for one variant, round by round in order."""
+
+    variant: Variant
+    rounds: list[Round] = field(default_factory=list)
+    latency: list[Latency] = field(default_factory=list)
+
+    def median(self, attribute: str) -> float:
+        """Median over rounds of a throughput figure (a :class:`Round` attribute)."""
+        return float(statistics.median(getattr(r, attribute) for r in self.rounds))
+
+    def median_latency(self, attribute: str) -> float:
+        """Median over rounds of a :class:`Latency` attribute."""
+        return float(statistics.median(getattr(r, attribute) for r in self.latency))
+
+
+@dataclass
+class HttpResults:
+    """The figures of every variant measured, and the variants left out (with why)."""
+
+    options: HttpOptions
+    figures: dict[str, VariantFigures]
+    skipped: dict[str, str]
+
+    def ratio(self, name: str, attribute: str, to: str = BARE) -> float:
+        """Median over rounds of ``name``'s figure over ``to``'s in the same round."""
+        pairs = zip(self.figures[name].rounds, self.figures[to].rounds, strict=True)
+        return float(
+            statistics.median(getattr(a, attribute) / getattr(b, attribute) for a, b in pairs)
+        )
+
+    def added(self, name: str, attribute: str) -> float:
+        """Median over rounds of ``name``'s latency minus the bare app's in the same round."""
+        pairs = zip(self.figures[name].latency, self.figures[BARE].latency, strict=True)
+        return float(
+            statistics.median(getattr(a, attribute) - getattr(b, attribute) for a, b in pairs)
+        )
 
 
 def _free_port() -> int:
@@ -55,8 +156,10 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _wait_for(port: int, deadline: float) -> None:
+def _wait_for(port: int, server: subprocess.Popen[bytes], deadline: float) -> None:
     while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"uvicorn on port {port} exited with {server.returncode}")
         with socket.socket() as sock:
             if sock.connect_ex(("127.0.0.1", port)) == 0:
                 return
@@ -64,78 +167,105 @@ def _wait_for(port: int, deadline: float) -> None:
     raise RuntimeError(f"uvicorn did not start on port {port}")
 
 
-def _milliseconds(text: str) -> float:
-    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text).groups()  # type: ignore[union-attr]
-    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}[unit]
-
-
-def _wrk(wrk: str, port: int, path: str, seconds: int, connections: int) -> HttpFigures:
-    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        script.write(WRK_SCRIPT.format(path=path))
+@contextmanager
+def _uvicorn(factory: str, port: int, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+    server = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "uvicorn", factory, "--factory", "--port", str(port)),
+            *("--workers", "1", "--no-access-log", "--log-level", "warning"),
+        ],
+        cwd=ROOT,
+        env={**os.environ, **env},
+    )
     try:
-        out = subprocess.run(
-            [
-                wrk,
-                "-t1",
-                f"-c{connections}",
-                f"-d{seconds}s",
-                "--latency",
-                "-s",
-                script.name,
-                f"http://127.0.0.1:{port}",
-            ],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
+        yield server
     finally:
-        os.unlink(script.name)
-    if "Non-2xx" in out or "Socket errors" in out:
-        raise RuntimeError(f"wrk saw errors:\n{out}")
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    p50 = _milliseconds(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
-    p99 = _milliseconds(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
-    return HttpFigures(rps, p50, p99)
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def _process_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()  # the name, in parentheses, may hold spaces
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+
+
+def _redis_cpu(client: redis.Redis) -> float:
+    info = client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def _load(port: int, path: str, seconds: float, connections: int, rate: float | None) -> dict:  # type: ignore[type-arg]
+    command = [sys.executable, "-m", "bench.loadgen", str(port), path]
+    command += ["--seconds", str(seconds), "--connections", str(connections)]
+    if rate is not None:
+        command += ["--rate", str(rate)]
+    out = subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.PIPE, text=True).stdout
+    result: dict = json.loads(out)  # type: ignore[type-arg]
+    if result["errors"]:
+        raise RuntimeError(f"{result['errors']} of {result['requests']} answers were not 200 OK")
+    return result
+
+
+def _throughput(
+    server: subprocess.Popen[bytes], port: int, path: str, client: redis.Redis, o: HttpOptions
+) -> Round:
+    app_before, redis_before = _process_cpu(server.pid), _redis_cpu(client)
+    result = _load(port, path, o.seconds, o.connections, None)
+    time.sleep(SETTLE_SECONDS)
+    app = _process_cpu(server.pid) - app_before
+    redis_cpu = _redis_cpu(client) - redis_before
+    n = result["requests"]
+    return Round(
+        requests=n,
+        requests_per_second=n / result["seconds"],
+        app_cpu_us=app / n * 1e6,
+        redis_cpu_us=redis_cpu / n * 1e6,
+        loadgen_busy=result["cpu_seconds"] / result["seconds"],
+        loadgen_cpu_us=result["cpu_seconds"] / n * 1e6,
+        without_count=result["without_count"],
+    )
 
 
 def run_http_bench(
-    env: dict[str, str], *, rounds: int = 3, seconds: int = 5, connections: int = 32
-) -> dict[str, HttpFigures]:
-    """Serve each variant in turn, ``rounds`` times in alternation; medians per variant."""
-    wrk = require_wrk()
-    samples: dict[str, list[HttpFigures]] = {name: [] for name in VARIANTS}
-    for _ in range(rounds):
-        for name, (app, path) in VARIANTS.items():
-            port = _free_port()
-            server = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "uvicorn",
-                    app,
-                    "--port",
-                    str(port),
-                    "--workers",
-                    "1",
-                    "--no-access-log",
-                    "--log-level",
-                    "warning",
-                ],
-                cwd=ROOT,
-                env={**os.environ, **env},
+    redis_host: str, redis_port: int, env: dict[str, str], options: HttpOptions
+) -> HttpResults:
+    """Start every variant's server, then measure them round after round."""
+    skipped: dict[str, str] = {}
+    if not deferred_supported():
+        skipped[DEFERRED] = "ViewTrackingMiddleware has no deferred mode (deferred=True) yet"
+    variants = [v for v in VARIANTS if v.name not in skipped]
+    for name, why in skipped.items():
+        print(f"HTTP bench: skipping {name!r}: {why}", file=sys.stderr)
+    client = redis.Redis(host=redis_host, port=redis_port)
+    ports = {v.name: _free_port() for v in variants}
+    with ExitStack() as stack:
+        servers: dict[str, subprocess.Popen[bytes]] = {}
+        for db, v in enumerate(variants):
+            # One at a time: tracked apps create their tables at start-up. Each variant its own
+            # Redis database, so none finds another's cooldowns.
+            redis_url = f"redis://{redis_host}:{redis_port}/{db}"
+            servers[v.name] = stack.enter_context(
+                _uvicorn(v.factory, ports[v.name], {**env, "VIEWMW_REDIS_URL": redis_url})
             )
-            try:
-                _wait_for(port, time.monotonic() + 30)
-                _wrk(wrk, port, path, 1, connections)  # warm-up: caches, connections, scripts
-                samples[name].append(_wrk(wrk, port, path, seconds, connections))
-            finally:
-                server.send_signal(signal.SIGTERM)
-                server.wait(timeout=30)
-    return {
-        name: HttpFigures(
-            statistics.median(s.requests_per_second for s in runs),
-            statistics.median(s.p50_ms for s in runs),
-            statistics.median(s.p99_ms for s in runs),
-        )
-        for name, runs in samples.items()
-    }
+            _wait_for(ports[v.name], servers[v.name], time.monotonic() + 60)
+            # Warm-up: imports, caches, pools, scripts loaded into Redis.
+            _load(ports[v.name], v.path, options.warmup_seconds, options.connections, None)
+        figures = {v.name: VariantFigures(v) for v in variants}
+        for number in range(options.rounds):
+            print(f"HTTP bench: round {number + 1} of {options.rounds}", file=sys.stderr)
+            for v in variants:
+                figures[v.name].rounds.append(
+                    _throughput(servers[v.name], ports[v.name], v.path, client, options)
+                )
+            for v in variants:
+                o = options
+                result = _load(ports[v.name], v.path, o.latency_seconds, o.connections, o.rate)
+                figures[v.name].latency.append(Latency.of(result["latencies_ms"]))
+    client.close()
+    return HttpResults(options, figures, skipped)

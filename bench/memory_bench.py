@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from viewmw import Settings, ViewTracker
+from bench.servers import bench_settings
+from viewmw import ViewTracker
 
 VIEWS = 100_000
 CONTENTS = 5_000
@@ -30,7 +31,7 @@ async def _used_memory(redis: aioredis.Redis) -> int:
 async def run_memory_bench(redis: aioredis.Redis) -> MemoryFigures:
     """Track ``VIEWS`` views (each a distinct (viewer, content) pair), then measure."""
     await redis.flushdb()
-    tracker = ViewTracker(redis, None, Settings(secret="bench-secret-0123456789"))
+    tracker = ViewTracker(redis, None, bench_settings())
     # Warm up shared structures (dirty set, script cache) so they are not charged to pairs.
     await tracker.track_view("story", "warmup", "user:warmup")
     before = await _used_memory(redis)

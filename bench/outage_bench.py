@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from bench.servers import fresh_store
-from viewmw import Outbox, OutboxEvent, Replayer, Settings, ViewTracker
+from bench.servers import bench_settings, fresh_store
+from viewmw import Outbox, OutboxEvent, Replayer, ViewTracker
 
 VIEWS = 20_000
 CONCURRENCY = 200
@@ -45,7 +45,7 @@ async def run_outage_bench(redis: aioredis.Redis) -> OutageFigures:
             if not all(written):
                 raise AssertionError("an outbox write failed during the benchmark")
         absorb = VIEWS / (time.perf_counter() - started)
-        tracker = ViewTracker(redis, store, Settings())
+        tracker = ViewTracker(redis, store, bench_settings())
         started = time.perf_counter()
         report = await Replayer(tracker, outbox).replay()
         replay = report.events / (time.perf_counter() - started)

