@@ -63,11 +63,15 @@ class NullTracker:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
 
-    async def track_view(
-        self, content_type: str, content_id: str | int, viewer: str
+    async def track_valid_view(
+        self, content_type: str, content_id: str, viewer: str
     ) -> TrackResult:
         """Counted, always."""
         return self._COUNTED
+
+    def offer_valid_view(self, content_type: str, content_id: str, viewer: str) -> int | None:
+        """The fixed count (the deferred mode's call)."""
+        return self._COUNT.total
 
     async def get_view_count_details(
         self, content_type: str, content_ids: Sequence[str | int]

@@ -97,14 +97,14 @@ def render_http(results: HttpResults) -> list[str]:
             continue
         ratio = results.ratio(name, "requests_per_second")
         rounds = figures[name].rounds
-        missing = sum(r.without_count for r in rounds) / sum(r.requests for r in rounds)
+        missing_share = sum(r.without_count for r in rounds) / sum(r.requests for r in rounds)
         lines.append(
             f"- {name} ≥ {target:.2f}×: {ratio:.2f}× — {verdict(ratio >= target)} "
             f"(app CPU per request {results.ratio(name, 'app_cpu_us'):.2f}×"
             # A fast path that answers without the count is not a fast tracked route.
             + (
-                f"; {missing:.1%} of its answers had no count)"
-                if figures[name].variant.counts and missing > 0.01
+                f"; {missing_share:.1%} of its answers had no count)"
+                if figures[name].variant.counts and missing_share > 0.01
                 else ")"
             )
         )

