@@ -127,9 +127,21 @@ async def _ensure_database(url: str) -> None:
     _reachable["postgresql"] = url
 
 
+# Connections of this run's user on its database that are inside a transaction: only a test that
+# failed or timed out leaves one (its tasks died holding it). Its locks would block dropping the
+# tables, and every later test would hang in setup; ended here, waiting up to 5 s for each.
+_END_LEFTOVER_TRANSACTIONS = text(
+    "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity "
+    "WHERE datname = current_database() AND usename = current_user "
+    "AND pid <> pg_backend_pid() AND backend_type = 'client backend' AND state <> 'idle'"
+)
+
+
 async def _fresh_store(url: str) -> Store:
     engine = create_async_engine(url)
     async with engine.begin() as connection:
+        if engine.dialect.name == "postgresql":
+            await connection.execute(_END_LEFTOVER_TRANSACTIONS)
         for table_metadata in (viewmw_metadata, content_metadata):
             await connection.run_sync(table_metadata.drop_all)
     store = Store(engine, CONTENT_TABLES)
