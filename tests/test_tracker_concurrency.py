@@ -43,9 +43,7 @@ def make_tracker(request: pytest.FixtureRequest, pg_store: Store, clock: FakeClo
     client = request.getfixturevalue("real_redis" if pipelining else "pooled_redis")
 
     def make(limits: Limits | None = None) -> ViewTracker:
-        # 200 calls wait their turn for 50 connections inside the request deadline: on a busy
-        # machine the default 0.25 s answers some of them without a count, and the test fails.
-        settings = Settings(limits=limits or Limits(), redis_timeout=5.0)
+        settings = Settings(limits=limits or Limits())
         return ViewTracker(client, pg_store, settings, clock=clock, pipelining=pipelining)
 
     return make
