@@ -46,7 +46,3 @@ def classify(exc: BaseException) -> FailureKind:
         return FailureKind.REDIS
     return FailureKind.UNEXPECTED
 
-
-def is_redis_failure(exc: BaseException) -> bool:
-    """Whether ``exc`` says that Redis failed (and so counts against the breaker)."""
-    return classify(exc) is FailureKind.REDIS
