@@ -11,6 +11,7 @@ service's approach — several sequential Redis commands per view, then an SQL r
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
@@ -62,6 +63,7 @@ class NullTracker:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.clock = time.time
 
     async def track_valid_view(
         self, content_type: str, content_id: str, viewer: str

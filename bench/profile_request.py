@@ -51,6 +51,7 @@ class _DoNothing:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.clock = time.time
 
     async def track_valid_view(self, content_type: str, content_id: str, viewer: str) -> Any:
         return TrackResult(True, None, ViewCount(1, 0, 0))

@@ -45,4 +45,3 @@ def classify(exc: BaseException) -> FailureKind:
     if isinstance(exc, OSError):
         return FailureKind.REDIS
     return FailureKind.UNEXPECTED
-

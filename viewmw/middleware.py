@@ -49,6 +49,11 @@ class RequestTracker(Protocol):
         """Limits, time zone, timeouts."""
         ...
 
+    @property
+    def clock(self) -> Callable[[], float]:
+        """Seconds since the epoch (tests inject one); the viewer keys follow its calendar day."""
+        ...
+
     async def track_valid_view(
         self, content_type: str, content_id: str, viewer: str
     ) -> TrackResult:
@@ -121,21 +126,20 @@ class ViewTrackingMiddleware:
         self._debug_header = (
             None if debug_header is None else _header_name("debug_header", debug_header)
         )
-        self._owned: ViewTracker | None = None
+        # The tracker built here, whose clients this middleware owns (None for one passed in).
+        self._built: ResilientTracker | None = None
         if tracker is None:
             settings = settings or Settings.from_env()
-            self._owned = build_tracker(settings, content_tables)
-            assert self._owned.store is not None
-            tracker = ResilientTracker(self._owned, Outbox(self._owned.store.engine))
+            owned = build_tracker(settings, content_tables)
+            assert owned.store is not None
+            tracker = self._built = ResilientTracker(owned, Outbox(owned.store.engine))
         self.tracker: RequestTracker = tracker
         self.settings = settings or tracker.settings
-        inner = tracker.tracker if isinstance(tracker, ResilientTracker) else tracker
-        clock = inner.clock if isinstance(inner, ViewTracker) else time.time
         self.identity = ViewerIdentity(
             self.settings.secret,
             self.settings.zone,
             viewer=viewer,
-            clock=clock,
+            clock=tracker.clock,
             viewer_timeout=self.settings.redis_timeout,
         )
         self.count_statuses = count_statuses
@@ -148,7 +152,7 @@ class ViewTrackingMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            if scope["type"] == "lifespan" and self._owned is not None:
+            if scope["type"] == "lifespan" and self._built is not None:
                 await self._lifespan(scope, receive, send)
             else:
                 await self.app(scope, receive, send)
@@ -270,34 +274,34 @@ class ViewTrackingMiddleware:
         Runs at lifespan start-up. A database that cannot be reached is logged, not raised: the
         app starts anyway and serves its pages without counts.
         """
-        store = None if self._owned is None else self._owned.store
-        if self._owned is not None and store is not None:  # where the sync must move counts
-            await record_mapping(self._owned.redis, self._owned.keys, store)
-        if self.create_tables and store is not None:
+        if self._built is None:
+            return
+        owned = self._built.tracker
+        if owned.store is not None:  # where the sync must move counts
+            await record_mapping(owned.redis, owned.keys, owned.store)
+        if self.create_tables and owned.store is not None:
             try:
                 async with asyncio.timeout(self.settings.database_timeout):
-                    await store.create_tables()
+                    await owned.store.create_tables()
             except Exception:
                 logger.exception("viewmw: creating the view count tables failed")
-        if isinstance(self.tracker, ResilientTracker):
-            await self.tracker.startup()
+        await self._built.startup()
 
     async def aclose(self) -> None:
         """Write the outbox events still in memory and close the clients this middleware built.
 
         A no-op for a tracker passed in: its owner closes it.
         """
-        owned = self._owned
-        if owned is None or self._closed:
+        built = self._built
+        if built is None or self._closed:
             return
         self._closed = True
         try:
-            if isinstance(self.tracker, ResilientTracker):
-                await self.tracker.aclose()
+            await built.aclose()
         finally:
-            await owned.redis.aclose()
-            if owned.store is not None:
-                await owned.store.close()
+            await built.tracker.redis.aclose()
+            if built.tracker.store is not None:
+                await built.tracker.store.close()
 
 
 def _debug_value(result: TrackResult) -> bytes:

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,6 +87,11 @@ class ResilientTracker:
     def settings(self) -> Settings:
         """The tracker's settings."""
         return self.tracker.settings
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        """The tracker's clock."""
+        return self.tracker.clock
 
     # Recording ----------------------------------------------------------------------------------
 
