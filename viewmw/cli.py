@@ -289,8 +289,8 @@ def _enqueue(console: Console) -> int:
     try:  # the worker extra is only needed here
         from dramatiq.errors import BrokerError
 
-        from jobs.actors import sync_view_counts
-        from jobs.broker import worker_settings
+        from viewmw.jobs.actors import sync_view_counts
+        from viewmw.jobs.broker import worker_settings
     except ModuleNotFoundError as exc:
         raise ConfigurationError(
             "sync --enqueue", f"needs the worker extra: pip install 'viewmw[worker]' ({exc})"
