@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -138,7 +138,7 @@ async def check_health(
         return Check(LAST_SYNC, ok, detail, round(age, 3))
 
     async def outbox() -> Check:
-        waiting = int(str((await Outbox(store.engine).stats())["outbox_events"]))
+        waiting = cast(int, (await Outbox(store.engine).stats())["outbox_events"])
         ok = waiting <= limits.max_outbox_events
         detail = f"{waiting} views kept during a Redis outage (limit {limits.max_outbox_events})"
         return Check(OUTBOX, ok, detail, waiting)
