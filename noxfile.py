@@ -1,8 +1,12 @@
 """Checks everyone runs: `nox` (tests, lint, typecheck, docs); CI adds `nox -s tests-rabbitmq
-tests-fresh` (see .ci/run); `nox -s bench` runs the benchmarks. Extra arguments after `--` go to
-pytest: `nox -s tests -- -x -k sync`."""
+tests-fresh` (see .ci/run); `nox -s bench` runs the benchmarks; `nox -s tests-versions` the suite
+on every supported Python installed here, `nox -s coverage` a coverage report. Extra arguments
+after `--` go to pytest: `nox -s tests -- -x -k sync`."""
 
 from __future__ import annotations
+
+import shutil
+import subprocess
 
 import nox
 
@@ -10,6 +14,20 @@ nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
 
 PYTHON = "3.11"
+SUPPORTED_PYTHONS = ("3.11", "3.12", "3.13")
+
+
+def _installed(version: str) -> bool:
+    """Whether ``python{version}`` runs here (a pyenv shim exists for versions it lacks)."""
+    path = shutil.which(f"python{version}")
+    if path is None:
+        return False
+    return subprocess.run([path, "-c", "pass"], capture_output=True, check=False).returncode == 0
+
+
+# The interpreters this machine has, so `nox -s tests-versions` runs where only some exist while
+# error_on_missing_interpreters still guards the default sessions.
+INSTALLED_PYTHONS = [version for version in SUPPORTED_PYTHONS if _installed(version)] or [PYTHON]
 
 # tests-fresh: nothing may reach a server the machine happens to run. The private servers are
 # forced (tests/servers.py), and every URL a test could read points at a closed port, so a test
@@ -31,6 +49,29 @@ def tests(session: nox.Session) -> None:
     """
     session.install("-e", ".[test]")
     session.run("pytest", *session.posargs)
+
+
+@nox.session(python=INSTALLED_PYTHONS, name="tests-versions", default=False)
+def tests_versions(session: nox.Session) -> None:
+    """The test suite on each supported Python (3.11 to 3.13) installed on this machine."""
+    session.install("-e", ".[test]")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session(python=PYTHON, default=False)
+def coverage(session: nox.Session) -> None:
+    """The test suite with a line and branch coverage report of the library (no threshold).
+
+    Code run by worker and command subprocesses is not measured: the report is a guide.
+    """
+    session.install("-e", ".[test]", "pytest-cov>=5")
+    session.run(
+        "pytest",
+        "--cov=viewmw",
+        "--cov-branch",
+        "--cov-report=term-missing:skip-covered",
+        *session.posargs,
+    )
 
 
 @nox.session(python=PYTHON, name="tests-rabbitmq", default=False)

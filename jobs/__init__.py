@@ -1,11 +1,9 @@
-"""viewmw's background jobs: ``dramatiq jobs`` runs the worker, ``periodiq jobs`` the scheduler.
+"""This repository's deployable worker entry: ``dramatiq jobs`` and ``periodiq jobs``.
 
-Importing this package configures the broker (from ``VIEWMW_BROKER_URL``, else
-``VIEWMW_REDIS_URL``) and declares the actors; the schedule's cron is read in
-``VIEWMW_TIMEZONE``.
+The wiring ships in the library as :mod:`viewmw.jobs` (``dramatiq viewmw.jobs`` is the same
+worker); importing it configures the broker and declares the actors.
 """
 
-from jobs.actors import cleanup_view_tracking, notify_sync_failure, sync_view_counts
-from jobs.broker import broker
+from viewmw.jobs import broker, cleanup_view_tracking, notify_sync_failure, sync_view_counts
 
 __all__ = ["broker", "cleanup_view_tracking", "notify_sync_failure", "sync_view_counts"]

@@ -2,8 +2,8 @@
 
 ``main()`` runs ``asyncio.run``, so these tests are synchronous; they prepare and check Redis and
 the database with clients of their own, each in its own ``asyncio.run``. ``sync --enqueue`` with a
-working broker is tested under ``tests/jobs/`` (it imports ``jobs``, which needs that directory's
-environment); here it only meets brokers that are down, in subprocesses.
+working broker is tested under ``tests/jobs/`` (it imports ``viewmw.jobs``, which needs that
+directory's environment); here it only meets brokers that are down, in subprocesses.
 """
 
 from __future__ import annotations

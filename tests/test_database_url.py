@@ -56,7 +56,7 @@ def test_the_worker_stops_at_start_up_saying_what_to_set(tmp_path: Path) -> None
     env = {k: v for k, v in os.environ.items() if not k.startswith("VIEWMW_")}
     env.update(VIEWMW_REDIS_URL=REDIS_URL, PYTHONPATH=str(ROOT))
     result = subprocess.run(
-        [sys.executable, "-c", "import jobs"],
+        [sys.executable, "-c", "import viewmw.jobs"],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -64,5 +64,5 @@ def test_the_worker_stops_at_start_up_saying_what_to_set(tmp_path: Path) -> None
         timeout=60,
     )
     assert result.returncode != 0
-    assert "ConfigurationError: database_url is not set: set VIEWMW_DATABASE_URL" in result.stderr
+    assert result.stderr.startswith("viewmw: database_url is not set: set VIEWMW_DATABASE_URL")
     assert list(tmp_path.iterdir()) == []

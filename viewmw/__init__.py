@@ -4,6 +4,8 @@ Wrap an app in :class:`ViewTrackingMiddleware`; record and read views directly w
 :class:`ViewTracker`; move pending views into the database with :class:`ViewSync`.
 """
 
+from importlib.metadata import PackageNotFoundError, version
+
 from viewmw.errors import (
     ConfigurationError,
     InvalidKeyError,
@@ -26,6 +28,11 @@ from viewmw.settings import Limits, Settings
 from viewmw.store import Store, content_table, metadata
 from viewmw.sync import SyncReport, ViewSync
 from viewmw.tracker import BlockReason, TrackResult, ViewCount, ViewTracker
+
+try:
+    __version__ = version("viewmw")
+except PackageNotFoundError:  # pragma: no cover - a checkout on sys.path, never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "BlockReason",
@@ -55,6 +62,7 @@ __all__ = [
     "ViewTracker",
     "ViewTrackingMiddleware",
     "ViewmwError",
+    "__version__",
     "content_table",
     "metadata",
 ]

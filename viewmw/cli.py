@@ -2,9 +2,9 @@
 
 Settings come from the same ``VIEWMW_*`` variables as the app and the worker. Exit codes: 0 done,
 1 the operation failed (nothing is lost; run it again; a sync whose lock expired under it ends
-here too), 2 bad configuration or a server is not reachable (a sync that left a content type's
-views pending because it would move them elsewhere than the app reads them ends here too), 75
-another sync is running.
+here too; ``health`` when unhealthy), 2 bad configuration or a server is not reachable (a sync
+that left a content type's views pending because it would move them elsewhere than the app reads
+them ends here too), 75 another sync is running.
 """
 
 from __future__ import annotations
@@ -24,11 +24,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from sqlalchemy.exc import SQLAlchemyError
 
+from viewmw import __version__
 from viewmw.connections import check_database, check_redis, redacted, redis_for_background
 from viewmw.errors import ConfigurationError, ServiceUnavailableError, ViewmwError
+from viewmw.health import HealthThresholds, check_health
 from viewmw.outage.outbox import Outbox
 from viewmw.outage.replayer import replay_outbox
-from viewmw.settings import Settings
+from viewmw.settings import ENVIRONMENT, Settings
 from viewmw.store import Store, UnmatchedViews
 from viewmw.sync import SyncReport, ViewSync
 from viewmw.tracker import ViewTracker
@@ -39,8 +41,12 @@ EXIT_OK, EXIT_FAILED, EXIT_UNAVAILABLE, EXIT_BUSY = 0, 1, 2, 75
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for the documentation and tests)."""
     parser = argparse.ArgumentParser(
-        prog="viewmw", description="Operate viewmw: sync view counts, statistics, tables."
+        prog="viewmw",
+        description="Operate viewmw: sync view counts, statistics, health, tables.",
+        epilog=_environment_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"viewmw {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO")
     commands = parser.add_subparsers(dest="command", required=True)
     sync = commands.add_parser("sync", help="move pending views into the database now")
@@ -53,11 +59,57 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument(
         "--enqueue", action="store_true", help="send the sync to the worker queue instead"
     )
-    commands.add_parser("stats", help="the same as `sync --stats`")
+    sync.add_argument("--json", action="store_true", help="with --stats: print JSON")
+    stats = commands.add_parser("stats", help="the same as `sync --stats`")
+    stats.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    _add_health_parser(commands)
     commands.add_parser("cleanup", help="delete previous days' daily counters")
     commands.add_parser("init-db", help="create viewmw's tables (and mapped content tables)")
     _add_unmatched_parser(commands)
     return parser
+
+
+def _environment_help() -> str:
+    lines = ["settings (environment variables, read by the app, this command and the worker):"]
+    lines += [f"  {variable.name:<34} {variable.help}" for variable in ENVIRONMENT]
+    lines.append(
+        "  the worker also reads VIEWMW_BROKER_URL, VIEWMW_SYNC_CRON, VIEWMW_CLEANUP_CRON, "
+        "VIEWMW_FAILURE_HOOK, VIEWMW_RETRY_MIN_BACKOFF_MS, VIEWMW_SYNC_TIME_LIMIT_MS"
+    )
+    lines.append(
+        "exit codes: 0 done (healthy), 1 failed (unhealthy), 2 bad configuration or a server "
+        "is not reachable, 75 another sync is running"
+    )
+    return "\n".join(lines)
+
+
+def _add_health_parser(commands: Any) -> None:
+    defaults = HealthThresholds()
+    health = commands.add_parser(
+        "health", help="check Redis, the database, the backlog, the last sync, the outbox"
+    )
+    health.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    health.add_argument(
+        "--max-pending",
+        type=int,
+        default=defaults.max_pending_contents,
+        metavar="N",
+        help=f"pending contents above which it is unhealthy ({defaults.max_pending_contents})",
+    )
+    health.add_argument(
+        "--max-sync-age",
+        type=float,
+        default=defaults.max_sync_age_seconds,
+        metavar="SECONDS",
+        help=f"last sync age above which it is unhealthy ({defaults.max_sync_age_seconds:.0f})",
+    )
+    health.add_argument(
+        "--max-outbox",
+        type=int,
+        default=defaults.max_outbox_events,
+        metavar="N",
+        help=f"outbox events above which it is unhealthy ({defaults.max_outbox_events})",
+    )
 
 
 def _add_unmatched_parser(commands: Any) -> None:
@@ -90,6 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "sync" and args.enqueue:
             return _enqueue(console)
         settings.resolved_database_url()  # a real Redis and no database URL: say what to set
+        if args.command == "health":
+            return asyncio.run(_health(settings, args, console))
         command = _COMMANDS["stats" if args.command == "sync" and args.stats else args.command]
         return asyncio.run(_with_services(settings, command, args, console))
     except (ConfigurationError, ServiceUnavailableError) as exc:
@@ -183,19 +237,22 @@ def _summary(report: SyncReport) -> str:
 async def _stats(
     tracker: ViewTracker, sync: ViewSync, args: argparse.Namespace, console: Console
 ) -> int:
+    assert tracker.store is not None
     stats = await tracker.abuse_stats()
-    if tracker.store is not None:
-        stats.update(await Outbox(tracker.store.engine).stats())
+    stats.update(await Outbox(tracker.store.engine).stats())
+    unmatched_contents, unmatched_views = await tracker.store.unmatched_totals()
+    stats.update(unmatched_contents=unmatched_contents, unmatched_views=unmatched_views)
+    if args.json:
+        console.print(
+            json.dumps(stats, indent=2, default=_json_value), markup=False, highlight=False
+        )
+        return EXIT_OK
     table = Table(title="viewmw abuse prevention")
     table.add_column("setting or count")
     table.add_column("value", justify="right")
     for name, value in stats.items():
         if name != "last_syncs":
             table.add_row(name, _show(value))
-    assert tracker.store is not None
-    unmatched_contents, unmatched_views = await tracker.store.unmatched_totals()
-    table.add_row("unmatched_contents", str(unmatched_contents))
-    table.add_row("unmatched_views", str(unmatched_views))
     console.print(table)
     syncs = Table(title="last syncs")
     for column in ("batch", "started (UTC)", "committed (UTC)", "contents", "views"):
@@ -275,6 +332,41 @@ async def _unmatched(
     return EXIT_OK
 
 
+async def _health(settings: Settings, args: argparse.Namespace, console: Console) -> int:
+    thresholds = HealthThresholds(
+        max_pending_contents=args.max_pending,
+        max_sync_age_seconds=args.max_sync_age,
+        max_outbox_events=args.max_outbox,
+    )
+    redis = redis_for_background(settings)
+    store = Store.from_settings(settings)
+    try:
+        report = await check_health(redis, store, settings, thresholds)
+    finally:
+        await redis.aclose()
+        await store.close()
+    if args.json:
+        console.print(json.dumps(report.to_dict(), indent=2), markup=False, highlight=False)
+    else:
+        table = Table(title=f"viewmw health: {'ok' if report.ok else 'UNHEALTHY'}")
+        for column in ("check", "ok", "detail"):
+            table.add_column(column)
+        for check in report.checks:
+            table.add_row(check.name, "ok" if check.ok else "FAIL", check.detail)
+        console.print(table)
+    if report.unreachable:
+        return EXIT_UNAVAILABLE
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def _json_value(value: Any) -> Any:
+    """Datetimes as ISO strings (in UTC) for ``--json``."""
+    if isinstance(value, datetime):
+        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
 def _unmatched_json(entry: UnmatchedViews) -> dict[str, Any]:
     return {
         "content_type": entry.content_type,
@@ -289,8 +381,8 @@ def _enqueue(console: Console) -> int:
     try:  # the worker extra is only needed here
         from dramatiq.errors import BrokerError
 
-        from jobs.actors import sync_view_counts
-        from jobs.broker import worker_settings
+        from viewmw.jobs.actors import sync_view_counts
+        from viewmw.jobs.broker import worker_settings
     except ModuleNotFoundError as exc:
         raise ConfigurationError(
             "sync --enqueue", f"needs the worker extra: pip install 'viewmw[worker]' ({exc})"

@@ -1,7 +1,8 @@
-"""Tests of the Dramatiq wiring (``jobs``): actors on a stub broker, the schedule, real workers.
+"""Tests of the Dramatiq wiring (``viewmw.jobs``): actors on a stub broker, the schedule, real
+workers.
 
 Helpers shared by these tests live here; ``conftest.py`` sets the worker's environment before
-``jobs`` is imported.
+``viewmw.jobs`` is imported.
 """
 
 from __future__ import annotations

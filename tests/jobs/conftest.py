@@ -1,8 +1,9 @@
-"""The worker's environment, set before anything imports :mod:`jobs`, and in-process fixtures.
+"""The worker's environment, set before anything imports :mod:`viewmw.jobs`, and in-process
+fixtures.
 
-Importing ``jobs`` reads ``VIEWMW_*`` once (broker, schedule, retries, failure hook). This module
-sets them to the test servers and a stub broker, imports ``jobs``, then puts ``os.environ`` back as
-it was, so no other test sees the worker's variables.
+Importing ``viewmw.jobs`` reads ``VIEWMW_*`` once (broker, schedule, retries, failure hook). This
+module sets them to the test servers and a stub broker, imports ``viewmw.jobs``, then puts
+``os.environ`` back as it was, so no other test sees the worker's variables.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ import redis.asyncio as aioredis
 
 from tests.support import DATABASE_URL, REDIS_URL, FakeClock
 
-if "jobs" in sys.modules:  # pragma: no cover - a guard for future test modules
+if "viewmw.jobs" in sys.modules:  # pragma: no cover - a guard for future test modules
     raise RuntimeError(
-        "jobs was imported before tests/jobs/conftest.py set the worker's environment: "
-        "import jobs only from tests under tests/jobs/"
+        "viewmw.jobs was imported before tests/jobs/conftest.py set the worker's environment: "
+        "import viewmw.jobs only from tests under tests/jobs/"
     )
 
 WORKER_ENV = {
@@ -45,7 +46,7 @@ def _import_jobs() -> None:
         del os.environ[name]
     os.environ.update(WORKER_ENV)
     try:
-        import jobs  # noqa: F401
+        import viewmw.jobs  # noqa: F401
     finally:
         for name in WORKER_ENV:
             os.environ.pop(name, None)
@@ -57,11 +58,11 @@ _import_jobs()
 import dramatiq  # noqa: E402
 from dramatiq.brokers.stub import StubBroker  # noqa: E402
 
-import jobs.actors  # noqa: E402
-from jobs import broker  # noqa: E402
-from jobs.broker import settings as job_settings  # noqa: E402
+import viewmw.jobs.actors  # noqa: E402
 from tests.jobs import QUEUE  # noqa: E402
 from viewmw import Settings, Store, ViewTracker  # noqa: E402
+from viewmw.jobs import broker  # noqa: E402
+from viewmw.jobs.broker import settings as job_settings  # noqa: E402
 from viewmw.sync import StepHook, SyncReport, ViewSync  # noqa: E402
 
 assert isinstance(broker, StubBroker), "VIEWMW_BROKER_URL=stub:// gives the stub broker"
@@ -135,7 +136,7 @@ def actor_sync(monkeypatch: pytest.MonkeyPatch) -> ActorSync:
     def build(redis: aioredis.Redis, store: Store, settings: Settings) -> ViewSync:
         return RecordingSync(redis, store, settings, clock=control.clock, on_step=control.on_step)
 
-    monkeypatch.setattr(jobs.actors, "ViewSync", build)
+    monkeypatch.setattr(viewmw.jobs.actors, "ViewSync", build)
     return control
 
 

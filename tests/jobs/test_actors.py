@@ -1,7 +1,7 @@
 """The actors on Dramatiq's stub broker with an in-process worker, on the real Redis and PostgreSQL.
 
-The worker runs the actors exactly as ``dramatiq jobs`` does (AsyncIO middleware, retries, time
-limit, the failure actor); only the broker is in memory.
+The worker runs the actors exactly as ``dramatiq viewmw.jobs`` does (AsyncIO middleware, retries,
+time limit, the failure actor); only the broker is in memory.
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ from dramatiq.middleware.asyncio import AsyncIO
 from periodiq import PeriodiqMiddleware
 from sqlalchemy.exc import OperationalError
 
-from jobs import broker, cleanup_view_tracking, notify_sync_failure, sync_view_counts
-from jobs.broker import worker_settings
 from tests.jobs import (
     KEYS,
     QUEUE,
@@ -33,6 +31,8 @@ from tests.jobs import (
 from tests.support import REDIS_URL, FakeClock
 from viewmw import Outbox, OutboxEvent, Settings, Store, ViewTracker
 from viewmw.cli import main
+from viewmw.jobs import broker, cleanup_view_tracking, notify_sync_failure, sync_view_counts
+from viewmw.jobs.broker import worker_settings
 from viewmw.mapping import record_mapping
 from viewmw.sync import SyncReport, ViewSync
 

@@ -1,8 +1,8 @@
 """Two apps with two key prefixes on one Redis, which is also their broker: each app's worker
 takes only its own app's sync messages and syncs only its own views.
 
-Real ``dramatiq jobs`` processes, each configured only by its app's ``VIEWMW_KEY_PREFIX``: the
-queue name and the broker namespace follow from it. Each app has its own SQLite database, so a
+Real ``dramatiq viewmw.jobs`` processes, each configured only by its app's ``VIEWMW_KEY_PREFIX``:
+the queue name and the broker namespace follow from it. Each app has its own SQLite database, so a
 view synced by the wrong worker would show.
 """
 
@@ -15,11 +15,11 @@ import dramatiq
 import pytest
 import redis.asyncio as aioredis
 
-from jobs.broker import make_broker
-from jobs.settings import WorkerSettings
 from tests.jobs.test_worker_e2e import WorkerProcess, start_worker, wait_until
 from tests.support import REDIS_URL, FakeClock
 from viewmw import KeySchema, Settings, Store, ViewTracker
+from viewmw.jobs.broker import make_broker
+from viewmw.jobs.settings import WorkerSettings
 
 __all__ = ["start_worker"]  # a fixture, imported to be used here
 

@@ -1,4 +1,5 @@
-"""End to end: a real ``dramatiq jobs`` worker process, on the Redis broker and on RabbitMQ.
+"""End to end: a real ``dramatiq viewmw.jobs`` worker process (``dramatiq jobs`` too), on the
+Redis broker and on RabbitMQ.
 
 The RabbitMQ test is marked ``rabbitmq``, deselected by default: ``nox -s tests-rabbitmq`` runs it.
 
@@ -31,12 +32,12 @@ from dramatiq.errors import BrokerError
 from sqlalchemy import text
 
 from examples.site import create_app
-from jobs.broker import make_broker
-from jobs.settings import WorkerSettings
 from tests.jobs import KEYS, QUEUE, Content, database_counts, ledger_size
 from tests.jobs.worker_pause import PAUSED_KEY
 from tests.support import AMQP_URL, DATABASE_URL, REDIS_URL, FakeClock
 from viewmw import Settings, Store, ViewTracker
+from viewmw.jobs.broker import make_broker
+from viewmw.jobs.settings import WorkerSettings
 
 # Worker processes and their deadlines (60 s a wait): past the default timeout on a busy machine,
 # the test's own deadline must be what fails it, with the worker's log.
@@ -66,13 +67,13 @@ SITE_CONTENTS: dict[str, Content] = {
 
 
 class WorkerProcess:
-    """``dramatiq jobs --processes 1 --threads 2`` in a process group of its own."""
+    """``dramatiq ENTRY --processes 1 --threads 2`` in a process group of its own."""
 
-    def __init__(self, env: dict[str, str], log: Path, *modules: str) -> None:
+    def __init__(self, env: dict[str, str], log: Path, entry: str, *modules: str) -> None:
         self.log = log
         with log.open("ab") as output:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "dramatiq", "jobs", *modules, *WORKER_OPTIONS],
+                [sys.executable, "-m", "dramatiq", entry, *modules, *WORKER_OPTIONS],
                 cwd=ROOT,
                 env=env,
                 stdout=output,
@@ -104,14 +105,20 @@ class WorkerProcess:
 
 @pytest.fixture
 def start_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
-    """Starts workers for a broker URL; every one is stopped at the end of the test."""
+    """Starts workers for a broker URL; every one is stopped at the end of the test.
+
+    ``entry`` is the module dramatiq loads first: the library's ``viewmw.jobs``, or this
+    repository's deployable ``jobs``.
+    """
     workers: list[WorkerProcess] = []
 
-    def start(broker_url: str, *modules: str, **extra_env: str) -> WorkerProcess:
+    def start(
+        broker_url: str, *modules: str, entry: str = "viewmw.jobs", **extra_env: str
+    ) -> WorkerProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("VIEWMW_")}
         env.update(WORKER_SETTINGS, VIEWMW_BROKER_URL=broker_url, **extra_env)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-        worker = WorkerProcess(env, tmp_path / f"worker-{len(workers)}.log", *modules)
+        worker = WorkerProcess(env, tmp_path / f"worker-{len(workers)}.log", entry, *modules)
         workers.append(worker)
         return worker
 
@@ -170,7 +177,10 @@ async def browse(client: httpx.AsyncClient, path: str, user: str) -> int:
 
 
 async def sync_site_views_through_worker(
-    broker_url: str, store: Store, start_worker: Callable[..., WorkerProcess]
+    broker_url: str,
+    store: Store,
+    start_worker: Callable[..., WorkerProcess],
+    entry: str = "viewmw.jobs",
 ) -> WorkerProcess:
     contents = list(SITE_CONTENTS.values())
     expected = {SITE_CONTENTS[path]: views for path, views in SITE_VIEWS.items()}
@@ -180,7 +190,7 @@ async def sync_site_views_through_worker(
             assert shown == list(range(1, views + 1))
         assert await database_counts(store, contents) == dict.fromkeys(contents, 0)
 
-        worker = start_worker(broker_url)
+        worker = start_worker(broker_url, entry=entry)
         enqueue_sync(broker_url)
 
         async def synced() -> bool:
@@ -193,10 +203,15 @@ async def sync_site_views_through_worker(
     return worker
 
 
+@pytest.mark.parametrize("entry", ["viewmw.jobs", "jobs"])
 async def test_a_dramatiq_worker_on_redis_syncs_the_sites_views(
-    real_redis: aioredis.Redis, pg_store: Store, start_worker: Callable[..., WorkerProcess]
+    real_redis: aioredis.Redis,
+    pg_store: Store,
+    start_worker: Callable[..., WorkerProcess],
+    entry: str,
 ) -> None:
-    await sync_site_views_through_worker(REDIS_URL, pg_store, start_worker)
+    """``dramatiq viewmw.jobs`` (what users run) and ``dramatiq jobs`` (this repository's entry)."""
+    await sync_site_views_through_worker(REDIS_URL, pg_store, start_worker, entry)
     assert not await real_redis.exists(KEYS.sync_batch, KEYS.sync_lock)
 
 

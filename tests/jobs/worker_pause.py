@@ -1,4 +1,5 @@
-"""Loaded into a real ``dramatiq jobs`` worker by ``test_worker_e2e``: holds the sync at one step.
+"""Loaded into a real ``dramatiq viewmw.jobs`` worker by ``test_worker_e2e``: holds the sync at
+one step.
 
 With ``VIEWMW_TEST_PAUSE_AT=step`` or ``step:n``, the n-th time the sync reaches ``step`` (a step
 boundary of :class:`viewmw.sync.ViewSync`: ``snapshot``, ``before_commit``, ``committed``,
@@ -15,7 +16,7 @@ import os
 
 from redis.asyncio import Redis
 
-import jobs.actors
+import viewmw.jobs.actors
 from viewmw.sync import ViewSync
 
 PAUSED_KEY = "viewmw-test:paused"
@@ -41,7 +42,7 @@ def install(spec: str) -> None:
             await client.aclose()
         await asyncio.sleep(3600)  # until the test kills this process
 
-    setattr(jobs.actors, "ViewSync", functools.partial(ViewSync, on_step=on_step))  # noqa: B010
+    setattr(viewmw.jobs.actors, "ViewSync", functools.partial(ViewSync, on_step=on_step))  # noqa: B010
 
 
 if os.environ.get("VIEWMW_TEST_PAUSE_AT"):

@@ -14,10 +14,10 @@ from typing import Any
 
 import dramatiq
 
-from jobs.broker import broker, settings, worker_settings
-from jobs.notify import notify_failure
 from viewmw.connections import redis_for_background
 from viewmw.errors import LockLostError
+from viewmw.jobs.broker import broker, settings, worker_settings
+from viewmw.jobs.notify import notify_failure
 from viewmw.outage.replayer import replay_outbox
 from viewmw.store import Store
 from viewmw.sync import ViewSync

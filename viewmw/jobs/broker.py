@@ -8,7 +8,8 @@ from dramatiq.brokers.stub import StubBroker
 from dramatiq.middleware.asyncio import AsyncIO
 from periodiq import PeriodiqMiddleware
 
-from jobs.settings import WorkerSettings
+from viewmw.errors import ConfigurationError
+from viewmw.jobs.settings import WorkerSettings
 from viewmw.settings import Settings
 
 # A worker that was down at the scheduled minute still runs the sync when it comes back within
@@ -36,9 +37,24 @@ def make_broker(worker: WorkerSettings) -> dramatiq.Broker:
     return broker
 
 
-settings = Settings.from_env()
-settings.resolved_database_url()  # no database URL with a real Redis: stop at start-up, say so
-worker_settings = WorkerSettings.from_env(settings)
+def load_settings() -> tuple[Settings, WorkerSettings]:
+    """The library's and the worker's settings from ``VIEWMW_*``, checked.
+
+    Raises:
+        ConfigurationError: naming the variable whose value is invalid, or the database URL a
+            real Redis needs.
+    """
+    settings = Settings.from_env()
+    settings.resolved_database_url()  # no database URL with a real Redis: stop at start-up, say so
+    return settings, WorkerSettings.from_env(settings)
+
+
+try:
+    settings, worker_settings = load_settings()
+except ConfigurationError as exc:
+    # dramatiq and periodiq would print the import error as a traceback: one line says it all
+    # (SystemExit prints its text to stderr and exits 1, in dramatiq's worker process too).
+    raise SystemExit(f"viewmw: {exc}") from None
 broker = make_broker(worker_settings)
 dramatiq.set_broker(broker)
 # periodiq reads cron against pendulum's local time: make that the configured zone.

@@ -1,7 +1,7 @@
 """Worker settings: the broker, the schedule and the failure notification, from ``VIEWMW_*``.
 
-Validated on import of :mod:`jobs`, so a bad value stops ``dramatiq jobs`` / ``periodiq jobs`` at
-start-up with the variable named.
+Validated on import of :mod:`viewmw.jobs`, so a bad value stops ``dramatiq viewmw.jobs`` /
+``periodiq viewmw.jobs`` at start-up with the variable named.
 """
 
 from __future__ import annotations
