@@ -100,7 +100,8 @@ async def test_a_busy_event_loop_neither_opens_the_breaker_nor_counts_a_reload_a
     async with asyncio.timeout(60), served(app, lifespan="on") as url, client_for(url) as client:
         visits = Visits(client)
         first = await visits.view(story, user="42")
-        assert (first.counted, first.count) == ("1", 1), first
+        # Counted; its count is shown unless the cold database read missed its 0.1 s deadline.
+        assert first.counted == "1" and first.count in (1, None), first
 
         report = asyncio.create_task(client.get("/report"))
         try:
@@ -130,9 +131,9 @@ async def test_a_busy_event_loop_neither_opens_the_breaker_nor_counts_a_reload_a
     await ViewSync(real_redis, pg_store, DEFAULTS).run()
     synced = await database_counts(pg_store, [story, *burst])
     assert synced[story] == 1, f"one viewer inside the cooldown counted {synced[story]} times"
-    # The late views were decided by the script in Redis: once at most, and once if it said so.
+    # Every burst view (a new viewer each) was decided by the script in Redis, late or not.
     for one in during:
-        assert synced[one.story] == 1 if one.counted == "1" else synced[one.story] <= 1, (
+        assert synced[one.story] == 1, (
             f"story {one.story}: header {one.counted!r}, database {synced[one.story]}"
         )
 
