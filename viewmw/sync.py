@@ -92,6 +92,13 @@ class _Lease:
     fence: int
 
 
+@dataclass(slots=True)
+class _Walk:
+    """Where the run's walk (SSCAN) through the contents it took has got to."""
+
+    cursor: str = "0"
+
+
 # Items per read of a sealed batch: one script call per page keeps Redis responsive.
 _PAGE = 5000
 
@@ -166,7 +173,8 @@ class ViewSync:
             refused = await self._refused_types(report)
             if unsettled is not None:
                 await self._recover(lease, unsettled, report)
-            while await self._sync_one_batch(lease, report, refused):
+            walk = _Walk()
+            while await self._sync_one_batch(lease, report, refused, walk):
                 if progress:
                     progress(report.contents, total)
             report.cleaned_keys = await self.cleanup()
@@ -289,7 +297,9 @@ class ViewSync:
             total, _ = await pipe.execute()
         return int(total)
 
-    async def _sync_one_batch(self, lease: _Lease, report: SyncReport, refused: list[str]) -> bool:
+    async def _sync_one_batch(
+        self, lease: _Lease, report: SyncReport, refused: list[str], walk: _Walk
+    ) -> bool:
         """Snapshot up to ``batch_contents`` of the run's contents, commit, settle.
 
         Returns whether contents of the run are left for another batch.
@@ -307,16 +317,17 @@ class ViewSync:
         while taken < self.batch_contents and left:
             await self._step("snapshot")
             size = min(self.chunk_contents, self.batch_contents - taken)
-            left = await self._snapshot_chunk(lease, batch, size, refused)
-            taken += size
+            took, left = await self._snapshot_chunk(lease, batch, size, refused, walk)
+            taken += took
         await self._seal(lease, batch)
         await self._commit_and_settle(lease, batch, report)
         return left > 0
 
     async def _snapshot_chunk(
-        self, lease: _Lease, batch: _Batch, size: int, refused: list[str]
-    ) -> int:
-        """Move one chunk into the batch; returns how many of the run's contents are left."""
+        self, lease: _Lease, batch: _Batch, size: int, refused: list[str], walk: _Walk
+    ) -> tuple[int, int]:
+        """Move up to ``size`` contents into the batch (the next page of the walk through the
+        run's set); returns how many were taken from the set and how many are left in it."""
         keys = self.keys
         reply = await self.scripts.snapshot(
             keys=[
@@ -327,11 +338,21 @@ class ViewSync:
                 keys.epoch,
                 keys.dirty,
             ],
-            args=[lease.token, batch.batch_id, keys.prefix, size, lease.fence, *refused],
+            args=[
+                lease.token,
+                batch.batch_id,
+                keys.prefix,
+                size,
+                lease.fence,
+                walk.cursor,
+                *refused,
+            ],
         )
         if int(reply[0]) < 0:
             raise LockLostError("the sync lock expired during the snapshot; the next sync recovers")
-        return int(reply[2])
+        # A walk that came round with members left (none are added during a run) starts again.
+        walk.cursor = _text(reply[3])
+        return int(reply[4]), int(reply[2])
 
     async def _seal(self, lease: _Lease, batch: _Batch) -> None:
         keys = self.keys
