@@ -61,9 +61,13 @@ local function settle_slice(members, first, last)
   return #settled
 end
 
-local members = {}
+-- A member named twice settles once: a slice reads every item before it forgets any.
+local members, seen = {}, {}
 for i = 5, #ARGV do
-  members[#members + 1] = ARGV[i]
+  if not seen[ARGV[i]] then
+    seen[ARGV[i]] = true
+    members[#members + 1] = ARGV[i]
+  end
 end
 local settled = 0
 for first = 1, #members, SLICE do
