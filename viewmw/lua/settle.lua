@@ -25,12 +25,11 @@ local function settle_slice(members, first, last)
     local amount = tonumber(recorded[i])
     if amount then
       local member = members[first + i - 1]
-      local sep = string.find(member, ':', 1, true)
-      local content_type, content_id = string.sub(member, 1, sep - 1), string.sub(member, sep + 1)
       local n = #settled + 1
       settled[n], amounts[n] = member, amount
-      syncing_keys[n] = prefix .. content_type .. ':syncing:' .. content_id
-      database_keys[n] = prefix .. content_type .. ':dbviews:' .. content_id
+      -- A member is "{type}:{id}": its keys replace the first colon ("{type}:syncing:{id}").
+      syncing_keys[n] = prefix .. string.gsub(member, ':', ':syncing:', 1)
+      database_keys[n] = prefix .. string.gsub(member, ':', ':dbviews:', 1)
     end
   end
   if #settled == 0 then

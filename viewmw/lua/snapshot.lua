@@ -79,30 +79,35 @@ end
 for start = 1, #members, SLICE do
   redis.call('SREM', KEYS[4], unpack(members, start, math.min(start + SLICE - 1, #members)))
 end
-local kept, pending_keys, kept_types, kept_ids = {}, {}, {}, {}
-for _, member in ipairs(members) do
-  local sep = string.find(member, ':', 1, true)
-  local content_type, content_id = string.sub(member, 1, sep - 1), string.sub(member, sep + 1)
-  local n = #kept + 1
-  kept[n], kept_types[n], kept_ids[n] = member, content_type, content_id
-  pending_keys[n] = prefix .. content_type .. ':views:' .. content_id
+-- A member is "{type}:{id}": its keys replace the first colon ("{type}:views:{id}").
+local function key_of(member, kind)
+  return prefix .. string.gsub(member, ':', kind, 1)
+end
+local function type_of(member)
+  return string.sub(member, 1, string.find(member, ':', 1, true) - 1)
+end
+
+local pending_keys = {}
+for n, member in ipairs(members) do
+  pending_keys[n] = key_of(member, ':views:')
 end
 local amounts = read_all('MGET', nil, pending_keys)
 
+local any_refused = next(refused) ~= nil
 local moved, moved_pending, syncing_keys = {}, {}, {}
 local contents, views = 0, 0
-for i = 1, #kept do
+for i = 1, #members do
   local amount = amounts[i]
-  if refused[kept_types[i]] then
+  if any_refused and refused[type_of(members[i])] then
     if amount > 0 then
-      redis.call('SADD', KEYS[6], kept[i])
+      redis.call('SADD', KEYS[6], members[i])
     end
   elseif amount > 0 then
     contents = contents + 1
     views = views + amount
     moved[contents] = i
     moved_pending[contents] = pending_keys[i]
-    syncing_keys[contents] = prefix .. kept_types[i] .. ':syncing:' .. kept_ids[i]
+    syncing_keys[contents] = key_of(members[i], ':syncing:')
   end
 end
 if contents == 0 then
@@ -114,7 +119,7 @@ for start = 1, contents, SLICE do
 end
 local moved_members = {}
 for n = 1, contents do
-  moved_members[n] = kept[moved[n]]
+  moved_members[n] = members[moved[n]]
 end
 local syncing = read_all('MGET', nil, syncing_keys)
 local recorded = read_all('HMGET', KEYS[3], moved_members)
