@@ -117,11 +117,6 @@ class CountTarget:
         return int(content_id) if content_id.isdigit() and len(content_id) <= 18 else None
 
 
-def _id_order(db_id: int | str | None) -> tuple[bool, int | str]:
-    """Sort key of a row id; ids that cannot exist (``None``) go last."""
-    return (db_id is None, 0 if db_id is None else db_id)
-
-
 def _python_type(column: Column[Any]) -> type | None:
     try:
         return column.type.python_type
@@ -302,10 +297,6 @@ class Store:
     ) -> None:
         target = self._targets.get(content_type)
         items = list(deltas.items())
-        if target is not None:
-            # In id order, each statement walks the table's index and pages in order: far fewer
-            # cache misses than the random order the batch arrives in (measured ~1.5x faster).
-            items.sort(key=lambda item: _id_order(target.db_id(item[0])))
         for start in range(0, len(items), CHUNK_ROWS):
             chunk = items[start : start + CHUNK_ROWS]
             if target is None:
