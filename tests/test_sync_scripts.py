@@ -5,9 +5,9 @@ Redis and on fakeredis.
 
 Per content, the snapshot is: read pending; for a refused type, put the content back in the
 dirty set if it has views; otherwise, if it has views, delete pending, add them to syncing and to
-the batch's item. The settle is, per member that is still an item: take the item off syncing
-(deleting syncing at zero or below), add it to the cached database count if one is cached, and
-forget the item; the batch goes once no item is left.
+the batch's item. The settle walks the batch's items and, per item: takes it off syncing
+(deleting syncing at zero or below), adds it to the cached database count if one is cached, and
+forgets the item; the batch goes once no item is left.
 """
 
 from __future__ import annotations
@@ -111,6 +111,7 @@ def snapshot_model(members: list[str], state: State, refused: set[str]) -> tuple
 
 
 def settle_model(members: list[str], state: State) -> State:
+    """The per-content settle of ``members`` (those that are items)."""
     after = State(
         Counter(state.pending), Counter(state.syncing), Counter(state.items), dict(state.cached)
     )
@@ -165,44 +166,85 @@ async def test_the_snapshot_moves_exactly_what_the_per_content_steps_would(
     assert int(await any_redis.get(KEYS.epoch) or 0) == moving_calls
 
 
+async def settle_all(redis: aioredis.Redis, chunk: int) -> tuple[int, int]:
+    """Walk the batch's items with the settle script until none is left, as the sync does;
+    returns (items settled, calls)."""
+    scripts = Scripts.register(redis)
+    cursor, left, settled, calls = "0", 1, 0, 0
+    while left:
+        reply = await scripts.settle(
+            keys=[KEYS.sync_batch, KEYS.sync_batch_items(BATCH), KEYS.epoch, KEYS.sync_lock],
+            args=[BATCH, KEYS.prefix, TOKEN, FENCE, cursor, chunk],
+        )
+        done, left, cursor = reply
+        cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
+        assert 0 <= done <= chunk
+        assert left == await redis.hlen(KEYS.sync_batch_items(BATCH))
+        settled, calls = settled + done, calls + 1
+        assert calls <= 100 * (settled + 1), "the walk through the items does not end"
+    return settled, calls
+
+
+@pytest.mark.parametrize("size", [10, 300], ids=["small-batch", "large-batch"])
 @pytest.mark.parametrize("seed", SEEDS)
 async def test_the_settle_settles_exactly_what_the_per_content_steps_would(
-    any_redis: aioredis.Redis, seed: int
+    any_redis: aioredis.Redis, seed: int, size: int
 ) -> None:
     rng = random.Random(seed)
-    members, state = random_state(rng, 300)
-    for member in rng.sample(members, 200):  # most members are items, some syncing more
+    members, state = random_state(rng, size)
+    for member in rng.sample(members, size * 2 // 3):  # most are items, some syncing more
         state.items[member] = rng.randint(1, 50)
         state.syncing[member] = state.items[member] + rng.choice([0, 0, 0, 3, -2])
     await write(any_redis, state)
-    scripts = Scripts.register(any_redis)
-    # What the sync passes (every item), plus members that are not items, one of them twice.
-    to_settle = [*state.items, *rng.sample(members, 30), members[0]]
-    rng.shuffle(to_settle)
     chunk = rng.choice([1, 7, 64, 5000])
 
-    settled = 0
-    for start in range(0, len(to_settle), chunk):
-        reply = await scripts.settle(
-            keys=[KEYS.sync_batch, KEYS.sync_batch_items(BATCH), KEYS.epoch, KEYS.sync_lock],
-            args=[BATCH, KEYS.prefix, TOKEN, FENCE, *to_settle[start : start + chunk]],
-        )
-        settled += reply[0]
-        assert reply[1] == await any_redis.hlen(KEYS.sync_batch_items(BATCH))
+    settled, calls = await settle_all(any_redis, chunk)
 
-    assert await read(any_redis, members) == settle_model(to_settle, state)
+    assert await read(any_redis, members) == settle_model(list(state.items), state)
     assert settled == len(state.items)
+    assert int(await any_redis.get(KEYS.epoch) or 0) == calls
     assert not await any_redis.exists(KEYS.sync_batch), "the settled batch was left behind"
 
 
-async def test_a_partly_settled_batch_stays(any_redis: aioredis.Redis) -> None:
-    state = State(syncing=Counter({"story:1": 2, "story:2": 3}))
+async def test_a_partly_settled_batch_stays_and_settles_nothing_twice(
+    any_redis: aioredis.Redis,
+) -> None:
+    state = State(syncing=Counter({"story:1": 2, "story:2": 3, "story:3": 4}))
     state.items = Counter(state.syncing)
+    state.cached = {"story:1": 10, "story:2": 20, "story:3": 30}
     await write(any_redis, state)
     reply = await Scripts.register(any_redis).settle(
         keys=[KEYS.sync_batch, KEYS.sync_batch_items(BATCH), KEYS.epoch, KEYS.sync_lock],
-        args=[BATCH, KEYS.prefix, TOKEN, FENCE, "story:1"],
+        args=[BATCH, KEYS.prefix, TOKEN, FENCE, "0", 1],
     )
-    assert reply == [1, 1]
+    assert reply[:2] == [1, 2]
     assert await any_redis.hget(KEYS.sync_batch, "id") == BATCH.encode()
-    assert await read(any_redis, ["story:1", "story:2"]) == settle_model(["story:1"], state)
+    first = await read(any_redis, ["story:1", "story:2", "story:3"])
+    (done,) = set(state.items) - set(first.items)
+    assert first == settle_model([done], state)
+
+    # The rest, walked again from the start (a sync that took over knows no cursor).
+    assert await settle_all(any_redis, 2) == (2, 1)
+    assert await read(any_redis, ["story:1", "story:2", "story:3"]) == settle_model(
+        list(state.items), state
+    )
+
+
+async def test_the_settle_refuses_a_caller_that_does_not_own_the_batch(
+    any_redis: aioredis.Redis,
+) -> None:
+    state = State(syncing=Counter({"story:1": 2}), items=Counter({"story:1": 2}))
+    await write(any_redis, state)
+    scripts = Scripts.register(any_redis)
+    owner = [BATCH, KEYS.prefix, TOKEN, FENCE, "0", 10]
+    for wrong in (1, 2, 3):  # batch id, lock token, fence
+        args = list(owner)
+        args[0 if wrong == 1 else wrong] = "other"
+        reply = await scripts.settle(
+            keys=[KEYS.sync_batch, KEYS.sync_batch_items(BATCH), KEYS.epoch, KEYS.sync_lock],
+            args=args,
+        )
+        assert reply == [-1]
+    after = await read(any_redis, ["story:1"])
+    assert (after.syncing, after.items) == (state.syncing, state.items)
+    assert not await any_redis.exists(KEYS.epoch), "a refused settle moved the epoch"

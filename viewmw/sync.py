@@ -390,7 +390,7 @@ class ViewSync:
             fence_scope=self.keys.prefix,
         )
         await self._step("committed")
-        await self._settle(lease, batch, list(deltas))
+        await self._settle(lease, batch)
         if committed_now:
             report.batches += 1
             report.contents += len(deltas)
@@ -398,10 +398,15 @@ class ViewSync:
             report.batch_ids.append(batch.batch_id)
         return True
 
-    async def _settle(self, lease: _Lease, batch: _Batch, contents: list[tuple[str, str]]) -> None:
+    async def _settle(self, lease: _Lease, batch: _Batch) -> None:
+        """Settle every item of the committed batch, up to ``chunk_contents`` per script call.
+
+        The script walks the batch's items itself (an HSCAN cursor this run keeps), so no
+        member list travels to Redis; the call that settles the last item deletes the batch.
+        """
         keys = self.keys
-        members = [keys.member(content_type, content_id) for content_type, content_id in contents]
-        for start in range(0, len(members), self.chunk_contents):
+        cursor, left = "0", 1
+        while left:
             await self._step("settle")
             reply = await self.scripts.settle(
                 keys=[
@@ -415,13 +420,16 @@ class ViewSync:
                     keys.prefix,
                     lease.token,
                     lease.fence,
-                    *members[start : start + self.chunk_contents],
+                    cursor,
+                    self.chunk_contents,
                 ],
             )
             if int(reply[0]) < 0:
                 raise LockLostError(
                     "the sync lock expired after the commit; the next sync settles the batch"
                 )
+            # A walk that came round with items left starts again from the beginning.
+            left, cursor = int(reply[1]), _text(reply[2])
 
     async def _current_batch(self) -> _Batch | None:
         fields = await self.redis.hgetall(self.keys.sync_batch)
