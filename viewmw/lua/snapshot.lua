@@ -10,9 +10,10 @@
 -- add to a batch another sync has taken over.
 -- Contents of a refused type (its views would go elsewhere than the app reads them) stay
 -- pending and go back to the dirty set for a later sync.
--- The work is done a slice of keys per command (MGET, DEL, MSET, HMGET, HSET) rather than a few
--- commands per content: the script is atomic either way, and each command costs far more than
--- the arithmetic between them. The effect is exactly GET, DEL, INCRBY and HINCRBY per content.
+-- The work is done a slice of keys per command (MGET, DEL, MSETNX, HMGET, HSET) rather than a
+-- few commands per content: the script is atomic either way, and each command and each value
+-- crossing between Lua and Redis costs far more than the arithmetic between them. The effect is
+-- exactly GET, DEL, INCRBY and HINCRBY per content.
 -- KEYS: 1 sync lock, 2 batch hash, 3 this batch's items, 4 the run's contents (taken from the
 --       dirty set when the run began), 5 sync epoch, 6 dirty set
 -- ARGV: 1 lock token, 2 batch id, 3 key prefix, 4 chunk size (most contents taken), 5 fence,
@@ -44,15 +45,10 @@ local function read_all(command, first_arg, keys)
   return values
 end
 
--- One command per slice of a flat argument list of pairs (key/field, value).
-local function write_pairs(command, first_arg, flat)
+-- HSET of a flat list of field/value pairs, one command per slice.
+local function hset_pairs(key, flat)
   for start = 1, #flat, 2 * SLICE do
-    local last = math.min(start + 2 * SLICE - 1, #flat)
-    if first_arg then
-      redis.call(command, first_arg, unpack(flat, start, last))
-    else
-      redis.call(command, unpack(flat, start, last))
-    end
+    redis.call('HSET', key, unpack(flat, start, math.min(start + 2 * SLICE - 1, #flat)))
   end
 end
 
@@ -121,15 +117,28 @@ local moved_members = {}
 for n = 1, contents do
   moved_members[n] = members[moved[n]]
 end
-local syncing = read_all('MGET', nil, syncing_keys)
-local recorded = read_all('HMGET', KEYS[3], moved_members)
-local new_syncing, new_items = {}, {}
-for n = 1, contents do
-  local amount = amounts[moved[n]]
-  new_syncing[2 * n - 1], new_syncing[2 * n] = syncing_keys[n], syncing[n] + amount
-  new_items[2 * n - 1], new_items[2 * n] = moved_members[n], recorded[n] + amount
+-- Syncing is normally empty for every content taken (the batch before settled it all): one
+-- MSETNX per slice then sets them all; a slice where any exists is added up value by value.
+for start = 1, contents, SLICE do
+  local last = math.min(start + SLICE - 1, contents)
+  local new_syncing = {}
+  for n = start, last do
+    new_syncing[#new_syncing + 1] = syncing_keys[n]
+    new_syncing[#new_syncing + 1] = amounts[moved[n]]
+  end
+  if redis.call('MSETNX', unpack(new_syncing)) == 0 then
+    local syncing = redis.call('MGET', unpack(syncing_keys, start, last))
+    for i = 1, #syncing do
+      new_syncing[2 * i] = new_syncing[2 * i] + (tonumber(syncing[i]) or 0)
+    end
+    redis.call('MSET', unpack(new_syncing))
+  end
 end
-write_pairs('MSET', nil, new_syncing)
-write_pairs('HSET', KEYS[3], new_items)
+local recorded = read_all('HMGET', KEYS[3], moved_members)
+local new_items = {}
+for n = 1, contents do
+  new_items[2 * n - 1], new_items[2 * n] = moved_members[n], recorded[n] + amounts[moved[n]]
+end
+hset_pairs(KEYS[3], new_items)
 redis.call('INCR', KEYS[5])
 return {contents, views, redis.call('SCARD', KEYS[4]), cursor, #members}
