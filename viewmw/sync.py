@@ -499,6 +499,12 @@ class ViewSync:
         return int(await self.redis.unlink(*keys))
 
 
+def _text(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.decode()
+    return "" if value is None else str(value)
+
+
 def _in_id_order(deltas: dict[tuple[str, str], int]) -> dict[tuple[str, str], int]:
     """``deltas`` by content type, then content id, integer ids in numeric order.
 
@@ -517,9 +523,3 @@ def _in_id_order(deltas: dict[tuple[str, str], int]) -> dict[tuple[str, str], in
 def _texts(values: list[Any]) -> list[str]:
     """Reply values as text (bytes, or text from a client that decodes replies)."""
     return [value.decode() if isinstance(value, bytes) else str(value) for value in values]
-
-
-def _text(value: object) -> str:
-    if isinstance(value, bytes):
-        return value.decode()
-    return "" if value is None else str(value)
