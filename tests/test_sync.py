@@ -957,7 +957,7 @@ async def test_the_store_gets_a_batch_in_content_id_order(
     orders: list[list[tuple[str, str]]] = []
     commit = world.store.commit_batch
 
-    async def recording(batch_id: str, started_at: datetime, deltas: Any, **kw: Any) -> bool:
+    async def recording(batch_id: str, started_at: datetime, deltas: Any, **kw: Any) -> Any:
         orders.append(list(deltas))
         return await commit(batch_id, started_at, deltas, **kw)
 
