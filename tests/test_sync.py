@@ -940,3 +940,31 @@ async def test_a_sync_ends_while_views_keep_arriving(world: World) -> None:
     await world.check_conservation()
     await world.sync().run()
     await world.check_settled()
+
+
+async def test_the_store_gets_a_batch_in_content_id_order(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Integer ids in numeric order (each bulk statement then walks the table in order), other
+    ids in their own order after; every delta still arrives once."""
+    await world.seed()
+    async with world.store.engine.begin() as connection:
+        await connection.execute(
+            stories.insert(), [{"id": i, "view_count": 0} for i in (9, 10, 100)]
+        )
+    contents = [("story", i) for i in ("10", "2", "9", "1", "100")] + [("task", "b"), ("task", "a")]
+    await world.traffic(range(1), contents)
+    orders: list[list[tuple[str, str]]] = []
+    commit = world.store.commit_batch
+
+    async def recording(batch_id: str, started_at: datetime, deltas: Any, **kw: Any) -> Any:
+        orders.append(list(deltas))
+        return await commit(batch_id, started_at, deltas, **kw)
+
+    monkeypatch.setattr(world.store, "commit_batch", recording)
+    await world.sync(chunk_contents=2).run()
+
+    assert orders == [
+        [("story", i) for i in ("1", "2", "9", "10", "100")] + [("task", "a"), ("task", "b")]
+    ]
+    await world.check_settled()

@@ -32,6 +32,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from redis.asyncio import Redis
 
@@ -96,6 +97,13 @@ class _Lease:
 
     token: str
     fence: int
+
+
+@dataclass(slots=True)
+class _Walk:
+    """Where the run's walk (SSCAN) through the contents it took has got to."""
+
+    cursor: str = "0"
 
 
 # Items per read of a sealed batch: one script call per page keeps Redis responsive.
@@ -172,7 +180,8 @@ class ViewSync:
             refused = await self._refused_types(report)
             if unsettled is not None:
                 await self._recover(lease, unsettled, report)
-            while await self._sync_one_batch(lease, report, refused):
+            walk = _Walk()
+            while await self._sync_one_batch(lease, report, refused, walk):
                 if progress:
                     progress(report.contents, total)
             report.cleaned_keys = await self.cleanup()
@@ -295,7 +304,9 @@ class ViewSync:
             total, _ = await pipe.execute()
         return int(total)
 
-    async def _sync_one_batch(self, lease: _Lease, report: SyncReport, refused: list[str]) -> bool:
+    async def _sync_one_batch(
+        self, lease: _Lease, report: SyncReport, refused: list[str], walk: _Walk
+    ) -> bool:
         """Snapshot up to ``batch_contents`` of the run's contents, commit, settle.
 
         Returns whether contents of the run are left for another batch.
@@ -313,16 +324,17 @@ class ViewSync:
         while taken < self.batch_contents and left:
             await self._step("snapshot")
             size = min(self.chunk_contents, self.batch_contents - taken)
-            left = await self._snapshot_chunk(lease, batch, size, refused)
-            taken += size
+            took, left = await self._snapshot_chunk(lease, batch, size, refused, walk)
+            taken += took
         await self._seal(lease, batch)
         await self._commit_and_settle(lease, batch, report)
         return left > 0
 
     async def _snapshot_chunk(
-        self, lease: _Lease, batch: _Batch, size: int, refused: list[str]
-    ) -> int:
-        """Move one chunk into the batch; returns how many of the run's contents are left."""
+        self, lease: _Lease, batch: _Batch, size: int, refused: list[str], walk: _Walk
+    ) -> tuple[int, int]:
+        """Move up to ``size`` contents into the batch (the next page of the walk through the
+        run's set); returns how many were taken from the set and how many are left in it."""
         keys = self.keys
         reply = await self.scripts.snapshot(
             keys=[
@@ -333,11 +345,21 @@ class ViewSync:
                 keys.epoch,
                 keys.dirty,
             ],
-            args=[lease.token, batch.batch_id, keys.prefix, size, lease.fence, *refused],
+            args=[
+                lease.token,
+                batch.batch_id,
+                keys.prefix,
+                size,
+                lease.fence,
+                walk.cursor,
+                *refused,
+            ],
         )
         if int(reply[0]) < 0:
             raise LockLostError("the sync lock expired during the snapshot; the next sync recovers")
-        return int(reply[2])
+        # A walk that came round with members left (none are added during a run) starts again.
+        walk.cursor = _text(reply[3])
+        return int(reply[4]), int(reply[2])
 
     async def _seal(self, lease: _Lease, batch: _Batch) -> None:
         keys = self.keys
@@ -361,7 +383,7 @@ class ViewSync:
         it still owned the batch, never what this process believes it moved: a snapshot whose
         reply was lost (and retried) still counts. Returns whether the batch had anything in it.
         """
-        deltas = await self._batch_items(lease, batch)
+        deltas = _in_id_order(await self._batch_items(lease, batch))
         if not deltas:
             await self._drop_empty_batch(lease, batch)
             return False
@@ -374,7 +396,7 @@ class ViewSync:
             fence_scope=self.keys.prefix,
         )
         await self._step("committed")
-        await self._settle(lease, batch, list(deltas))
+        await self._settle(lease, batch)
         if committed_now:
             report.batches += 1
             report.contents += len(deltas)
@@ -385,10 +407,15 @@ class ViewSync:
             _warn_unmatched(batch.batch_id, committed_now.unmatched)
         return True
 
-    async def _settle(self, lease: _Lease, batch: _Batch, contents: list[tuple[str, str]]) -> None:
+    async def _settle(self, lease: _Lease, batch: _Batch) -> None:
+        """Settle every item of the committed batch, up to ``chunk_contents`` per script call.
+
+        The script walks the batch's items itself (an HSCAN cursor this run keeps), so no
+        member list travels to Redis; the call that settles the last item deletes the batch.
+        """
         keys = self.keys
-        members = [keys.member(content_type, content_id) for content_type, content_id in contents]
-        for start in range(0, len(members), self.chunk_contents):
+        cursor, left = "0", 1
+        while left:
             await self._step("settle")
             reply = await self.scripts.settle(
                 keys=[
@@ -402,13 +429,16 @@ class ViewSync:
                     keys.prefix,
                     lease.token,
                     lease.fence,
-                    *members[start : start + self.chunk_contents],
+                    cursor,
+                    self.chunk_contents,
                 ],
             )
             if int(reply[0]) < 0:
                 raise LockLostError(
                     "the sync lock expired after the commit; the next sync settles the batch"
                 )
+            # A walk that came round with items left starts again from the beginning.
+            left, cursor = int(reply[1]), _text(reply[2])
 
     async def _current_batch(self) -> _Batch | None:
         fields = await self.redis.hgetall(self.keys.sync_batch)
@@ -434,8 +464,8 @@ class ViewSync:
                     "the sync lock expired before the batch was read; the next sync recovers it"
                 )
             cursor = reply[0]
-            for index in range(1, len(reply), 2):
-                items[KeySchema.split_member(_text(reply[index]))] = int(reply[index + 1])
+            for member, amount in zip(_texts(reply[1::2]), reply[2::2], strict=True):
+                items[KeySchema.split_member(member)] = int(amount)
             if _text(cursor) == "0":
                 return items
 
@@ -498,3 +528,23 @@ def _text(value: object) -> str:
     if isinstance(value, bytes):
         return value.decode()
     return "" if value is None else str(value)
+
+
+def _in_id_order(deltas: dict[tuple[str, str], int]) -> dict[tuple[str, str], int]:
+    """``deltas`` by content type, then content id, integer ids in numeric order.
+
+    The store adds them in this order: each bulk statement then walks the table's index and
+    pages in order instead of at random (about twice as fast on PostgreSQL).
+    """
+    contents = list(deltas)
+    # Canonical integers sort numerically by length, then text. Three stable sorts on plain
+    # keys cost about half of one sort on a tuple key.
+    contents.sort(key=lambda content: content[1])
+    contents.sort(key=lambda content: len(content[1]))
+    contents.sort(key=lambda content: content[0])
+    return {content: deltas[content] for content in contents}
+
+
+def _texts(values: list[Any]) -> list[str]:
+    """Reply values as text (bytes, or text from a client that decodes replies)."""
+    return [value.decode() if isinstance(value, bytes) else str(value) for value in values]

@@ -1,44 +1,144 @@
 -- Move up to ARGV[4] contents from pending into the unsettled batch, atomically.
 -- Found through the run's share of the dirty set, so a snapshot costs O(pending), not
--- O(keyspace).
+-- O(keyspace): the set is walked with SSCAN from the caller's cursor and each member taken is
+-- removed from it (SREM), which costs far less than SPOP's random picks in a large set. A
+-- member taken is gone from the set, so no later page returns it again; a page that returned
+-- one twice (SSCAN allows it) takes it once. When the walk comes round to cursor 0 with members
+-- left (SSCAN only promises the members present all along), the caller starts it again.
 -- Refuses (returns -1) unless the caller still holds the sync lock, the batch is its own (its id
 -- and its owner's fence) and it is not yet sealed for commit: a sync whose lock expired can never
 -- add to a batch another sync has taken over.
 -- Contents of a refused type (its views would go elsewhere than the app reads them) stay
 -- pending and go back to the dirty set for a later sync.
+-- The work is done a slice of keys per command (MGET, DEL, MSETNX, HMGET, HSET) rather than a
+-- few commands per content: the script is atomic either way, and each command and each value
+-- crossing between Lua and Redis costs far more than the arithmetic between them. The effect is
+-- exactly GET, DEL, INCRBY and HINCRBY per content.
 -- KEYS: 1 sync lock, 2 batch hash, 3 this batch's items, 4 the run's contents (taken from the
 --       dirty set when the run began), 5 sync epoch, 6 dirty set
--- ARGV: 1 lock token, 2 batch id, 3 key prefix, 4 chunk size, 5 fence, then refused types
--- Returns {contents moved, views moved, run's contents left} or {-1}
+-- ARGV: 1 lock token, 2 batch id, 3 key prefix, 4 chunk size (most contents taken), 5 fence,
+--       6 SSCAN cursor ("0" to start), then refused types
+-- Returns {contents moved, views moved, run's contents left, next cursor, contents taken from
+-- the run's set} or {-1}
 if redis.call('GET', KEYS[1]) ~= ARGV[1] or redis.call('HGET', KEYS[2], 'id') ~= ARGV[2]
     or redis.call('HGET', KEYS[2], 'fence') ~= ARGV[5] or redis.call('HGET', KEYS[2], 'sealed') then
   return {-1}
 end
+-- Keys per command: well below Lua's stack limit for unpack().
+local SLICE = 1000
+
+-- The values of keys[first..last] as numbers (0 when missing), one command per slice.
+local function read_all(command, first_arg, keys)
+  local values = {}
+  for start = 1, #keys, SLICE do
+    local last = math.min(start + SLICE - 1, #keys)
+    local reply
+    if first_arg then
+      reply = redis.call(command, first_arg, unpack(keys, start, last))
+    else
+      reply = redis.call(command, unpack(keys, start, last))
+    end
+    for i = 1, #reply do
+      values[start + i - 1] = tonumber(reply[i]) or 0
+    end
+  end
+  return values
+end
+
+-- HSET of a flat list of field/value pairs, one command per slice.
+local function hset_pairs(key, flat)
+  for start = 1, #flat, 2 * SLICE do
+    redis.call('HSET', key, unpack(flat, start, math.min(start + 2 * SLICE - 1, #flat)))
+  end
+end
+
 local refused = {}
-for i = 6, #ARGV do
+for i = 7, #ARGV do
   refused[ARGV[i]] = true
 end
 local prefix = ARGV[3]
-local members = redis.call('SPOP', KEYS[4], tonumber(ARGV[4]))
-local contents, views = 0, 0
-for _, member in ipairs(members) do
-  local sep = string.find(member, ':', 1, true)
-  local content_type, content_id = string.sub(member, 1, sep - 1), string.sub(member, sep + 1)
-  local pending_key = prefix .. content_type .. ':views:' .. content_id
-  local amount = tonumber(redis.call('GET', pending_key)) or 0
-  if refused[content_type] then
-    if amount > 0 then
-      redis.call('SADD', KEYS[6], member)
+local limit = tonumber(ARGV[4])
+local page = redis.call('SSCAN', KEYS[4], ARGV[6], 'COUNT', limit)
+local cursor, members, seen = page[1], {}, {}
+for _, member in ipairs(page[2]) do
+  if not seen[member] then
+    if #members == limit then
+      -- SSCAN returned more than asked (a small set comes whole): the rest is taken by the next
+      -- call, which walks the same part of the set again from the same cursor.
+      cursor = ARGV[6]
+      break
     end
-  elseif amount > 0 then
-    redis.call('DEL', pending_key)
-    redis.call('INCRBY', prefix .. content_type .. ':syncing:' .. content_id, amount)
-    redis.call('HINCRBY', KEYS[3], member, amount)
-    contents = contents + 1
-    views = views + amount
+    seen[member] = true
+    members[#members + 1] = member
   end
 end
-if contents > 0 then
-  redis.call('INCR', KEYS[5])
+for start = 1, #members, SLICE do
+  redis.call('SREM', KEYS[4], unpack(members, start, math.min(start + SLICE - 1, #members)))
 end
-return {contents, views, redis.call('SCARD', KEYS[4])}
+-- A member is "{type}:{id}": its keys replace the first colon ("{type}:views:{id}").
+local function key_of(member, kind)
+  return prefix .. string.gsub(member, ':', kind, 1)
+end
+local function type_of(member)
+  return string.sub(member, 1, string.find(member, ':', 1, true) - 1)
+end
+
+local pending_keys = {}
+for n, member in ipairs(members) do
+  pending_keys[n] = key_of(member, ':views:')
+end
+local amounts = read_all('MGET', nil, pending_keys)
+
+local any_refused = next(refused) ~= nil
+local moved, moved_pending, syncing_keys = {}, {}, {}
+local contents, views = 0, 0
+for i = 1, #members do
+  local amount = amounts[i]
+  if any_refused and refused[type_of(members[i])] then
+    if amount > 0 then
+      redis.call('SADD', KEYS[6], members[i])
+    end
+  elseif amount > 0 then
+    contents = contents + 1
+    views = views + amount
+    moved[contents] = i
+    moved_pending[contents] = pending_keys[i]
+    syncing_keys[contents] = key_of(members[i], ':syncing:')
+  end
+end
+if contents == 0 then
+  return {0, 0, redis.call('SCARD', KEYS[4]), cursor, #members}
+end
+
+for start = 1, contents, SLICE do
+  redis.call('DEL', unpack(moved_pending, start, math.min(start + SLICE - 1, contents)))
+end
+local moved_members = {}
+for n = 1, contents do
+  moved_members[n] = members[moved[n]]
+end
+-- Syncing is normally empty for every content taken (the batch before settled it all): one
+-- MSETNX per slice then sets them all; a slice where any exists is added up value by value.
+for start = 1, contents, SLICE do
+  local last = math.min(start + SLICE - 1, contents)
+  local new_syncing = {}
+  for n = start, last do
+    new_syncing[#new_syncing + 1] = syncing_keys[n]
+    new_syncing[#new_syncing + 1] = amounts[moved[n]]
+  end
+  if redis.call('MSETNX', unpack(new_syncing)) == 0 then
+    local syncing = redis.call('MGET', unpack(syncing_keys, start, last))
+    for i = 1, #syncing do
+      new_syncing[2 * i] = new_syncing[2 * i] + (tonumber(syncing[i]) or 0)
+    end
+    redis.call('MSET', unpack(new_syncing))
+  end
+end
+local recorded = read_all('HMGET', KEYS[3], moved_members)
+local new_items = {}
+for n = 1, contents do
+  new_items[2 * n - 1], new_items[2 * n] = moved_members[n], recorded[n] + amounts[moved[n]]
+end
+hset_pairs(KEYS[3], new_items)
+redis.call('INCR', KEYS[5])
+return {contents, views, redis.call('SCARD', KEYS[4]), cursor, #members}
