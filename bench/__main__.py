@@ -134,8 +134,8 @@ def render(
         "",
         f"- {flash.requests:,} requests in 3 rounds of 400 at once (200 new visitors and 200 "
         f"refreshes by one visitor): p50 {flash.p50_ms:,.0f} ms, p99 {flash.p99_ms:,.0f} ms, "
-        f"{flash.with_count:.0%} of the responses with a count (the others were late and left "
-        "the count out; Redis still decided their views)",
+        f"{flash.with_count:.0%} of the responses with a count (a response without one was "
+        "late: Redis still decided its view)",
         f"- Counts exact after every round: {'yes' if flash.exact else '**no**'}",
         "",
         "## Redis outages (PostgreSQL outbox)",
