@@ -279,8 +279,9 @@ class ResilientTracker:
         self._release_probe()
 
     def _release_probe(self) -> None:
-        if self.breaker.state is BreakerState.HALF_OPEN:
-            self.breaker.failure()
+        # Neither a cancelled request nor a caller's bad id says anything about Redis: another
+        # request may probe it.
+        self.breaker.inconclusive()
 
     def _succeeded(self) -> None:
         self.breaker.success()
