@@ -97,7 +97,8 @@ class Settings:
         database_request_timeout: seconds a request may wait on the database (count reads on a
             cache miss, outbox writes during a Redis outage); then the count is left out.
         content_tables: content type -> ``"table.count_column"`` of a table of the app's own whose
-            integer primary key ``id`` is the content id (``{"story": "stories.view_count"}``).
+            one-column primary key is the content id (``{"story": "stories.view_count"}``); the
+            key's real type (integer, string, UUID) is read from the database on first use.
             Other types are counted in viewmw's generic table.
         content_tables_module: ``"package.module:name"`` of a mapping content type -> count
             column (a SQLAlchemy ``Column`` or ``"table.column"``), imported to fill
