@@ -1,4 +1,4 @@
-"""The HTTP section of docs/performance.md: throughput and CPU, latency, and issue 13's targets."""
+"""The HTTP section of docs/performance.md: throughput and CPU, latency, and the targets."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from bench.http_bench import (
     HttpResults,
 )
 
-# Issue 13: req/s of each variant against the bare app's, in the same run.
+# The targets: req/s of each variant against the bare app's, in the same run.
 TARGETS = [
     (UNTRACKED, 0.97),
     (DO_NOTHING, 0.95),
@@ -86,7 +86,7 @@ def render_http(results: HttpResults) -> list[str]:
         )
     lines += [
         "",
-        "### Targets (issue 13): req/s against the bare app, app CPU per request next to it",
+        "### Targets: req/s against the bare app, app CPU per request next to it",
         "",
     ]
     for name, target in TARGETS:

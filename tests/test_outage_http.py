@@ -1,7 +1,7 @@
 """Under load, over real HTTP: uvicorn in this process, real Redis, real PostgreSQL.
 
 A busy event loop makes replies late; late is not failed: the breaker stays closed, the views are
-decided by the script Redis runs, and nobody is counted twice (issue 11).
+decided by the script Redis runs, and nobody is counted twice.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def resilient(middleware: ViewTrackingMiddleware) -> ResilientTracker:
 async def test_a_busy_event_loop_neither_opens_the_breaker_nor_counts_a_reload_again(
     pg_store: Store, real_redis: aioredis.Redis
 ) -> None:
-    """The reproduction of issue 11: a user is counted; 20 tracked requests arrive with one that
+    """A busy event loop, reproduced: a user is counted; 20 tracked requests arrive with one that
     burns 0.4 s of CPU on the event loop, so their replies are late; the user reloads."""
     story, burst = 7001, range(1, 21)
     await seed_stories(pg_store, [story, *burst])
