@@ -143,7 +143,7 @@ def render(
         f"- The outbox absorbs {outage.absorb_per_second:,.0f} views/s while Redis is down "
         f"({outage.views:,} views offered 200 at a time, one group write per event-loop turn)",
         f"- The replay feeds {outage.replay_per_second:,.0f} events/s through the recording "
-        "script once Redis is back (500 per pipeline, then one delete)",
+        "script once Redis is back (500 per script call, then one delete)",
         "",
         *WHERE_THE_TIME_GOES,
     ]
