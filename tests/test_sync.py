@@ -26,7 +26,7 @@ from sqlalchemy import select
 from tests.conftest import stories
 from tests.support import FakeClock
 from viewmw import InvalidKeyError, KeySchema, Limits, Settings, Store, TrackResult, ViewTracker
-from viewmw.sync import LockLostError, SyncError, SyncReport, ViewSync
+from viewmw.sync import SyncError, SyncReport, ViewSync
 
 DAY = 86400
 KEYS = KeySchema()
@@ -605,35 +605,6 @@ async def test_views_keep_arriving_while_syncs_run(world: World) -> None:
     assert sum(report.views for report in reports) == 12 * 30
     ledger_ids = {row["batch_id"] for row in await world.ledger()}
     assert ledger_ids == {batch_id for report in reports for batch_id in report.batch_ids}
-
-
-@pytest.mark.parametrize(
-    ("step", "nth"),
-    [("snapshot", 2), ("before_commit", 1), ("committed", 1), ("settle", 2), ("cleanup", 1)],
-    ids=["mid-snapshot", "before-commit", "committed", "mid-settle", "cleanup"],
-)
-async def test_a_sync_whose_lock_expired_mid_run_does_not_count_twice(
-    world: World, step: str, nth: int
-) -> None:
-    await yesterday_and_today(world)
-    hook = Hook()
-    gate = hook.park_at(step, nth)
-    late = world.start(world.sync(on_step=hook).run())
-    await gate.must_be_reached_by(late)
-    await world.redis.delete(KEYS.sync_lock)  # the lock expires while it stalls
-
-    await world.traffic(range(3, 4), CONTENTS[:3])
-    taken_over = await world.sync().run()
-    assert not taken_over.already_running
-    await world.check_settled()
-    database, ledger = await world.db_counts(), await world.ledger()
-
-    gate.open()
-    with pytest.raises(LockLostError):
-        await late
-    assert await world.db_counts() == database
-    assert await world.ledger() == ledger
-    await world.check_settled()
 
 
 async def test_a_sync_whose_lock_expired_cannot_take_a_running_syncs_batch(world: World) -> None:
