@@ -25,7 +25,7 @@ from viewmw import (
     ViewTracker,
     ViewTrackingMiddleware,
 )
-from viewmw.middleware import connect_redis
+from viewmw.assembly import connect_redis
 
 REQUESTS = 20_000
 CONCURRENCY = 32

@@ -33,8 +33,9 @@ from starlette.responses import HTMLResponse
 from starlette.routing import Route
 
 from viewmw import Settings, Store, content_table
+from viewmw.assembly import build_tracker
 from viewmw.mapping import record_mapping
-from viewmw.middleware import ViewTrackingMiddleware, build_tracker
+from viewmw.middleware import ViewTrackingMiddleware
 from viewmw.outage.failover import ResilientTracker
 from viewmw.outage.outbox import Outbox
 from viewmw.routes import RouteSpec

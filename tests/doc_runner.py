@@ -14,7 +14,7 @@ import sys
 from starlette.applications import Starlette
 
 from viewmw import Settings, Store, ViewTracker
-from viewmw.middleware import connect_redis
+from viewmw.assembly import connect_redis
 
 
 async def namespace(settings: Settings) -> dict[str, object]:

@@ -11,7 +11,7 @@ from tests.asgi_support import RedisProcess, free_port
 from tests.outage_support import quiet
 from tests.support import FakeClock
 from viewmw import Settings, ViewTracker
-from viewmw.middleware import connect_redis
+from viewmw.assembly import connect_redis
 
 
 @pytest.mark.slow

@@ -31,8 +31,9 @@ from tests.asgi_support import (
 )
 from tests.support import REDIS_URL, FakeClock
 from viewmw import ConfigurationError, Limits, Settings, Store, ViewTracker
+from viewmw.assembly import connect_redis
 from viewmw.identity import ViewerIdentity
-from viewmw.middleware import ViewTrackingMiddleware, connect_redis
+from viewmw.middleware import ViewTrackingMiddleware
 from viewmw.outage.failover import ResilientTracker
 
 ROUTES: dict[str, Any] = {

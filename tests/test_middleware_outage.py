@@ -24,8 +24,9 @@ from tests.asgi_support import (
 )
 from tests.support import FakeClock
 from viewmw import InvalidKeyError, MalformedReplyError, Outbox, Settings, Store, ViewTracker
+from viewmw.assembly import connect_redis
 from viewmw.errorlog import ErrorLog, error_kind
-from viewmw.middleware import ViewTrackingMiddleware, connect_redis
+from viewmw.middleware import ViewTrackingMiddleware
 
 ROUTES = {"/stories/{id:int}": "story"}
 REQUEST_HEADERS = [(b"user-agent", USER_AGENT.encode())]

@@ -94,7 +94,7 @@ async def test_refused_connections_open_the_breaker_after_three(
     store: Store, settings: Settings, clock: FakeClock
 ) -> None:
     from tests.asgi_support import free_port
-    from viewmw.middleware import connect_redis
+    from viewmw.assembly import connect_redis
 
     down = connect_redis(settings.replace(redis_url=f"redis://127.0.0.1:{free_port()}/0"))
     failover = resilient(

@@ -46,7 +46,7 @@ from viewmw import (
     ViewTracker,
     ViewTrackingMiddleware,
 )
-from viewmw.middleware import build_tracker
+from viewmw.assembly import build_tracker
 
 # Default settings but for the secret and the URLs: what a new user runs.
 DEFAULTS = Settings(

@@ -48,7 +48,7 @@ from viewmw import (
     ViewTracker,
     ViewTrackingMiddleware,
 )
-from viewmw.middleware import connect_redis
+from viewmw.assembly import connect_redis
 
 ROOT = Path(__file__).resolve().parent.parent
 STORIES = range(1, 5)

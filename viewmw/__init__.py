@@ -6,6 +6,8 @@ Wrap an app in :class:`ViewTrackingMiddleware`; record and read views directly w
 
 from importlib.metadata import PackageNotFoundError, version
 
+from viewmw.assembly import BuiltTracker, build_tracker
+from viewmw.contract import BlockReason, RequestTracker, TrackResult, ViewCount
 from viewmw.errors import (
     ConfigurationError,
     InvalidKeyError,
@@ -27,7 +29,7 @@ from viewmw.routes import RouteTable
 from viewmw.settings import Limits, Settings
 from viewmw.store import Store, content_table, metadata
 from viewmw.sync import SyncReport, ViewSync
-from viewmw.tracker import BlockReason, TrackResult, ViewCount, ViewTracker
+from viewmw.tracker import ViewTracker
 
 try:
     __version__ = version("viewmw")
@@ -36,6 +38,7 @@ except PackageNotFoundError:  # pragma: no cover - a checkout on sys.path, never
 
 __all__ = [
     "BlockReason",
+    "BuiltTracker",
     "CircuitBreaker",
     "ConfigurationError",
     "InvalidKeyError",
@@ -48,6 +51,7 @@ __all__ = [
     "RedisProbe",
     "ReplayReport",
     "Replayer",
+    "RequestTracker",
     "ResilientTracker",
     "RouteTable",
     "ServiceUnavailableError",
@@ -63,6 +67,7 @@ __all__ = [
     "ViewTrackingMiddleware",
     "ViewmwError",
     "__version__",
+    "build_tracker",
     "content_table",
     "metadata",
 ]

@@ -28,7 +28,7 @@ from viewmw import __version__
 from viewmw.connections import check_database, check_redis, redacted, redis_for_background
 from viewmw.errors import ConfigurationError, ServiceUnavailableError, ViewmwError
 from viewmw.health import HealthThresholds, check_health
-from viewmw.outage.outbox import Outbox
+from viewmw.operator_stats import operator_stats
 from viewmw.outage.replayer import replay_outbox
 from viewmw.settings import ENVIRONMENT, Settings
 from viewmw.store import Store, UnmatchedViews
@@ -238,10 +238,7 @@ async def _stats(
     tracker: ViewTracker, sync: ViewSync, args: argparse.Namespace, console: Console
 ) -> int:
     assert tracker.store is not None
-    stats = await tracker.abuse_stats()
-    stats.update(await Outbox(tracker.store.engine).stats())
-    unmatched_contents, unmatched_views = await tracker.store.unmatched_totals()
-    stats.update(unmatched_contents=unmatched_contents, unmatched_views=unmatched_views)
+    stats = await operator_stats(tracker.redis, tracker.settings, tracker.store)
     if args.json:
         console.print(
             json.dumps(stats, indent=2, default=_json_value), markup=False, highlight=False

@@ -8,67 +8,27 @@ Whatever goes wrong inside viewmw, the app's own response goes out, without the 
 
 from __future__ import annotations
 
-import asyncio
-import importlib.util
 import logging
-import time
-from collections.abc import Callable, Container, Mapping, Sequence
-from typing import Any, Protocol, cast
+from collections.abc import Container, Mapping
+from typing import TYPE_CHECKING, Any
 
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from sqlalchemy import Column
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from viewmw.assembly import BuiltTracker
+from viewmw.contract import RequestTracker, TrackResult
 from viewmw.errorlog import ErrorLog
 from viewmw.errors import ConfigurationError, InvalidKeyError
 from viewmw.identity import RequestSignals, ViewerFunction, ViewerIdentity, is_crawler
 from viewmw.keys import validate_content_id
-from viewmw.mapping import record_mapping
-from viewmw.outage.failover import ResilientTracker
-from viewmw.outage.outbox import Outbox
-from viewmw.packing import connection_class_for
 from viewmw.routes import RouteMatch, RouteSpec, RouteTable
 from viewmw.settings import Settings
-from viewmw.store import Store
-from viewmw.tracker import TrackResult, ViewCount, ViewTracker
+
+if TYPE_CHECKING:
+    from sqlalchemy import Column
 
 logger = logging.getLogger("viewmw")
 
 _HEADER_NAME_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz")
-REDIS_MAX_CONNECTIONS = 100
-
-
-class RequestTracker(Protocol):
-    """What the middleware needs of a tracker: :class:`~viewmw.ViewTracker` and
-    :class:`~viewmw.outage.failover.ResilientTracker` both provide it."""
-
-    @property
-    def settings(self) -> Settings:
-        """Limits, time zone, timeouts."""
-        ...
-
-    @property
-    def clock(self) -> Callable[[], float]:
-        """Seconds since the epoch (tests inject one); the viewer keys follow its calendar day."""
-        ...
-
-    async def track_valid_view(
-        self, content_type: str, content_id: str, viewer: str
-    ) -> TrackResult:
-        """Offer one view (names already validated) to the abuse rules."""
-        ...
-
-    def offer_valid_view(self, content_type: str, content_id: str, viewer: str) -> int | None:
-        """Offer one view without waiting; the latest known count (deferred mode)."""
-        ...
-
-    async def get_view_count_details(
-        self, content_type: str, content_ids: Sequence[str | int]
-    ) -> dict[str, ViewCount | None]:
-        """Read counts without counting."""
-        ...
 
 
 class ViewTrackingMiddleware:
@@ -127,12 +87,11 @@ class ViewTrackingMiddleware:
             None if debug_header is None else _header_name("debug_header", debug_header)
         )
         # The tracker built here, whose clients this middleware owns (None for one passed in).
-        self._built: ResilientTracker | None = None
+        self._built: BuiltTracker | None = None
         if tracker is None:
             settings = settings or Settings.from_env()
-            owned = build_tracker(settings, content_tables)
-            assert owned.store is not None
-            tracker = self._built = ResilientTracker(owned, Outbox(owned.store.engine))
+            self._built = BuiltTracker(settings, content_tables, create_tables=create_tables)
+            tracker = self._built.tracker
         self.tracker: RequestTracker = tracker
         self.settings = settings or tracker.settings
         self.identity = ViewerIdentity(
@@ -144,10 +103,8 @@ class ViewTrackingMiddleware:
         )
         self.count_statuses = count_statuses
         self.respect_privacy_signals = respect_privacy_signals
-        self.create_tables = create_tables
         self.deferred = deferred
         self.errors = ErrorLog()
-        self._closed = False
         is_crawler("Mozilla/5.0")  # compile crawlerdetect's patterns now, not on a request
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -267,41 +224,22 @@ class ViewTrackingMiddleware:
         await self.app(scope, receive_and_start, send_and_close)
 
     async def startup(self) -> None:
-        """Create the tables of a store this middleware built (if ``create_tables``), record
-        its content table mapping in Redis for the sync to check (:mod:`viewmw.mapping`), and
-        start replaying views an earlier run left in the outage outbox.
+        """Start a tracker this middleware built (see :meth:`viewmw.assembly.BuiltTracker.startup`):
+        its tables (if ``create_tables``), its content table mapping, the outbox replay.
 
-        Runs at lifespan start-up. A database that cannot be reached is logged, not raised: the
-        app starts anyway and serves its pages without counts.
+        Runs at lifespan start-up; a no-op for a tracker passed in. A database that cannot be
+        reached is logged, not raised: the app starts anyway and serves its pages without counts.
         """
-        if self._built is None:
-            return
-        owned = self._built.tracker
-        if owned.store is not None:  # where the sync must move counts
-            await record_mapping(owned.redis, owned.keys, owned.store)
-        if self.create_tables and owned.store is not None:
-            try:
-                async with asyncio.timeout(self.settings.database_timeout):
-                    await owned.store.create_tables()
-            except Exception:
-                logger.exception("viewmw: creating the view count tables failed")
-        await self._built.startup()
+        if self._built is not None:
+            await self._built.startup()
 
     async def aclose(self) -> None:
         """Write the outbox events still in memory and close the clients this middleware built.
 
         A no-op for a tracker passed in: its owner closes it.
         """
-        built = self._built
-        if built is None or self._closed:
-            return
-        self._closed = True
-        try:
-            await built.aclose()
-        finally:
-            await built.tracker.redis.aclose()
-            if built.tracker.store is not None:
-                await built.tracker.store.close()
+        if self._built is not None:
+            await self._built.aclose()
 
 
 def _debug_value(result: TrackResult) -> bytes:
@@ -327,70 +265,3 @@ def _header_name(setting: str, name: str) -> bytes:
     if not lowered or not set(lowered) <= _HEADER_NAME_CHARS:
         raise ConfigurationError(setting, f"must be an HTTP header name, got {name!r}")
     return lowered.encode("ascii")
-
-
-# Building a tracker from settings ---------------------------------------------------------------
-
-
-def build_tracker(
-    settings: Settings,
-    content_tables: Mapping[str, Column[Any]] | None = None,
-    *,
-    clock: Callable[[], float] = time.time,
-) -> ViewTracker:
-    """A tracker on new clients for ``settings.redis_url`` and ``settings.database_url``.
-
-    Content types map to ``content_tables`` if given, else to ``settings.content_tables``. Without
-    a Redis URL it runs on an in-process fakeredis (see :func:`connect_redis`). The caller owns
-    the clients: close them with ``tracker.redis.aclose()`` and ``tracker.store.close()``.
-    """
-    if content_tables is None:
-        store = Store.from_settings(settings)
-    else:
-        store = Store.from_url(settings.resolved_database_url(), content_tables, pool_pre_ping=True)
-    return ViewTracker(connect_redis(settings), store, settings, clock=clock)
-
-
-def connect_redis(settings: Settings) -> Redis:
-    """A Redis client for ``settings.redis_url`` sized for request paths.
-
-    Requests wait for a free connection (up to ``redis_timeout``) instead of failing when all are
-    busy, and a failed command is never resent. The socket timeouts are ``redis_probe_timeout``,
-    a backstop far above the request deadline: a request stops waiting at ``redis_timeout``, but
-    the reply is still read, so a loop that was merely busy never breaks the connection. With no
-    URL set: an in-process fakeredis, with a warning that its counts are neither shared nor kept.
-
-    Raises:
-        ConfigurationError: no URL is set and fakeredis is not installed.
-    """
-    if settings.redis_url is None:
-        return _embedded_redis()
-    packing = connection_class_for(settings.redis_url)
-    pool = BlockingConnectionPool.from_url(
-        settings.redis_url,
-        **({"connection_class": packing} if packing else {}),
-        max_connections=REDIS_MAX_CONNECTIONS,
-        timeout=settings.redis_timeout,
-        socket_timeout=settings.redis_probe_timeout,
-        socket_connect_timeout=settings.redis_probe_timeout,
-        # Never resend: a script that timed out may have run, and a resent one counts again.
-        retry=Retry(NoBackoff(), 0),
-        health_check_interval=30,
-    )
-    return Redis.from_pool(pool)
-
-
-def _embedded_redis() -> Redis:
-    if importlib.util.find_spec("fakeredis") is None or importlib.util.find_spec("lupa") is None:
-        raise ConfigurationError(
-            "VIEWMW_REDIS_URL",
-            "is not set and the embedded stand-in is not installed: "
-            "`pip install viewmw[embedded]`, or set VIEWMW_REDIS_URL=redis://host:6379/0",
-        )
-    import fakeredis
-
-    logger.warning(
-        "viewmw: VIEWMW_REDIS_URL is not set; counting views in an in-process fakeredis. "
-        "Counts are not shared between processes, and views not yet synced are lost at exit."
-    )
-    return cast(Redis, fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer()))

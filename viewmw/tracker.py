@@ -14,12 +14,12 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
+from viewmw.contract import BlockReason, TrackResult, ViewCount
 from viewmw.errorlog import ErrorLog
 from viewmw.errors import InvalidKeyError, MalformedReplyError, ServiceUnavailableError
 from viewmw.keys import KeySchema, validate_content_id, validate_content_type, validate_viewer
@@ -48,15 +48,7 @@ KNOWN_COUNTS = 100_000
 _FILL_ATTEMPTS = 3
 
 
-class BlockReason(StrEnum):
-    """Why a view was not counted, in the order the rules are checked."""
-
-    COOLDOWN = "cooldown"
-    VIEWED_TODAY = "viewed_today"
-    SESSION_LIMIT = "session_limit"
-    DAILY_LIMIT = "daily_limit"
-
-
+# The reason codes of the ``record_views`` reply.
 _REASONS = {
     1: BlockReason.COOLDOWN,
     2: BlockReason.VIEWED_TODAY,
@@ -64,42 +56,6 @@ _REASONS = {
     4: BlockReason.DAILY_LIMIT,
 }
 _REASON_CODES = frozenset({0, *_REASONS})
-
-
-@dataclass(frozen=True, slots=True)
-class ViewCount:
-    """The parts of one content's count. ``total`` is what ``X-View-Count`` shows."""
-
-    database: int
-    pending: int
-    syncing: int
-
-    @property
-    def total(self) -> int:
-        """database + pending + syncing."""
-        return self.database + self.pending + self.syncing
-
-
-@dataclass(frozen=True, slots=True)
-class TrackResult:
-    """The outcome of :meth:`ViewTracker.track_view`.
-
-    Attributes:
-        counted: whether this view was counted.
-        reason: the first rule that blocked it, or ``None`` when counted (or only read).
-        count: the combined count after this view, or ``None`` when the database count could not
-            be read (the view itself is still recorded).
-        queued: Redis was unreachable and the view was durably written to the outage outbox; the
-            rules decide it when it is replayed.
-
-    ``counted`` and ``queued`` both false with no ``reason`` means the outcome is unknown (Redis'
-    reply came too late): the script Redis runs decides that view, no other path does.
-    """
-
-    counted: bool
-    reason: BlockReason | None
-    count: ViewCount | None
-    queued: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -615,31 +571,6 @@ class ViewTracker:
     def calendar_day_name(self) -> str:
         """Today's date (``YYYY-MM-DD``) in the configured zone, by the tracker's clock."""
         return self._calendar_day(math.floor(self.clock())).name
-
-    # Statistics ---------------------------------------------------------------------------------
-
-    async def abuse_stats(self) -> dict[str, Any]:
-        """The limits, how many tracking keys exist (counted with ``SCAN``, never ``KEYS``), and
-        the last syncs from the ledger (``last_syncs``, newest first)."""
-        limits = self.settings.limits
-        keys = self.keys
-        return {
-            "max_views_per_session": limits.max_views_per_session,
-            "session_seconds": limits.session_seconds,
-            "max_daily_views_per_user": limits.max_daily_views_per_user,
-            "one_view_per_day": limits.one_view_per_day,
-            "view_cooldown_seconds": limits.view_cooldown_seconds,
-            "timezone": self.settings.timezone,
-            "pending_view_keys": await self._count_keys(keys.pending_pattern),
-            "session_keys": await self._count_keys(keys.session_pattern),
-            "daily_limit_keys": await self._count_keys(keys.daily_views_pattern),
-            "dirty_contents": int(await self.redis.scard(keys.dirty))
-            + int(await self.redis.scard(keys.draining)),
-            "last_syncs": await self.store.last_batches(5) if self.store else [],
-        }
-
-    async def _count_keys(self, pattern: str) -> int:
-        return sum([1 async for _ in self.redis.scan_iter(match=pattern, count=1000)])
 
 
 def _consume(future: asyncio.Future[Any]) -> None:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from viewmw.contract import TrackResult, ViewCount
 from viewmw.errorlog import ErrorLog
 from viewmw.failures import FailureKind, classify
 from viewmw.keys import validate_content_id, validate_content_type, validate_viewer
@@ -30,7 +31,7 @@ from viewmw.outage.outbox import Outbox, OutboxEvent
 from viewmw.outage.probe import RedisProbe
 from viewmw.outage.replayer import Replayer
 from viewmw.settings import Settings
-from viewmw.tracker import TrackResult, ViewCount, ViewTracker
+from viewmw.tracker import ViewTracker
 
 logger = logging.getLogger("viewmw")
 

@@ -1,0 +1,157 @@
+"""Building trackers from settings: the one place that knows which clients a tracker needs.
+
+The middleware, the example app and the tests that want a tracker "as the app would have it" ask
+here; the middleware itself never imports Redis, SQLAlchemy or the store. A tracker built here owns
+its clients: :class:`BuiltTracker` starts it (tables, mapping, outbox replay) and closes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, cast
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from sqlalchemy import Column
+
+from viewmw.errors import ConfigurationError
+from viewmw.mapping import record_mapping
+from viewmw.outage.failover import ResilientTracker
+from viewmw.outage.outbox import Outbox
+from viewmw.packing import connection_class_for
+from viewmw.settings import Settings
+from viewmw.store import Store
+from viewmw.tracker import ViewTracker
+
+logger = logging.getLogger("viewmw")
+
+REDIS_MAX_CONNECTIONS = 100
+
+
+def build_tracker(
+    settings: Settings,
+    content_tables: Mapping[str, Column[Any]] | None = None,
+    *,
+    clock: Callable[[], float] = time.time,
+) -> ViewTracker:
+    """A tracker on new clients for ``settings.redis_url`` and ``settings.database_url``.
+
+    Content types map to ``content_tables`` if given, else to ``settings.content_tables``. Without
+    a Redis URL it runs on an in-process fakeredis (see :func:`connect_redis`). The caller owns
+    the clients: close them with ``tracker.redis.aclose()`` and ``tracker.store.close()``, or use
+    :class:`BuiltTracker`, which does.
+    """
+    if content_tables is None:
+        store = Store.from_settings(settings)
+    else:
+        store = Store.from_url(settings.resolved_database_url(), content_tables, pool_pre_ping=True)
+    return ViewTracker(connect_redis(settings), store, settings, clock=clock)
+
+
+class BuiltTracker:
+    """A :class:`~viewmw.ResilientTracker` on clients built from settings, which it owns.
+
+    Args:
+        settings: where Redis and the database are, and everything else.
+        content_tables: content type -> count column of its own table (default:
+            ``settings.content_tables``).
+        create_tables: create viewmw's tables (and the content tables) at :meth:`startup`.
+        clock: seconds since the epoch; inject one in tests.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        content_tables: Mapping[str, Column[Any]] | None = None,
+        *,
+        create_tables: bool = True,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        owned = build_tracker(settings, content_tables, clock=clock)
+        assert owned.store is not None  # build_tracker always gives it one
+        self.tracker = ResilientTracker(owned, Outbox(owned.store.engine))
+        self.create_tables = create_tables
+        self._closed = False
+
+    async def startup(self) -> None:
+        """Record the content table mapping in Redis for the sync to check
+        (:mod:`viewmw.mapping`), create the tables (if ``create_tables``), and start replaying
+        views an earlier run left in the outage outbox.
+
+        A database that cannot be reached is logged, not raised: the app starts anyway and
+        serves its pages without counts.
+        """
+        owned = self.tracker.tracker
+        store = owned.store
+        assert store is not None
+        await record_mapping(owned.redis, owned.keys, store)
+        if self.create_tables:
+            try:
+                async with asyncio.timeout(owned.settings.database_timeout):
+                    await store.create_tables()
+            except Exception:
+                logger.exception("viewmw: creating the view count tables failed")
+        await self.tracker.startup()
+
+    async def aclose(self) -> None:
+        """Write the outbox events still in memory and close the clients (once)."""
+        if self._closed:
+            return
+        self._closed = True
+        owned = self.tracker.tracker
+        try:
+            await self.tracker.aclose()
+        finally:
+            await owned.redis.aclose()
+            if owned.store is not None:
+                await owned.store.close()
+
+
+def connect_redis(settings: Settings) -> Redis:
+    """A Redis client for ``settings.redis_url`` sized for request paths.
+
+    Requests wait for a free connection (up to ``redis_timeout``) instead of failing when all are
+    busy, and a failed command is never resent. The socket timeouts are ``redis_probe_timeout``,
+    a backstop far above the request deadline: a request stops waiting at ``redis_timeout``, but
+    the reply is still read, so a loop that was merely busy never breaks the connection. With no
+    URL set: an in-process fakeredis, with a warning that its counts are neither shared nor kept.
+
+    Raises:
+        ConfigurationError: no URL is set and fakeredis is not installed.
+    """
+    if settings.redis_url is None:
+        return _embedded_redis()
+    packing = connection_class_for(settings.redis_url)
+    pool = BlockingConnectionPool.from_url(
+        settings.redis_url,
+        **({"connection_class": packing} if packing else {}),
+        max_connections=REDIS_MAX_CONNECTIONS,
+        timeout=settings.redis_timeout,
+        socket_timeout=settings.redis_probe_timeout,
+        socket_connect_timeout=settings.redis_probe_timeout,
+        # Never resend: a script that timed out may have run, and a resent one counts again.
+        retry=Retry(NoBackoff(), 0),
+        health_check_interval=30,
+    )
+    return Redis.from_pool(pool)
+
+
+def _embedded_redis() -> Redis:
+    if importlib.util.find_spec("fakeredis") is None or importlib.util.find_spec("lupa") is None:
+        raise ConfigurationError(
+            "VIEWMW_REDIS_URL",
+            "is not set and the embedded stand-in is not installed: "
+            "`pip install viewmw[embedded]`, or set VIEWMW_REDIS_URL=redis://host:6379/0",
+        )
+    import fakeredis
+
+    logger.warning(
+        "viewmw: VIEWMW_REDIS_URL is not set; counting views in an in-process fakeredis. "
+        "Counts are not shared between processes, and views not yet synced are lost at exit."
+    )
+    return cast(Redis, fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer()))
