@@ -1,7 +1,8 @@
 """Checks everyone runs: `nox` (tests, lint, typecheck, docs); CI adds `nox -s tests-rabbitmq
-tests-fresh` (see .ci/run); `nox -s bench` runs the benchmarks; `nox -s tests-versions` the suite
-on every supported Python installed here, `nox -s coverage` a coverage report. Extra arguments
-after `--` go to pytest: `nox -s tests -- -x -k sync`."""
+tests-browser tests-fresh` (see .ci/run); `nox -s bench` runs the benchmarks; `nox -s
+tests-versions` the suite on every supported Python installed here, `nox -s coverage` a coverage
+report; `nox -s screenshot` redraws the stats page's image in the docs. Extra arguments after
+`--` go to pytest: `nox -s tests -- -x -k sync`."""
 
 from __future__ import annotations
 
@@ -82,6 +83,26 @@ def tests_rabbitmq(session: nox.Session) -> None:
     """
     session.install("-e", ".[test]")
     session.run("pytest", "-m", "rabbitmq", *session.posargs)
+
+
+@nox.session(python=PYTHON, name="tests-browser", default=False)
+def tests_browser(session: nox.Session) -> None:
+    """Only the tests that render pages in headless Chromium (marked `browser`).
+
+    Chromium is /usr/bin/chromium (`apt-get install chromium`) or VIEWMW_TEST_CHROMIUM.
+    """
+    session.install("-e", ".[test]")
+    session.run("pytest", "-m", "browser", *session.posargs)
+
+
+@nox.session(python=PYTHON, default=False)
+def screenshot(session: nox.Session) -> None:
+    """Regenerate docs/images/stats-page.png: a demo stats page rendered in headless Chromium.
+
+    Needs no server (fakeredis and a temporary SQLite); `-- PATH` writes elsewhere.
+    """
+    session.install("-e", ".[test]")
+    session.run("python", "-m", "tests.stats_page_support", *session.posargs)
 
 
 @nox.session(python=PYTHON, name="tests-fresh", default=False)

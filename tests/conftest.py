@@ -42,6 +42,8 @@ _reachable: dict[str, str | None] = {}
 OPTIONAL_BACKENDS = {
     "rabbitmq": f"RabbitMQ at {AMQP_URL} (VIEWMW_TEST_AMQP_URL): run them with "
     "`nox -s tests-rabbitmq` or `pytest -m rabbitmq`",
+    "browser": "headless Chromium (`apt-get install chromium`): run them with "
+    "`nox -s tests-browser` or `pytest -m browser`",
 }
 _not_run: dict[str, int] = dict.fromkeys(OPTIONAL_BACKENDS, 0)
 
