@@ -66,6 +66,7 @@ def test_the_wheel_holds_viewmw_alone(wheel: Path) -> None:
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
     assert {"viewmw/jobs/__init__.py", "viewmw/py.typed", "viewmw/lua/record_views.lua"} <= names
+    assert {"viewmw/templates/stats_page.html", "viewmw/templates/stats_page.css"} <= names
 
 
 def test_the_wheel_installs_into_a_fresh_venv_and_runs(wheel: Path, tmp_path: Path) -> None:

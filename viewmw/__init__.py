@@ -27,6 +27,7 @@ from viewmw.outage.probe import RedisProbe
 from viewmw.outage.replayer import Replayer, ReplayReport
 from viewmw.routes import RouteTable
 from viewmw.settings import Limits, Settings
+from viewmw.stats_page import StatsPage, StatsSource
 from viewmw.store import Store, content_table, metadata
 from viewmw.sync import SyncReport, ViewSync
 from viewmw.tracker import ViewTracker
@@ -57,6 +58,8 @@ __all__ = [
     "ServiceUnavailableError",
     "Settings",
     "StaleFenceError",
+    "StatsPage",
+    "StatsSource",
     "Store",
     "SyncError",
     "SyncReport",
