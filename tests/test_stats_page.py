@@ -260,6 +260,41 @@ async def test_many_concurrent_requests_each_get_the_whole_page(
         assert len(shown.find_all("g", class_="bar")) == 3
 
 
+class CountingStats(SeededStats):
+    """Records how many of its calls are in flight at once."""
+
+    def __init__(self) -> None:
+        super().__init__(SEEDED._top, SEEDED._blocked)
+        self.in_flight = self.most_in_flight = 0
+
+    async def top(self, content_type: str, period: str, limit: int = 10) -> list[tuple[str, int]]:
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(0)  # let every other panel start, if it may
+            await asyncio.sleep(0)
+            return await super().top(content_type, period, limit)
+        finally:
+            self.in_flight -= 1
+
+
+async def test_panels_read_at_once_stay_within_the_limit_across_concurrent_requests(
+    real_redis: aioredis.Redis, sqlite_store: Store, settings: Settings
+) -> None:
+    stats = CountingStats()
+    types = [f"type_{number}" for number in range(12)]
+    page = page_for(
+        stats, real_redis, sqlite_store, settings, content_types=types, concurrent_reads=3
+    )
+    responses = await asyncio.gather(*(get(page) for _ in range(5)))
+
+    assert {response.status_code for response in responses} == {200}
+    assert stats.most_in_flight == 3  # reached, never passed
+    assert len([call for call in stats.calls if call[0] == "top"]) == 5 * 12 * 2
+    for response in responses:
+        assert parse(response.text).find_all(class_="unavailable") == []
+
+
 # Escaping ---------------------------------------------------------------------------------------
 
 # Any printable text, markup and quotes included: none of it may change the page's structure.
@@ -421,6 +456,8 @@ async def test_default_periods_are_today_and_the_last_seven_days_of_the_analytic
         ({"top_limit": 0}, "top_limit"),
         ({"sync_history": 0}, "sync_history"),
         ({"panel_timeout": 0}, "panel_timeout"),
+        ({"concurrent_reads": 0}, "concurrent_reads"),
+        ({"periods": {}}, "periods"),
         ({"content_types": ["no spaces"]}, "content type"),
     ],
 )
@@ -431,7 +468,7 @@ def test_bad_options_fail_at_construction(
         fake_redis, Store.from_url("sqlite+aiosqlite://"), Settings(secret="s" * 16)
     )
     with pytest.raises((ConfigurationError, ValueError), match=named):
-        StatsPage(SEEDED, tracker, periods=PERIODS, **options)  # type: ignore[arg-type]
+        StatsPage(SEEDED, tracker, **{"periods": PERIODS, **options})  # type: ignore[arg-type]
 
 
 def test_a_missing_chromium_fails_the_browser_tests_saying_how_to_install_it(

@@ -90,11 +90,15 @@ class StatsPage(Generic[P]):
         top_limit: contents per top list.
         sync_history: committed syncs in the chart.
         thresholds: the health check's thresholds (:class:`~viewmw.health.HealthThresholds`).
-        panel_timeout: seconds each panel may take before it shows "unavailable".
+        panel_timeout: seconds each panel may take before it shows "unavailable" (waiting for
+            its turn included, so the page answers within about that long).
+        concurrent_reads: panels read at once, across all requests to this page: a page shown
+            to several people never takes more of the app's database connections than this.
         title: the page's heading.
 
     Raises:
-        ConfigurationError: a tracker without a store, a bad content type, or a limit below 1.
+        ConfigurationError: a tracker without a store, a bad content type, no periods, or a
+            limit below 1.
     """
 
     def __init__(
@@ -108,6 +112,7 @@ class StatsPage(Generic[P]):
         sync_history: int = 20,
         thresholds: HealthThresholds | None = None,
         panel_timeout: float = 5.0,
+        concurrent_reads: int = 4,
         title: str = "viewmw",
     ) -> None:
         self.breaker: CircuitBreaker | None = None
@@ -116,7 +121,12 @@ class StatsPage(Generic[P]):
             tracker = tracker.tracker
         if tracker.store is None:
             raise ConfigurationError("tracker", "has no store: the page reads the sync ledger")
-        for name, value in (("top_limit", top_limit), ("sync_history", sync_history)):
+        limits = (
+            ("top_limit", top_limit),
+            ("sync_history", sync_history),
+            ("concurrent_reads", concurrent_reads),
+        )
+        for name, value in limits:
             if value < 1:
                 raise ConfigurationError(name, f"must be at least 1, got {value!r}")
         if not panel_timeout > 0:
@@ -130,11 +140,14 @@ class StatsPage(Generic[P]):
             content_types = sorted({*self.settings.content_tables, *self.store.destinations()})
         self.content_types = [validate_content_type(name) for name in content_types]
         self.periods: Mapping[str, P] = dict(periods) if periods is not None else _default_periods()
+        if not self.periods:
+            raise ConfigurationError("periods", "must name at least one period")
         self.top_limit = top_limit
         self.sync_history = sync_history
         self.thresholds = thresholds or HealthThresholds()
         self.panel_timeout = panel_timeout
         self.title = title
+        self._turns = asyncio.Semaphore(concurrent_reads)
         # One log per panel: each is rate-limited on its own, and its lines name it.
         self._errors: dict[str, ErrorLog] = {}
 
@@ -149,9 +162,8 @@ class StatsPage(Generic[P]):
             await _send(send, scope, 404, b"Not Found", "text/plain; charset=utf-8")
             return
         if scope["method"] not in ("GET", "HEAD"):
-            await _send(
-                send, scope, 405, b"Method Not Allowed", "text/plain", [(b"allow", b"GET, HEAD")]
-            )
+            allow = [(b"allow", b"GET, HEAD")]
+            await _send(send, scope, 405, b"Method Not Allowed", "text/plain; charset=utf-8", allow)
             return
         page = render_page(await self.read()).encode("utf-8")
         await _send(send, scope, 200, page, "text/html; charset=utf-8", response_headers())
@@ -195,7 +207,7 @@ class StatsPage(Generic[P]):
 
     async def _guarded(self, panel: _Panel) -> Any:
         try:
-            async with asyncio.timeout(self.panel_timeout):
+            async with asyncio.timeout(self.panel_timeout), self._turns:
                 return await panel.read()
         except Exception as exc:  # one panel's failure must not take the page down
             errors = self._errors.get(panel.name)
