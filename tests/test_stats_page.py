@@ -46,6 +46,7 @@ from viewmw.stats_render import (
     TopCell,
     Unavailable,
     render_page,
+    sync_chart,
 )
 
 SEEDED = SeededStats(
@@ -293,6 +294,34 @@ async def test_panels_read_at_once_stay_within_the_limit_across_concurrent_reque
     assert len([call for call in stats.calls if call[0] == "top"]) == 5 * 12 * 2
     for response in responses:
         assert parse(response.text).find_all(class_="unavailable") == []
+
+
+def _batches(*views: int) -> list[SyncBatch]:
+    """Ledger rows, newest first, with these views (oldest first)."""
+    start = datetime(2026, 11, 30, tzinfo=UTC)
+    return [
+        SyncBatch(f"b{number}", start, start + timedelta(hours=number, seconds=2), 1, count)
+        for number, count in reversed(list(enumerate(views, 1)))
+    ]
+
+
+@pytest.mark.parametrize(
+    ("views", "heights", "top_label"),
+    [
+        ((100, 50, 0), [140.0, 70.0, 0.0], "100"),
+        ((1, 100_000), [1.0, 140.0], "100,000"),  # a small batch stays visible
+        ((0, 0), [0.0, 0.0], "0"),
+        ((7,), [140.0], "7"),
+    ],
+)
+def test_the_chart_scales_bars_to_the_busiest_sync_oldest_first(
+    views: tuple[int, ...], heights: list[float], top_label: str
+) -> None:
+    chart = parse(sync_chart(_batches(*views))).find("svg")
+    rects = [float(rect.attrs["height"] or "") for rect in chart.find_all("rect")]
+    assert rects == heights
+    assert [bar.attrs["data-views"] for bar in chart.find_all("g")] == [str(v) for v in views]
+    assert chart.find_all("text", class_="axis")[0].text() == top_label
 
 
 # Escaping ---------------------------------------------------------------------------------------

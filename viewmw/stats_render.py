@@ -175,11 +175,11 @@ def sync_chart(syncs: Sequence[SyncBatch]) -> str:
     plot_height = CHART_HEIGHT - _TOP - _BOTTOM
     slot = plot_width / len(batches)
     bar_width = min(slot * 0.7, _MAX_BAR_WIDTH)
-    peak = max(batch.views for batch in batches) or 1
+    peak = max(batch.views for batch in batches)
     baseline = _TOP + plot_height
     bars = []
     for index, batch in enumerate(batches):
-        height = batch.views / peak * plot_height
+        height = batch.views / (peak or 1) * plot_height
         if batch.views:
             height = max(height, 1.0)  # a batch that moved views never looks empty
         x = _LEFT + index * slot + (slot - bar_width) / 2
