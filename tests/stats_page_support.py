@@ -47,17 +47,17 @@ class SeededStats:
         top: Mapping[tuple[str, str], list[tuple[str, int]]],
         blocked: Mapping[str, dict[str, int]],
     ) -> None:
-        self._top = top
-        self._blocked = blocked
+        self.top_lists = top
+        self.blocked_counts = blocked
         self.calls: list[tuple[str, ...]] = []
 
     async def top(self, content_type: str, period: str, limit: int = 10) -> list[tuple[str, int]]:
         self.calls.append(("top", content_type, period, str(limit)))
-        return self._top.get((content_type, period), [])[:limit]
+        return self.top_lists.get((content_type, period), [])[:limit]
 
     async def blocked(self, period: str) -> dict[str, int]:
         self.calls.append(("blocked", period))
-        return dict(self._blocked.get(period, {}))
+        return dict(self.blocked_counts.get(period, {}))
 
 
 async def commit_batches(store: Store, batches: Sequence[Mapping[tuple[str, str], int]]) -> None:

@@ -143,7 +143,7 @@ async def test_the_page_shows_the_seeded_top_contents_blocked_views_and_the_ledg
 async def test_the_page_asks_the_source_for_each_type_and_period_with_its_limit(
     real_redis: aioredis.Redis, sqlite_store: Store, settings: Settings
 ) -> None:
-    stats = SeededStats(SEEDED._top, SEEDED._blocked)
+    stats = SeededStats(SEEDED.top_lists, SEEDED.blocked_counts)
     page = page_for(stats, real_redis, sqlite_store, settings, content_types=["story"], top_limit=2)
     shown = parse((await get(page)).text)
 
@@ -265,7 +265,7 @@ class CountingStats(SeededStats):
     """Records how many of its calls are in flight at once."""
 
     def __init__(self) -> None:
-        super().__init__(SEEDED._top, SEEDED._blocked)
+        super().__init__(SEEDED.top_lists, SEEDED.blocked_counts)
         self.in_flight = self.most_in_flight = 0
 
     async def top(self, content_type: str, period: str, limit: int = 10) -> list[tuple[str, int]]:
@@ -468,7 +468,7 @@ async def test_default_periods_are_today_and_the_last_seven_days_of_the_analytic
             return f"{n}d"
 
     monkeypatch.setitem(sys.modules, "viewmw.analytics", types.SimpleNamespace(Period=Period))
-    stats = SeededStats(SEEDED._top, SEEDED._blocked)
+    stats = SeededStats(SEEDED.top_lists, SEEDED.blocked_counts)
     page = StatsPage(stats, ViewTracker(real_redis, sqlite_store, settings))
 
     assert dict(page.periods) == {"Today": "today", "Last 7 days": "7d"}

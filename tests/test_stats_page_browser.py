@@ -72,7 +72,7 @@ async def test_chromium_shows_unavailable_for_a_failing_panel(
             raise ConnectionError("analytics down")
 
     app = StatsPage(
-        BrokenTop({}, STATS._blocked),
+        BrokenTop({}, STATS.blocked_counts),
         ViewTracker(real_redis, sqlite_store, settings),
         content_types=["story"],
         periods=PERIODS,
