@@ -19,8 +19,8 @@ from importlib import resources
 from string import Template
 from typing import Any
 
+from viewmw.contract import BlockReason
 from viewmw.health import HealthReport
-from viewmw.tracker import BlockReason
 
 # The chart's drawing area, in SVG user units.
 CHART_WIDTH, CHART_HEIGHT = 640, 180
