@@ -1,7 +1,9 @@
 """viewmw: abuse-resistant view counting for any ASGI app.
 
 Wrap an app in :class:`ViewTrackingMiddleware`; record and read views directly with
-:class:`ViewTracker`; move pending views into the database with :class:`ViewSync`.
+:class:`ViewTracker`; move pending views into the database with :class:`ViewSync`. Inside a
+handler, :func:`track` decides the request's view before the page renders and :func:`view_counts`
+reads the counts of a list page.
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -13,11 +15,13 @@ from viewmw.errors import (
     InvalidKeyError,
     LockLostError,
     MalformedReplyError,
+    MiddlewareMissingError,
     ServiceUnavailableError,
     StaleFenceError,
     SyncError,
     ViewmwError,
 )
+from viewmw.handlers import RequestView, ViewCounter, track, view_counter, view_counts
 from viewmw.keys import KeySchema
 from viewmw.middleware import ViewTrackingMiddleware
 from viewmw.outage.breaker import CircuitBreaker
@@ -47,12 +51,14 @@ __all__ = [
     "Limits",
     "LockLostError",
     "MalformedReplyError",
+    "MiddlewareMissingError",
     "Outbox",
     "OutboxEvent",
     "RedisProbe",
     "ReplayReport",
     "Replayer",
     "RequestTracker",
+    "RequestView",
     "ResilientTracker",
     "RouteTable",
     "ServiceUnavailableError",
@@ -65,6 +71,7 @@ __all__ = [
     "SyncReport",
     "TrackResult",
     "ViewCount",
+    "ViewCounter",
     "ViewSync",
     "ViewTracker",
     "ViewTrackingMiddleware",
@@ -73,4 +80,7 @@ __all__ = [
     "build_tracker",
     "content_table",
     "metadata",
+    "track",
+    "view_counter",
+    "view_counts",
 ]

@@ -38,3 +38,8 @@ class LockLostError(SyncError):
 
 class StaleFenceError(LockLostError):
     """The database refused a commit: a sync holding a newer lock has committed since."""
+
+
+class MiddlewareMissingError(ViewmwError, RuntimeError):
+    """A request-facing helper (``track(request)``…) got a request no ViewTrackingMiddleware
+    handled."""

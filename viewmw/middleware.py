@@ -18,6 +18,7 @@ from viewmw.assembly import BuiltTracker
 from viewmw.contract import RequestTracker, TrackResult
 from viewmw.errorlog import ErrorLog
 from viewmw.errors import ConfigurationError, InvalidKeyError
+from viewmw.handlers import SCOPE_KEY, RequestView
 from viewmw.identity import RequestSignals, ViewerFunction, ViewerIdentity, is_crawler
 from viewmw.keys import validate_content_id
 from viewmw.routes import RouteMatch, RouteSpec, RouteTable
@@ -105,6 +106,7 @@ class ViewTrackingMiddleware:
         self.respect_privacy_signals = respect_privacy_signals
         self.deferred = deferred
         self.errors = ErrorLog()
+        self._untracked = RequestView.untracked(self)
         is_crawler("Mozilla/5.0")  # compile crawlerdetect's patterns now, not on a request
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -116,16 +118,19 @@ class ViewTrackingMiddleware:
             return
         match = self._match(scope) if scope.get("method") == "GET" else None
         if match is None:
+            scope[SCOPE_KEY] = self._untracked  # track(request) says so; counts can be read
             await self.app(scope, receive, send)
             return
-
+        # Decided once, by track(request) in the handler or at the response start below.
+        view = RequestView(self, match)
+        scope[SCOPE_KEY] = scope.setdefault("state", {})[SCOPE_KEY] = view
         started = False
 
         async def send_with_count(message: Message) -> None:
             nonlocal started
             if not started and message["type"] == "http.response.start":
                 started = True
-                message = await self._decorate(scope, match, message)
+                message = await self._decorate(scope, view, message)
             await send(message)
 
         await self.app(scope, receive, send_with_count)
@@ -137,13 +142,12 @@ class ViewTrackingMiddleware:
             self.errors.report(exc)
             return None
 
-    async def _decorate(self, scope: Scope, match: RouteMatch, message: Message) -> Message:
+    async def _decorate(self, scope: Scope, view: RequestView, message: Message) -> Message:
         """The start message with the count (and debug) headers added; never raises."""
         try:
-            if message.get("status") in self.count_statuses:
-                count, debug = await self._outcome(scope, match)
-            else:
-                count, debug = None, b"0; reason=status"
+            # A view track(request) offered already keeps its outcome, whatever the status.
+            counts = message.get("status") in self.count_statuses
+            count, debug = await view.decide(scope, counts=counts)
             extra: list[tuple[bytes, bytes]] = []
             if count is not None:
                 extra.append((self._count_header, b"%d" % count))
@@ -157,8 +161,11 @@ class ViewTrackingMiddleware:
             self.errors.report(exc)
             return message
 
-    async def _outcome(self, scope: Scope, match: RouteMatch) -> tuple[int | None, bytes]:
-        """The count to show and the debug header's value for one matched request.
+    async def _outcome(
+        self, scope: Scope, match: RouteMatch, *, wait: bool = False
+    ) -> tuple[int | None, bytes]:
+        """The count to show and the debug header's value for one matched request (``wait``:
+        wait for Redis even in the deferred mode).
 
         The tracker bounds its own waits (``redis_timeout``, ``database_request_timeout``), so
         the request path holds no timeout of its own: one deadline per Redis batch is enough.
@@ -175,7 +182,7 @@ class ViewTrackingMiddleware:
                 counts = await self.tracker.get_view_count_details(match.content_type, [content_id])
                 return _total(counts.get(content_id)), skip
             viewer = await self.identity.viewer_for(scope, user_agent)
-            if self.deferred:
+            if self.deferred and not wait:
                 known = self.tracker.offer_valid_view(match.content_type, content_id, viewer)
                 if known is not None:
                     return known, b"0; reason=deferred"
