@@ -4,7 +4,8 @@ Run it with ``uvicorn examples.site:app`` or ``python -m examples.site`` (127.0.
 ``PORT``, default 8000). Settings come from ``VIEWMW_*`` variables; with none set it runs on an
 in-process fakeredis and a SQLite file in the current directory. Send ``X-Demo-User: alice`` to
 browse as a signed-in user; every response to a detail page carries ``X-View-Count`` and, for the
-demo, ``X-View-Counted``.
+demo, ``X-View-Counted``. A detail page decides its view with ``track(request)`` before it renders,
+so it shows the same count as the header, its own view included.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from starlette.requests import HTTPConnection, Request
 from starlette.responses import HTMLResponse
 from starlette.routing import Route
 
-from viewmw import Settings, Store, content_table
+from viewmw import RequestView, Settings, Store, content_table, track, view_counts
 from viewmw.assembly import build_tracker
 from viewmw.mapping import record_mapping
 from viewmw.middleware import ViewTrackingMiddleware
@@ -143,9 +144,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
         section = SECTION_BY_SEGMENT.get(request.path_params["segment"])
         if section is None:
             return _page("Not found", "<p>No such section.</p>", status_code=404)
-        # Every count on the page comes from one batch read.
+        # Every count on the page comes from one batch read, with the middleware's tracker.
         counts = await _bounded(
-            tracker.get_view_counts(section.content_type, list(section.items)), settings
+            view_counts(request, section.content_type, list(section.items)), settings
         )
         rows = "".join(
             f'<li><a href="/{section.segment}/{html.escape(item_id)}">{html.escape(title)}</a>'
@@ -160,11 +161,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
         title = section.items.get(item_id)
         if title is None:
             return _page("Not found", "<p>No such item.</p>", status_code=404)
-        # The page is rendered before the middleware decides whether this visit counts, so it
-        # shows the count before this visit; the X-View-Count header carries the count after it.
-        count = await _bounded(tracker.get_view_count(section.content_type, item_id), settings)
+        # Decided now, once the item is known to exist: the page shows the count that includes
+        # this visit, the number X-View-Count carries (the middleware does not offer it again).
+        view = await track(request)
         body = (
-            f"<p>{_views(count)} before this visit.</p>"
+            f"<p>{_views(view.count)} ({_visit(view)}).</p>"
             f'<p><a href="/{section.segment}">All {html.escape(section.heading.lower())}</a></p>'
         )
         return _page(title, body)
@@ -222,6 +223,14 @@ def _views(count: int | None) -> str:
     if count is None:
         return "views unavailable"
     return f"{count} view" if count == 1 else f"{count} views"
+
+
+def _visit(view: RequestView) -> str:
+    if view.counted:
+        return "this visit included"
+    if view.queued:
+        return "this visit waits to be counted"
+    return f"this visit not counted: {html.escape(str(view.reason))}"
 
 
 def _page(title: str, body: str, *, status_code: int = 200) -> HTMLResponse:

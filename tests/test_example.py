@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -55,11 +56,17 @@ async def test_detail_pages_count_and_show_their_count(
     async with running_site(site_settings(tmp_path)) as (_, site):
         first = await site.get("/stories/1", headers=BROWSER)
         assert first.status_code == 200
-        assert "The Lighthouse Keeper" in first.text and "0 views before this visit" in first.text
+        assert "The Lighthouse Keeper" in first.text
+        assert "1 view (this visit included)" in first.text
         assert (first.headers["x-view-count"], first.headers["x-view-counted"]) == ("1", "1")
         alice = await site.get("/stories/1", headers={**BROWSER, "x-demo-user": "alice"})
-        assert "1 view before this visit" in alice.text
+        assert "2 views (this visit included)" in alice.text
         assert alice.headers["x-view-count"] == "2"
+        again = await site.get("/stories/1", headers={**BROWSER, "x-demo-user": "alice"})
+        assert "2 views (this visit not counted: cooldown)" in again.text
+        assert again.headers["x-view-counted"] == "0; reason=cooldown"
+        # The page shows its own view: the same number as the header.
+        assert [count_on_page(r.text) for r in (first, alice, again)] == [1, 2, 2]
         task = await site.get("/tasks/write-docs", headers={**BROWSER, "x-demo-user": "alice"})
         assert task.headers["x-view-count"] == "1"
         missing = await site.get("/stories/99", headers=BROWSER)
@@ -71,21 +78,28 @@ async def test_detail_pages_count_and_show_their_count(
 async def test_list_page_reads_all_counts_in_one_batch(
     real_redis: aioredis.Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    calls: list[tuple[str, list[str]]] = []
-    batch_read = ResilientTracker.get_view_counts
+    calls: list[tuple[str, str, list[str]]] = []
 
-    async def recording(self: ResilientTracker, content_type: str, ids: Any) -> dict[str, int]:
-        calls.append((content_type, list(ids)))
-        return await batch_read(self, content_type, ids)
+    def recording(cls: Any) -> Any:
+        read = cls.get_view_count_details
+
+        async def recorded(self: Any, content_type: str, ids: Any) -> Any:
+            calls.append((cls.__name__, content_type, list(ids)))
+            return await read(self, content_type, ids)
+
+        return recorded
 
     async with running_site(site_settings(tmp_path)) as (_, site):
         for user in ("a", "b"):
             await site.get("/fantasies/2", headers={**BROWSER, "x-demo-user": user})
-        monkeypatch.setattr(ResilientTracker, "get_view_counts", recording)
-        monkeypatch.setattr(ViewTracker, "get_view_counts", recording)
+        for cls in (ResilientTracker, ViewTracker):
+            monkeypatch.setattr(cls, "get_view_count_details", recording(cls))
         page = await site.get("/fantasies")
-    # One batch read, passed once through the resilient wrapper's read of all details.
-    assert calls == [("fantasy", ["1", "2"])]
+    # One batch read, passed once through the resilient wrapper to the Redis tracker.
+    assert calls == [
+        ("ResilientTracker", "fantasy", ["1", "2"]),
+        ("ViewTracker", "fantasy", ["1", "2"]),
+    ]
     assert "The Glass Dragon</a> — 0 views" in page.text
     assert "Salt and Crowns</a> — 2 views" in page.text
 
@@ -114,27 +128,36 @@ async def test_pages_render_and_count_when_redis_is_down(tmp_path: Path) -> None
     async with running_site(settings) as (_, site):
         visits = [
             await site.get("/outcomes/1", headers={**BROWSER, "x-demo-user": f"u{n}"})
-            for n in range(4)
+            for n in range(6)
         ]
         listing = await site.get("/outcomes")
     assert {v.status_code for v in visits} == {200} and listing.status_code == 200
-    # Reads fall back to the database at once; views go to the outbox once the failures have
-    # opened the breaker (a view whose Redis call failed is not offered again: it may have run).
-    assert "0 views before this visit" in visits[0].text
-    shown = [(v.headers.get("x-view-counted"), v.headers.get("x-view-count")) for v in visits]
-    assert shown == [
-        ("0; reason=unavailable", None),
-        ("1; queued", "1"),
-        ("1; queued", "2"),
-        ("1; queued", "3"),
-    ]
-    assert "Docs published</a> — 3 views" in listing.text
+    # Each page shows the count its header carries, its own view included.
+    assert [count_on_page(v.text) for v in visits] == [header_count(v) for v in visits]
+    # Views go to the outbox once the failures have opened the breaker (a view whose Redis call
+    # failed is not offered again: it may have run).
+    outcomes = [v.headers["x-view-counted"] for v in visits]
+    assert outcomes[0] == "0; reason=unavailable" and outcomes[-1] == "1; queued"
+    assert set(outcomes) == {"0; reason=unavailable", "1; queued"}
+    queued = outcomes.count("1; queued")
+    assert "this visit waits to be counted" in visits[-1].text
+    assert f"Docs published</a> — {queued} views" in listing.text
     # The views wait in the outbox, to be replayed through the rules when Redis is back.
     store = Store.from_url(settings.database_url)
     try:
-        assert await Outbox(store.engine).counts("outcome", ["1"]) == {"1": 3}
+        assert await Outbox(store.engine).counts("outcome", ["1"]) == {"1": queued}
     finally:
         await store.close()
+
+
+def count_on_page(text: str) -> int | None:
+    found = re.search(r"<p>(\d+) views? \(", text)
+    return None if found is None else int(found.group(1))
+
+
+def header_count(response: httpx.Response) -> int | None:
+    value = response.headers.get("x-view-count")
+    return None if value is None else int(value)
 
 
 def test_routes_cover_every_section() -> None:
@@ -215,6 +238,7 @@ async def test_served_by_uvicorn_counts_over_http(
             for user in ("ann", "ben", "ann", "cat"):
                 response = await client.get("/stories/2", headers={**BROWSER, "x-demo-user": user})
                 assert response.status_code == 200
+                assert count_on_page(response.text) == int(response.headers["x-view-count"])
                 shown.append((response.headers["x-view-count"], response.headers["x-view-counted"]))
             bot = await client.get("/stories/2", headers={"user-agent": "Googlebot/2.1"})
             listing = await client.get("/stories")
