@@ -38,6 +38,7 @@ from viewmw import (
     track,
     view_counts,
 )
+from viewmw.routes import RouteMatch
 
 ROUTES: dict[str, Any] = {
     "/stories/{id:int}": "story",
@@ -509,3 +510,26 @@ def test_a_view_outcome_reads_like_the_debug_header() -> None:
     for values, expected in cases.items():
         view = RequestView(middleware, None, values)
         assert (view.counted, view.queued, view.reason, view.count) == expected
+    undecided = RequestView(middleware, RouteMatch("story", "1", "/stories/{id:int}"))
+    assert repr(undecided) == "<RequestView story:1 undecided>"
+    assert (undecided.decided, undecided.count, undecided.reason) == (False, None, None)
+
+
+async def test_track_racing_the_response_start_offers_the_view_once(spy: Spy) -> None:
+    async def racing(scope: Any, receive: Any, send: Any) -> None:
+        start = {"type": "http.response.start", "status": 200, "headers": []}
+        copied = dict(scope)  # an inner layer that copies the scope shares the same view
+        view, _ = await asyncio.gather(track(Request(copied)), send(start))
+        await send({"type": "http.response.body", "body": b"%d" % (view.count or 0)})
+
+    app = ViewTrackingMiddleware(racing, tracker=spy, routes=ROUTES, debug_header="X-View-Counted")
+    sent = await drive(
+        app, http_scope("/stories/1", headers=[(b"user-agent", USER_AGENT.encode())])
+    )
+    headers = dict(sent[0]["headers"])
+    assert (headers[b"x-view-count"], headers[b"x-view-counted"], sent[1]["body"]) == (
+        b"1",
+        b"1",
+        b"1",
+    )
+    assert len(spy.offered) == 1

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from starlette.requests import Request
 from starlette.types import Scope
@@ -55,7 +55,7 @@ class RequestView:
     (see docs/handlers.md).
     """
 
-    __slots__ = ("_busy", "_match", "_middleware", "_values", "_waiter")
+    __slots__ = ("_deciding", "_match", "_middleware", "_values")
 
     def __init__(
         self,
@@ -66,8 +66,8 @@ class RequestView:
         self._middleware = middleware
         self._match = match
         self._values = values
-        self._busy = False
-        self._waiter: asyncio.Future[_Values] | None = None
+        # None: nobody is deciding; True: one call is, alone; a future: others wait for it.
+        self._deciding: Literal[True] | asyncio.Future[_Values] | None = None
 
     @classmethod
     def untracked(cls, middleware: ViewTrackingMiddleware) -> RequestView:
@@ -139,15 +139,16 @@ class RequestView:
         """
         if self._values is not None:
             return self._values
-        if self._busy:  # another caller is deciding it: share its outcome
-            if self._waiter is None:
-                self._waiter = asyncio.get_running_loop().create_future()
-            return await asyncio.shield(self._waiter)
+        if self._deciding is not None:  # another call is deciding it: share its outcome
+            if self._deciding is True:
+                self._deciding = asyncio.get_running_loop().create_future()
+            waiter = self._deciding
+            return await asyncio.shield(waiter)
         if not counts:
             self._values = _STATUS
             return _STATUS
         assert self._match is not None  # only the untracked view has no match, and it is decided
-        self._busy = True
+        self._deciding = True
         values = _UNKNOWN
         try:
             values = await self._middleware._outcome(scope, self._match, wait=wait)
@@ -156,8 +157,8 @@ class RequestView:
             values = _ERROR
         finally:
             self._values = values
-            if self._waiter is not None:
-                self._waiter.set_result(values)
+            if isinstance(self._deciding, asyncio.Future):
+                self._deciding.set_result(values)
         return values
 
     async def read_counts(
@@ -177,8 +178,6 @@ class RequestView:
             return {}
         try:
             details = await self._middleware.tracker.get_view_count_details(content_type, ids)
-        except InvalidKeyError:
-            raise  # the content's table cannot hold one of the ids: the caller's to fix
         except Exception as exc:  # counts are decoration: the page renders without them
             self._middleware.errors.report(exc)
             return {}
@@ -239,8 +238,8 @@ async def view_counts(
 
     Raises:
         MiddlewareMissingError: no :class:`~viewmw.ViewTrackingMiddleware` handled this request.
-        InvalidKeyError: ``content_type`` is not a valid content type, or an id cannot be held
-            by the content's table.
+        InvalidKeyError: ``content_type`` is not a valid content type.
+        TypeError: ``content_ids`` is one id (a string), not a sequence of them.
     """
     return await request_view(request).read_counts(content_type, content_ids)
 
