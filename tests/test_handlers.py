@@ -12,6 +12,9 @@ from typing import Any
 import httpx
 import pytest
 import redis.asyncio as aioredis
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from redis.exceptions import ConnectionError as RedisConnectionError
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
@@ -38,6 +41,7 @@ from viewmw import (
     track,
     view_counts,
 )
+from viewmw.errorlog import ErrorLog
 from viewmw.routes import RouteMatch
 
 ROUTES: dict[str, Any] = {
@@ -533,3 +537,59 @@ async def test_track_racing_the_response_start_offers_the_view_once(spy: Spy) ->
         b"1",
     )
     assert len(spy.offered) == 1
+
+
+# Any interleaving decides once ------------------------------------------------------------------
+
+
+class HeldDecision:
+    """Stands in for the middleware: its decision waits until released, and is counted."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.release = asyncio.Event()
+        self.errors = ErrorLog()
+
+    async def _outcome(self, scope: Any, match: Any, *, wait: bool = False) -> tuple[int, bytes]:
+        self.calls += 1
+        await self.release.wait()
+        return 7, b"1"
+
+
+callers = st.lists(
+    st.tuples(st.sampled_from(["track", "response start", "status not counted"]), st.booleans()),
+    min_size=1,
+    max_size=8,
+)
+
+
+@hypothesis_settings(max_examples=150, deadline=None)
+@given(plan=callers)
+async def test_any_mix_of_callers_and_cancellations_decides_the_view_once(
+    plan: list[tuple[str, bool]],
+) -> None:
+    middleware: Any = HeldDecision()
+    view = RequestView(middleware, RouteMatch("story", "1", "/stories/{id:int}"))
+    tasks = []
+    for kind, _ in plan:
+        counts, wait = kind != "status not counted", kind == "track"
+        tasks.append(asyncio.create_task(view.decide({}, counts=counts, wait=wait)))
+        await asyncio.sleep(0)  # each caller runs up to its first wait before the next starts
+    for task, (_, cancel) in zip(tasks, plan, strict=True):
+        if cancel:
+            task.cancel()
+    await asyncio.sleep(0)
+    middleware.release.set()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+
+    first_kind, first_cancelled = plan[0]
+    if first_kind == "status not counted":
+        expected, calls = (None, b"0; reason=status"), 0
+    elif first_cancelled:  # the view may have been offered: unknown, never offered again
+        expected, calls = (None, b"0; reason=unavailable"), 1
+    else:
+        expected, calls = (7, b"1"), 1
+    assert middleware.calls == calls
+    assert view.decided and (view.count, view._values) == (expected[0], expected)
+    for result, (_, cancel) in zip(results, plan, strict=True):
+        assert result == expected or (cancel and isinstance(result, asyncio.CancelledError))
