@@ -13,7 +13,6 @@ taking a Starlette ``Request``, which is what ``fastapi.Depends`` expects.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -26,8 +25,6 @@ from viewmw.routes import RouteMatch
 
 if TYPE_CHECKING:
     from viewmw.middleware import ViewTrackingMiddleware
-
-logger = logging.getLogger("viewmw")
 
 SCOPE_KEY = "viewmw"
 """Where the middleware puts a request's :class:`RequestView`: ``scope[SCOPE_KEY]``, and
@@ -131,7 +128,8 @@ class RequestView:
     async def decide(
         self, scope: Scope, *, counts: bool = True, wait: bool = False
     ) -> tuple[int | None, bytes]:
-        """The count and debug header value of this view, offering it on the first call only.
+        """The count and debug header value of this view, offering it on the first call only
+        (:func:`track` and the middleware's response start call this).
 
         ``counts`` false (a status the middleware does not count) decides "not counted" unless
         the view was offered already. ``wait`` waits for Redis even in the deferred mode. Never

@@ -3,6 +3,7 @@
 Pure ASGI. The decision is taken when the app sends ``http.response.start``: by then the status is
 known (only successes count) and inner middleware has set ``scope["user"]``. The start message gets
 the count header; body messages pass through untouched, so streaming responses stay streaming.
+A handler can decide its view earlier with ``track(request)`` (:mod:`viewmw.handlers`).
 Whatever goes wrong inside viewmw, the app's own response goes out, without the header.
 """
 
