@@ -130,6 +130,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         finally:
             await tracker.aclose()  # writes outbox events still in memory
             await redis_tracker.redis.aclose()
+            if redis_tracker.script_connection is not None:
+                await redis_tracker.script_connection.aclose()
             await store.close()
 
     async def index(request: Request) -> HTMLResponse:

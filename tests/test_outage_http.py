@@ -292,6 +292,8 @@ async def test_redis_down_and_the_database_slow_every_header_is_true(
         await migration.aclose()
         await outage.aclose()
         await tracker.redis.aclose()
+        if tracker.script_connection is not None:
+            await tracker.script_connection.aclose()
         await tracker.store.close()
         server.kill()
     synced = await database_counts(pg_store, ids)

@@ -30,6 +30,7 @@ from viewmw.outage.failover import ResilientTracker
 from viewmw.outage.outbox import Outbox
 from viewmw.packing import connection_class_for
 from viewmw.routes import RouteMatch, RouteSpec, RouteTable
+from viewmw.script_connection import ScriptConnection
 from viewmw.settings import Settings
 from viewmw.store import Store
 from viewmw.tracker import TrackResult, ViewCount, ViewTracker
@@ -300,6 +301,8 @@ class ViewTrackingMiddleware:
             await built.aclose()
         finally:
             await built.tracker.redis.aclose()
+            if built.tracker.script_connection is not None:
+                await built.tracker.script_connection.aclose()
             if built.tracker.store is not None:
                 await built.tracker.store.close()
 
@@ -341,14 +344,25 @@ def build_tracker(
     """A tracker on new clients for ``settings.redis_url`` and ``settings.database_url``.
 
     Content types map to ``content_tables`` if given, else to ``settings.content_tables``. Without
-    a Redis URL it runs on an in-process fakeredis (see :func:`connect_redis`). The caller owns
-    the clients: close them with ``tracker.redis.aclose()`` and ``tracker.store.close()``.
+    a Redis URL it runs on an in-process fakeredis (see :func:`connect_redis`). Views go to Redis
+    on a dedicated lean connection (:mod:`viewmw.script_connection`) where the URL allows one. The
+    caller owns the clients: close them with ``tracker.redis.aclose()``,
+    ``tracker.store.close()`` and ``tracker.script_connection.aclose()`` (when not ``None``).
     """
     if content_tables is None:
         store = Store.from_settings(settings)
     else:
         store = Store.from_url(settings.resolved_database_url(), content_tables, pool_pre_ping=True)
-    return ViewTracker(connect_redis(settings), store, settings, clock=clock)
+    script_connection = None
+    if settings.redis_url is not None:
+        script_connection = ScriptConnection.from_url(
+            settings.redis_url,
+            connect_timeout=settings.redis_probe_timeout,
+            reply_timeout=settings.redis_probe_timeout,
+        )
+    return ViewTracker(
+        connect_redis(settings), store, settings, clock=clock, script_connection=script_connection
+    )
 
 
 def connect_redis(settings: Settings) -> Redis:
