@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from viewmw.errorlog import ErrorLog
 from viewmw.errors import ConfigurationError, InvalidKeyError
-from viewmw.identity import RequestSignals, ViewerFunction, ViewerIdentity, is_crawler
+from viewmw.identity import ViewerFunction, ViewerIdentity, is_crawler, read_signals
 from viewmw.keys import validate_content_id
 from viewmw.mapping import record_mapping
 from viewmw.outage.failover import ResilientTracker
@@ -239,14 +239,14 @@ class ViewTrackingMiddleware:
 
     def _signals(self, scope: Scope) -> tuple[bytes, bytes | None]:
         """The user agent, and why this request is not offered as a view (``None``: it is)."""
-        signals = RequestSignals.from_scope(scope)
-        if signals.prefetch:
-            return signals.user_agent, b"0; reason=prefetch"
-        if is_crawler(signals.user_agent):
-            return signals.user_agent, b"0; reason=bot"
-        if self.respect_privacy_signals and signals.privacy_opt_out:
-            return signals.user_agent, b"0; reason=privacy"
-        return signals.user_agent, None
+        user_agent, prefetch, privacy_opt_out = read_signals(scope)
+        if prefetch:
+            return user_agent, b"0; reason=prefetch"
+        if is_crawler(user_agent):
+            return user_agent, b"0; reason=bot"
+        if self.respect_privacy_signals and privacy_opt_out:
+            return user_agent, b"0; reason=privacy"
+        return user_agent, None
 
     # Owned clients ------------------------------------------------------------------------------
 
