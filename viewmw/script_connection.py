@@ -9,9 +9,9 @@ answers them in order.
 
 Failures are redis-py's exceptions, so :func:`viewmw.failures.classify` sees what it would see
 from redis-py: ``redis.ConnectionError`` when the connection cannot be made or is lost (every call
-waiting on it gets one; none hangs), ``redis.TimeoutError`` when Redis has not answered a call
-within ``reply_timeout`` (a backstop far above the request deadline: the connection is then
-dropped, as redis-py drops a connection whose read timed out), ``redis.ResponseError`` for an
+waiting on it gets one; none hangs), ``redis.TimeoutError`` when calls wait and Redis sends no
+reply at all for ``reply_timeout`` (a backstop far above the request deadline: the connection is
+then dropped, as redis-py drops a connection whose read timed out), ``redis.ResponseError`` for an
 error reply, :class:`~viewmw.errors.MalformedReplyError` for bytes that are not RESP. A call whose
 caller stops waiting (a late request, a cancelled task) is still read off the connection: its
 reply is discarded, never another call's.
@@ -45,6 +45,8 @@ class _ReplyProtocol(asyncio.Protocol):
         self.waiters: deque[asyncio.Future[Any]] = deque()
         self.transport: asyncio.Transport | None = None
         self.failure: Exception | None = None  # why the connection ended, once it has
+        self.replies = 0  # read so far: the watchdog's sign of life
+        self.watchdog: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -65,6 +67,7 @@ class _ReplyProtocol(asyncio.Protocol):
             if not waiters:
                 self.abort(MalformedReplyError("Redis sent a reply nobody asked for"))
                 return
+            self.replies += 1
             waiter = waiters.popleft()
             if not waiter.done():  # done: its caller stopped waiting; the reply is dropped
                 waiter.set_result(reply)
@@ -79,9 +82,36 @@ class _ReplyProtocol(asyncio.Protocol):
         """End the connection; every call waiting on it gets ``failure``."""
         if self.failure is None:
             self.failure = failure
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+            self.watchdog = None
         if self.transport is not None:
             self.transport.abort()  # connection_lost follows, on the next loop turn
         self._fail_waiters()
+
+    def watch(self, loop: asyncio.AbstractEventLoop, timeout: float, address: str) -> None:
+        """Drop the connection if calls wait and no reply at all comes for ``timeout`` seconds.
+
+        One timer per connection, not one per call. A call that waits longer than ``timeout``
+        fails after between one and two periods; one sent just before a period ends may fail
+        sooner, but only because the calls ahead of it, whose replies must come first, waited
+        the whole period.
+        """
+        self.watchdog = loop.call_later(timeout, self._check, loop, timeout, address, self.replies)
+
+    def _check(
+        self, loop: asyncio.AbstractEventLoop, timeout: float, address: str, replies: int
+    ) -> None:
+        self.watchdog = None
+        if self.failure is not None or not self.waiters:
+            return
+        if self.replies != replies:
+            self.watch(loop, timeout, address)
+            return
+        # Redis, not our loop, is slow: asyncio runs the reads that are ready before the timers
+        # that are due, so a reply already in the socket would have been parsed by now.
+        logger.debug("Redis at %s did not answer within %s s", address, timeout)
+        self.abort(RedisTimeoutError(f"Timeout reading from {address} ({timeout} s)"))
 
     def _fail_waiters(self) -> None:
         waiters, failure = self.waiters, self.failure
@@ -106,8 +136,9 @@ class ScriptConnection:
         path: a Unix socket.
         db, username, password: selected and authenticated when the connection opens.
         connect_timeout: seconds to open the connection (then ``redis.TimeoutError``).
-        reply_timeout: seconds Redis may take to answer a call before the connection is
-            dropped (``redis.TimeoutError``); a backstop above the request deadline.
+        reply_timeout: seconds Redis may go without a reply while calls wait before the
+            connection is dropped (``redis.TimeoutError``); a backstop above the request
+            deadline, checked by one timer per connection (see :meth:`_ReplyProtocol.watch`).
     """
 
     def __init__(
@@ -194,12 +225,15 @@ class ScriptConnection:
     ) -> list[asyncio.Future[Any]]:
         loop = self._loop
         assert loop is not None and protocol.transport is not None
-        packed = b"".join(hiredis.pack_command(tuple(command)) for command in commands)
+        if len(commands) == 1:
+            packed = hiredis.pack_command(tuple(commands[0]))
+        else:
+            packed = b"".join(hiredis.pack_command(tuple(command)) for command in commands)
         waiters = [loop.create_future() for _ in commands]
         protocol.waiters.extend(waiters)
         protocol.transport.write(packed)
-        # The backstop: a Redis that has not answered by then is stalled; drop the connection.
-        loop.call_at(loop.time() + self.reply_timeout, _check_answered, protocol, waiters[-1], self)
+        if protocol.watchdog is None:
+            protocol.watch(loop, self.reply_timeout, self.address)
         return waiters
 
     async def _ready(self) -> _ReplyProtocol:
@@ -270,19 +304,6 @@ class ScriptConnection:
             protocol.failure = protocol.failure or RedisConnectionError("connection closed")
             protocol.transport.close()
             protocol.connection_lost(None)
-
-
-def _check_answered(
-    protocol: _ReplyProtocol, waiter: asyncio.Future[Any], owner: ScriptConnection
-) -> None:
-    if waiter.done() or protocol.failure is not None:
-        return
-    # Redis has not answered, not our loop: asyncio runs the reads that are ready before the
-    # timers that are due, so a reply already in the socket would have been parsed by now.
-    logger.debug("Redis at %s did not answer within %s s", owner.address, owner.reply_timeout)
-    protocol.abort(
-        RedisTimeoutError(f"Timeout reading from {owner.address} ({owner.reply_timeout} s)")
-    )
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
