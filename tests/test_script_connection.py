@@ -381,3 +381,19 @@ async def test_the_built_tracker_sends_views_on_a_script_connection() -> None:
         await embedded.redis.aclose()
         assert embedded.store is not None
         await embedded.store.close()
+
+
+async def test_a_slow_redis_that_keeps_answering_is_not_dropped() -> None:
+    """The watchdog looks for any reply, not for each call's: a backlog that Redis works
+    through, reply after reply, outlives the timeout as a whole."""
+
+    async def answer(command: list[bytes]) -> bytes:
+        await asyncio.sleep(0.1)
+        return b"+OK\r\n"
+
+    async with (
+        fake_server(answer) as (port, _),
+        connection_to(f"redis://127.0.0.1:{port}/0", reply_timeout=0.5) as connection,
+    ):
+        replies = await asyncio.gather(*(connection.execute(("PING",)) for _ in range(12)))
+    assert replies == [b"OK"] * 12

@@ -24,6 +24,7 @@ from viewmw.outage.outbox import Outbox, OutboxEvent
 from viewmw.outage.probe import RedisProbe
 from viewmw.outage.replayer import Replayer, ReplayReport
 from viewmw.routes import RouteTable
+from viewmw.script_connection import ScriptConnection
 from viewmw.settings import Limits, Settings
 from viewmw.store import Store, content_table, metadata
 from viewmw.sync import SyncReport, ViewSync
@@ -50,6 +51,7 @@ __all__ = [
     "Replayer",
     "ResilientTracker",
     "RouteTable",
+    "ScriptConnection",
     "ServiceUnavailableError",
     "Settings",
     "StaleFenceError",
