@@ -397,3 +397,44 @@ async def test_a_slow_redis_that_keeps_answering_is_not_dropped() -> None:
     ):
         replies = await asyncio.gather(*(connection.execute(("PING",)) for _ in range(12)))
     assert replies == [b"OK"] * 12
+
+
+async def test_a_connection_killed_under_load_loses_no_reported_view(
+    real_redis: aioredis.Redis,
+) -> None:
+    """Redis drops the connection while batches are in flight: every request ends (counted,
+    or a Redis failure), every view reported counted is in Redis, no view is counted twice, and
+    the next view finds a new connection."""
+    connection = ScriptConnection.from_url(REDIS_URL)
+    assert connection is not None
+    tracker = ViewTracker(
+        real_redis, None, Settings(), clock=FakeClock(), script_connection=connection
+    )
+    try:
+        assert (await tracker.track_view("story", "0", "user:0")).counted
+        client_id = await connection.execute(("CLIENT", "ID"))
+
+        async def view(n: int) -> bool | None:
+            try:
+                return (await tracker.track_view("story", "1", f"user:{n}")).counted
+            except RedisConnectionError:
+                return None
+
+        views = []
+        for n in range(1, 401):
+            views.append(asyncio.create_task(view(n)))
+            if n % 50 == 0:
+                await asyncio.sleep(0)  # a batch leaves every 50 views
+            if n == 200:
+                await real_redis.client_kill_filter(_id=client_id)
+        async with asyncio.timeout(30):
+            outcomes = await asyncio.gather(*views)
+        counted = outcomes.count(True)
+        failed = outcomes.count(None)
+        assert counted + failed == 400 and counted > 0
+        stored = int(await real_redis.get("story:views:1") or 0)
+        # A failed view may or may not have run (its reply was lost), never twice.
+        assert counted <= stored <= counted + failed
+        assert (await tracker.track_view("story", "2", "user:1")).counted
+    finally:
+        await connection.aclose()

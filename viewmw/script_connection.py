@@ -215,7 +215,9 @@ class ScriptConnection:
 
     async def execute(self, command: Sequence[Any]) -> Any:
         """Send one command and return its reply; an error reply is returned, not raised."""
-        protocol = await self._ready()
+        protocol = self._protocol
+        if protocol is None or not protocol.usable or self._loop is not asyncio.get_running_loop():
+            protocol = await self._ready()
         (waiter,) = self._send(protocol, command)
         # Cancelling the caller cancels only its future: the reply is still read, and dropped.
         return await waiter
