@@ -122,7 +122,8 @@ class _ReplyProtocol(asyncio.Protocol):
 
     @property
     def usable(self) -> bool:
-        return self.failure is None and self.transport is not None
+        transport = self.transport
+        return self.failure is None and transport is not None and not transport.is_closing()
 
 
 class ScriptConnection:
