@@ -340,7 +340,8 @@ async def test_views_are_counted_alike_on_both_transports(real_redis: aioredis.R
             tracker = ViewTracker(
                 real_redis,
                 None,
-                Settings(key_prefix=prefix),
+                # Hundreds of views at once on a busy machine: no deadline may cut them short.
+                Settings(key_prefix=prefix, redis_timeout=30.0),
                 clock=FakeClock(),
                 script_connection=transport,
             )
@@ -408,7 +409,11 @@ async def test_a_connection_killed_under_load_loses_no_reported_view(
     connection = ScriptConnection.from_url(REDIS_URL)
     assert connection is not None
     tracker = ViewTracker(
-        real_redis, None, Settings(), clock=FakeClock(), script_connection=connection
+        real_redis,
+        None,
+        Settings(redis_timeout=30.0),  # a late reply is not what this test is about
+        clock=FakeClock(),
+        script_connection=connection,
     )
     try:
         assert (await tracker.track_view("story", "0", "user:0")).counted
