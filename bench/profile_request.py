@@ -1,9 +1,11 @@
 """Client CPU per request and a ranked profile of the request path, driven in-process.
 
-``python -m bench.profile_request [bare|do-nothing|tracked|deferred] [--profile]``: 32 concurrent
-requests at a time through the middleware around a plain ASGI app, on a private Redis-compatible
-server, no database (counts are Redis-only). CPU is this process's (``time.process_time``), so the
-figure leaves out Redis' own work and is steady on a busy machine.
+``python -m bench.profile_request [bare|do-nothing|tracked|deferred] [--profile] [--redis-py]
+[--concurrency N]``: 32 (or N) concurrent requests at a time through the middleware around a
+plain ASGI app, on a private Redis-compatible server, no database (counts are Redis-only). CPU is
+this process's (``time.process_time``), so the figure leaves out Redis' own work and is steady on
+a busy machine. Views go to Redis on the dedicated script connection, as the middleware sends
+them; ``--redis-py`` sends them through redis-py's pool instead, for comparison.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from viewmw import (
     ViewTrackingMiddleware,
 )
 from viewmw.assembly import connect_redis
+from viewmw.script_connection import ScriptConnection
 
 REQUESTS = 20_000
 CONCURRENCY = 32
@@ -77,10 +80,15 @@ def _scopes() -> list[dict[str, Any]]:
     ]
 
 
-async def _run(variant: str, url: str, profile: bool) -> None:
+async def _run(
+    variant: str, url: str, profile: bool, redis_py: bool, concurrency: int = CONCURRENCY
+) -> None:
     settings = Settings(redis_url=url, secret="profile-secret-0123456789")
     redis = connect_redis(settings)
-    tracker: Any = ResilientTracker(ViewTracker(redis, None, settings))
+    connection = None if redis_py else ScriptConnection.from_url(url)
+    tracker: Any = ResilientTracker(
+        ViewTracker(redis, None, settings, script_connection=connection)
+    )
     if variant == "do-nothing":
         tracker = _DoNothing(settings)
     app: Any = _plain_app
@@ -94,15 +102,15 @@ async def _run(variant: str, url: str, profile: bool) -> None:
     scopes = _scopes()
 
     async def worker(first: int) -> None:
-        for n in range(first, REQUESTS, CONCURRENCY):
+        for n in range(first, REQUESTS, concurrency):
             await _drive(app, scopes[n])
 
-    await asyncio.gather(*(worker(k) for k in range(CONCURRENCY)))  # warm: scripts, connections
+    await asyncio.gather(*(worker(k) for k in range(concurrency)))  # warm: scripts, connections
     profiler = cProfile.Profile() if profile else None
     started = time.process_time()
     if profiler:
         profiler.enable()
-    await asyncio.gather(*(worker(k) for k in range(CONCURRENCY)))
+    await asyncio.gather(*(worker(k) for k in range(concurrency)))
     if profiler:
         profiler.disable()
     cpu = time.process_time() - started
@@ -110,19 +118,31 @@ async def _run(variant: str, url: str, profile: bool) -> None:
     if profiler:
         stats = pstats.Stats(profiler)
         print(f"{stats.total_calls / REQUESTS:.0f} function calls per request")  # type: ignore[attr-defined]
-        stats.sort_stats("tottime").print_stats(15)
+        stats.sort_stats("tottime").print_stats(25)
     if isinstance(tracker, ResilientTracker):
         await tracker.aclose()
     await redis.aclose()
+    if connection is not None:
+        await connection.aclose()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.profile_request")
     parser.add_argument("variant", choices=["bare", "do-nothing", "tracked", "deferred"])
     parser.add_argument("--profile", action="store_true", help="print the cProfile ranking")
+    parser.add_argument(
+        "--redis-py", action="store_true", help="send views through redis-py, not the lean path"
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=CONCURRENCY,
+        help="requests at once, so also views per Redis call (under uvicorn, fewer than 32)",
+    )
     args = parser.parse_args()
     with ValkeyServer(port=None) as server:
-        asyncio.run(_run(args.variant, server.connection_url, args.profile))
+        url = server.connection_url
+        asyncio.run(_run(args.variant, url, args.profile, args.redis_py, args.concurrency))
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from starlette.responses import HTMLResponse
 from starlette.routing import Route
 
 from viewmw import RequestView, Settings, Store, content_table, track, view_counts
-from viewmw.assembly import build_tracker
+from viewmw.assembly import build_tracker, close_clients
 from viewmw.mapping import record_mapping
 from viewmw.middleware import ViewTrackingMiddleware
 from viewmw.outage.failover import ResilientTracker
@@ -131,8 +131,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             yield
         finally:
             await tracker.aclose()  # writes outbox events still in memory
-            await redis_tracker.redis.aclose()
-            await store.close()
+            await close_clients(redis_tracker)
 
     async def index(request: Request) -> HTMLResponse:
         links = "".join(

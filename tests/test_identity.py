@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import base64
+import hmac
 import logging
 import re
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from starlette.authentication import SimpleUser, UnauthenticatedUser
 from starlette.types import Scope
 
@@ -150,18 +155,23 @@ def test_crawlers(user_agent: bytes | str, crawler: bool) -> None:
 
 
 def test_crawler_check_is_cached_and_bounded() -> None:
+    identity._is_crawler_header.cache_clear()
     identity._is_crawler_text.cache_clear()
     for _ in range(5):
         assert is_crawler(CHROME) is False
-    info = identity._is_crawler_text.cache_info()
+    info = identity._is_crawler_header.cache_info()
     assert (info.misses, info.hits, info.maxsize) == (1, 4, 4096)
+    assert identity._is_crawler_text.cache_info().misses == 1  # crawlerdetect ran once
     # A huge user agent is checked by its head only (the whole would take crawlerdetect minutes),
     # and cached under it: the cache holds at most 4096 short strings.
     huge = b"Mozilla/5.0 " + b"a" * 100_000
     assert is_crawler(huge) is False
     assert is_crawler(huge[: identity.CRAWLER_CHECK_CHARS]) is False
-    info = identity._is_crawler_text.cache_info()
+    info = identity._is_crawler_header.cache_info()
     assert (info.misses, info.hits) == (2, 5)
+    # Text and raw headers share crawlerdetect's verdicts.
+    assert is_crawler(CHROME.decode()) is False
+    assert identity._is_crawler_text.cache_info().misses == 2
 
 
 @pytest.mark.parametrize(
@@ -193,3 +203,17 @@ def test_first_user_agent_wins_and_missing_is_empty() -> None:
     two = [(b"user-agent", b"first"), (b"user-agent", b"second")]
     assert RequestSignals.from_scope({"headers": two}).user_agent == b"first"
     assert RequestSignals.from_scope({}).user_agent == b""
+
+
+@given(host=st.text(max_size=40), user_agent=st.binary(max_size=300))
+def test_anonymous_keys_are_the_documented_keyed_hash(host: str, user_agent: bytes) -> None:
+    """The key is the first 16 characters of the URL-safe base64 HMAC-SHA256 of
+    ``host\\nuser agent`` under ``secret\\0date``: keys must not change between versions, or a
+    deploy would reset every visitor's limits mid-day."""
+    viewers = ViewerIdentity(SECRET, clock=FakeClock(now=NOON_UTC))
+    day = datetime.fromtimestamp(NOON_UTC, UTC).date().isoformat()
+    key = f"{SECRET}\0{day}".encode()
+    message = host.encode("utf-8", "surrogatepass") + b"\n" + user_agent
+    digest = hmac.digest(key, message, "sha256")
+    expected = "anon:" + base64.urlsafe_b64encode(digest).decode()[:16]
+    assert viewers.anonymous_viewer(host, user_agent) == expected

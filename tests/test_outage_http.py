@@ -46,7 +46,7 @@ from viewmw import (
     ViewTracker,
     ViewTrackingMiddleware,
 )
-from viewmw.assembly import build_tracker
+from viewmw.assembly import build_tracker, close_clients
 
 # Default settings but for the secret and the URLs: what a new user runs.
 DEFAULTS = Settings(
@@ -291,8 +291,7 @@ async def test_redis_down_and_the_database_slow_every_header_is_true(
     finally:
         await migration.aclose()
         await outage.aclose()
-        await tracker.redis.aclose()
-        await tracker.store.close()
+        await close_clients(tracker)
         server.kill()
     synced = await database_counts(pg_store, ids)
     expected = {one.story: 0 for one in refused}

@@ -30,6 +30,7 @@ from viewmw.outage.outbox import Outbox, OutboxEvent
 from viewmw.outage.probe import RedisProbe
 from viewmw.outage.replayer import Replayer, ReplayReport
 from viewmw.routes import RouteTable
+from viewmw.script_connection import ScriptConnection
 from viewmw.settings import Limits, Settings
 from viewmw.stats_page import StatsPage, StatsSource
 from viewmw.store import Store, content_table, metadata
@@ -61,6 +62,7 @@ __all__ = [
     "RequestView",
     "ResilientTracker",
     "RouteTable",
+    "ScriptConnection",
     "ServiceUnavailableError",
     "Settings",
     "StaleFenceError",

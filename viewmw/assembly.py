@@ -24,6 +24,7 @@ from viewmw.mapping import record_mapping
 from viewmw.outage.failover import ResilientTracker
 from viewmw.outage.outbox import Outbox
 from viewmw.packing import connection_class_for
+from viewmw.script_connection import ScriptConnection
 from viewmw.settings import Settings
 from viewmw.store import Store
 from viewmw.tracker import ViewTracker
@@ -42,15 +43,39 @@ def build_tracker(
     """A tracker on new clients for ``settings.redis_url`` and ``settings.database_url``.
 
     Content types map to ``content_tables`` if given, else to ``settings.content_tables``. Without
-    a Redis URL it runs on an in-process fakeredis (see :func:`connect_redis`). The caller owns
-    the clients: close them with ``tracker.redis.aclose()`` and ``tracker.store.close()``, or use
-    :class:`BuiltTracker`, which does.
+    a Redis URL it runs on an in-process fakeredis (see :func:`connect_redis`). Views go to Redis
+    on a dedicated lean connection (:mod:`viewmw.script_connection`) where the URL allows one. The
+    caller owns the clients: close them with :func:`close_clients`, or use :class:`BuiltTracker`,
+    which does.
     """
     if content_tables is None:
         store = Store.from_settings(settings)
     else:
         store = Store.from_url(settings.resolved_database_url(), content_tables, pool_pre_ping=True)
-    return ViewTracker(connect_redis(settings), store, settings, clock=clock)
+    script_connection = None
+    if settings.redis_url is not None:
+        script_connection = ScriptConnection.from_url(
+            settings.redis_url,
+            connect_timeout=settings.redis_probe_timeout,
+            reply_timeout=settings.redis_probe_timeout,
+        )
+    return ViewTracker(
+        connect_redis(settings), store, settings, clock=clock, script_connection=script_connection
+    )
+
+
+async def close_clients(tracker: ViewTracker) -> None:
+    """Close the clients of a tracker from :func:`build_tracker`: Redis, the script connection
+    and the database engine (each even if closing another failed)."""
+    try:
+        await tracker.redis.aclose()
+    finally:
+        try:
+            if tracker.script_connection is not None:
+                await tracker.script_connection.aclose()
+        finally:
+            if tracker.store is not None:
+                await tracker.store.close()
 
 
 class BuiltTracker:
@@ -103,13 +128,10 @@ class BuiltTracker:
         if self._closed:
             return
         self._closed = True
-        owned = self.tracker.tracker
         try:
             await self.tracker.aclose()
         finally:
-            await owned.redis.aclose()
-            if owned.store is not None:
-                await owned.store.close()
+            await close_clients(self.tracker.tracker)
 
 
 def connect_redis(settings: Settings) -> Redis:

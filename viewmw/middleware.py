@@ -20,7 +20,7 @@ from viewmw.contract import RequestTracker, TrackResult
 from viewmw.errorlog import ErrorLog
 from viewmw.errors import ConfigurationError, InvalidKeyError
 from viewmw.handlers import SCOPE_KEY, RequestView
-from viewmw.identity import RequestSignals, ViewerFunction, ViewerIdentity, is_crawler
+from viewmw.identity import ViewerFunction, ViewerIdentity, is_crawler, read_signals
 from viewmw.keys import validate_content_id
 from viewmw.routes import RouteMatch, RouteSpec, RouteTable
 from viewmw.settings import Settings
@@ -203,14 +203,14 @@ class ViewTrackingMiddleware:
 
     def _signals(self, scope: Scope) -> tuple[bytes, bytes | None]:
         """The user agent, and why this request is not offered as a view (``None``: it is)."""
-        signals = RequestSignals.from_scope(scope)
-        if signals.prefetch:
-            return signals.user_agent, b"0; reason=prefetch"
-        if is_crawler(signals.user_agent):
-            return signals.user_agent, b"0; reason=bot"
-        if self.respect_privacy_signals and signals.privacy_opt_out:
-            return signals.user_agent, b"0; reason=privacy"
-        return signals.user_agent, None
+        user_agent, prefetch, privacy_opt_out = read_signals(scope)
+        if prefetch:
+            return user_agent, b"0; reason=prefetch"
+        if is_crawler(user_agent):
+            return user_agent, b"0; reason=bot"
+        if self.respect_privacy_signals and privacy_opt_out:
+            return user_agent, b"0; reason=privacy"
+        return user_agent, None
 
     # Owned clients ------------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from viewmw.errors import InvalidKeyError, MalformedReplyError, ServiceUnavailab
 from viewmw.keys import KeySchema, validate_content_id, validate_content_type, validate_viewer
 from viewmw.outage.breaker import CircuitBreaker
 from viewmw.pipeline import Batcher, LateReply, ScriptCall, script_pipeline
+from viewmw.script_connection import ScriptConnection
 from viewmw.scripts import Scripts
 from viewmw.settings import Settings
 from viewmw.store import Store
@@ -123,6 +124,9 @@ class ViewTracker:
         clock: returns the current time in seconds since the epoch; inject one in tests.
         pipelining: send the script calls of concurrent requests to Redis together in shared
             pipelines (see :mod:`viewmw.pipeline`); off sends each call on its own.
+        script_connection: a dedicated connection to the same Redis that carries the
+            ``record_views`` calls (see :mod:`viewmw.script_connection`); ``None`` sends them
+            through ``redis``. The caller owns it and closes it.
     """
 
     def __init__(
@@ -133,8 +137,10 @@ class ViewTracker:
         *,
         clock: Callable[[], float] = time.time,
         pipelining: bool = True,
+        script_connection: ScriptConnection | None = None,
     ) -> None:
         self.redis = redis
+        self.script_connection = script_connection
         self.store = store
         self.settings = settings or Settings()
         self.keys = KeySchema(self.settings.key_prefix)
@@ -302,9 +308,13 @@ class ViewTracker:
             call_keys += view_keys
             args += view_args
         call_keys += [marker for _, _, marker in calls if marker is not None]
-        replies = _view_replies(
-            await self.scripts.record_views(keys=call_keys, args=args), len(calls)
-        )
+        if self.script_connection is not None:
+            reply = await self.script_connection.run_script(
+                self.scripts.record_views, call_keys, args
+            )
+        else:
+            reply = await self.scripts.record_views(keys=call_keys, args=args)
+        replies = _view_replies(reply, len(calls))
         known = self._known_counts
         if len(known) > KNOWN_COUNTS:
             known.clear()  # a crude bound: counts are re-learned from the next replies
