@@ -47,6 +47,11 @@ REPLAY_MARKER_TTL_SECONDS = 7 * 24 * 3600
 KNOWN_COUNTS = 100_000
 # A cache fill that a sync overtook is retried this many times before the count is left out.
 _FILL_ATTEMPTS = 3
+# Database reads for the count cache that may outlive the request that started them: a read
+# (or a connection being opened) slower than the request's deadline goes on and fills the cache
+# for later requests, instead of being cancelled and started again by every request. At most this
+# many at once, so a slow database never holds more of the pool than that.
+MAX_FILLS_IN_FLIGHT = 4
 
 
 # The reason codes of the ``record_views`` reply.
@@ -164,14 +169,19 @@ class ViewTracker:
         self._limit_args = _limit_args(self.settings)
         self._known_counts: dict[str, int] = {}
         self._fills: dict[tuple[str, str], asyncio.Future[None]] = {}
+        self._fill_tasks: set[asyncio.Task[dict[str, ViewCount]]] = set()
         limits = self.settings.limits
         self._session_seconds = max(limits.session_seconds, limits.view_cooldown_seconds or 0)
 
     async def drain(self) -> None:
-        """Wait until the Redis calls of requests that stopped waiting (late replies) are done."""
+        """Wait until the Redis calls of requests that stopped waiting (late replies) are done,
+        and the database reads that went on filling the count cache after their request's
+        deadline (each bounded by ``database_timeout``)."""
         for batcher in (self._views, self._reads):
             if batcher is not None:
                 await batcher.drain()
+        while self._fill_tasks:
+            await asyncio.gather(*self._fill_tasks, return_exceptions=True)
 
     async def _run(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
         """One read script call on the request path; late after ``redis_timeout``."""
@@ -498,22 +508,20 @@ class ViewTracker:
             # all while the database is failing (the count is left out instead).
             if not self.database_breaker.allow():
                 return
+            fill = self._start_fill(content_type, missing, raw, epoch, batch_id)
+            if fill is None:
+                return  # the database is busy with reads already: the count is left out
             try:
+                # The read goes on after the deadline (it fills the cache for the next request);
+                # its outcome reaches the breaker when it ends (_fill_done).
                 async with asyncio.timeout(self.settings.database_request_timeout):
-                    filled = await self._fill_cache(content_type, missing, raw, epoch, batch_id)
+                    filled = await asyncio.shield(fill)
             except TimeoutError as exc:
-                # Our deadline, not the database's failure (a lock, or a busy event loop).
-                self.database_breaker.inconclusive()
                 self._database_errors.report(exc)
                 return
-            except Exception as exc:
-                self.database_breaker.failure()
-                self._database_errors.report(exc)
-                return
-            self.database_breaker.success()
+            except Exception:
+                return  # reported when the read ended
             result.update(filled)
-            for content_id, count in filled.items():  # the deferred mode shows these next
-                self._known_counts[f"{content_type}:{content_id}"] = count.total
             missing = [content_id for content_id in missing if content_id not in filled]
             if not missing:
                 return
@@ -525,6 +533,55 @@ class ViewTracker:
             missing = [content_id for content_id in missing if result[content_id] is None]
             if not missing:
                 return
+
+    def _start_fill(
+        self,
+        content_type: str,
+        missing: list[str],
+        raw: dict[str, _RawCounts],
+        epoch: int,
+        batch_id: str,
+    ) -> asyncio.Task[dict[str, ViewCount]] | None:
+        """Start reading missing database counts into the cache, unless
+        ``MAX_FILLS_IN_FLIGHT`` reads are running already."""
+        if len(self._fill_tasks) >= MAX_FILLS_IN_FLIGHT:
+            self.database_breaker.inconclusive()  # allowed, but not tried
+            return None
+        task = asyncio.create_task(
+            self._bounded_fill(content_type, missing, raw, epoch, batch_id),
+            name=f"viewmw: read {content_type} counts",
+        )
+        self._fill_tasks.add(task)
+        task.add_done_callback(self._fill_done)
+        return task
+
+    async def _bounded_fill(
+        self,
+        content_type: str,
+        missing: list[str],
+        raw: dict[str, _RawCounts],
+        epoch: int,
+        batch_id: str,
+    ) -> dict[str, ViewCount]:
+        # Past the background deadline the database is failing, not merely slow for a request.
+        async with asyncio.timeout(self.settings.database_timeout):
+            filled = await self._fill_cache(content_type, missing, raw, epoch, batch_id)
+        for content_id, count in filled.items():  # the deferred mode shows these next
+            self._known_counts[f"{content_type}:{content_id}"] = count.total
+        return filled
+
+    def _fill_done(self, task: asyncio.Task[dict[str, ViewCount]]) -> None:
+        """Tell the database breaker how a cache fill ended."""
+        self._fill_tasks.discard(task)
+        if task.cancelled():
+            self.database_breaker.inconclusive()
+            return
+        exc = task.exception()
+        if exc is None:
+            self.database_breaker.success()
+        else:
+            self.database_breaker.failure()
+            self._database_errors.report(exc)
 
     async def _fill_cache(
         self,
