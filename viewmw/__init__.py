@@ -6,6 +6,8 @@ Wrap an app in :class:`ViewTrackingMiddleware`; record and read views directly w
 
 from importlib.metadata import PackageNotFoundError, version
 
+from viewmw.analytics import DayCount, Period, PeriodCount, ViewStats
+
 from viewmw.errors import (
     ConfigurationError,
     InvalidKeyError,
@@ -25,7 +27,7 @@ from viewmw.outage.probe import RedisProbe
 from viewmw.outage.replayer import Replayer, ReplayReport
 from viewmw.routes import RouteTable
 from viewmw.settings import Limits, Settings
-from viewmw.store import Store, content_table, metadata
+from viewmw.store import DayDelta, Store, content_table, daily_views, metadata
 from viewmw.sync import SyncReport, ViewSync
 from viewmw.tracker import BlockReason, TrackResult, ViewCount, ViewTracker
 
@@ -38,6 +40,8 @@ __all__ = [
     "BlockReason",
     "CircuitBreaker",
     "ConfigurationError",
+    "DayCount",
+    "DayDelta",
     "InvalidKeyError",
     "KeySchema",
     "Limits",
@@ -45,6 +49,8 @@ __all__ = [
     "MalformedReplyError",
     "Outbox",
     "OutboxEvent",
+    "Period",
+    "PeriodCount",
     "RedisProbe",
     "ReplayReport",
     "Replayer",
@@ -58,11 +64,13 @@ __all__ = [
     "SyncReport",
     "TrackResult",
     "ViewCount",
+    "ViewStats",
     "ViewSync",
     "ViewTracker",
     "ViewTrackingMiddleware",
     "ViewmwError",
     "__version__",
     "content_table",
+    "daily_views",
     "metadata",
 ]

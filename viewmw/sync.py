@@ -486,9 +486,7 @@ class ViewSync:
             if _text(cursor) == "0":
                 return items
 
-    async def _day_deltas(
-        self, items: Mapping[tuple[str, str], tuple[int, str]]
-    ) -> list[DayDelta]:
+    async def _day_deltas(self, items: Mapping[tuple[str, str], tuple[int, str]]) -> list[DayDelta]:
         """The batch's per-day amounts as history rows, with each day's distinct viewers as
         Redis counts them now (and the HyperLogLog itself, so that days merge later)."""
         deltas = [

@@ -1,0 +1,113 @@
+"""Reads of the per-day history table (``viewmw_daily_views``) for :mod:`viewmw.analytics`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import date
+from typing import Any
+
+from sqlalchemy import and_, desc, func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from viewmw.store import CHUNK_ROWS, daily_views
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryRow:
+    """One content's day as the history holds it."""
+
+    content_id: str
+    day: date
+    views: int
+    unique_viewers: int | None
+    crawler_views: int
+    sketch: bytes | None
+
+
+def _in_period(first: date | None, last: date | None) -> Any:
+    conditions = []
+    if first is not None:
+        conditions.append(daily_views.c.day >= first)
+    if last is not None:
+        conditions.append(daily_views.c.day <= last)
+    return and_(True, *conditions)
+
+
+class HistoryReader:
+    """Queries of the history: days of given contents, and the most viewed of a period."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    async def rows(
+        self,
+        content_type: str,
+        content_ids: Sequence[str],
+        first: date | None,
+        last: date | None,
+        *,
+        sketches: bool,
+    ) -> list[HistoryRow]:
+        """Every stored day of ``content_ids`` within the period (sketches only if asked)."""
+        c = daily_views.c
+        sketch = c.unique_sketch if sketches else None
+        columns = [c.content_id, c.day, c.views, c.unique_viewers, c.crawler_views]
+        rows: list[HistoryRow] = []
+        async with self.engine.connect() as connection:
+            for start in range(0, len(content_ids), CHUNK_ROWS):
+                chunk = list(content_ids[start : start + CHUNK_ROWS])
+                query = select(*columns, *([sketch] if sketch is not None else [])).where(
+                    c.content_type == content_type,
+                    c.content_id.in_(chunk),
+                    _in_period(first, last),
+                )
+                for row in await connection.execute(query):
+                    rows.append(
+                        HistoryRow(
+                            row[0],
+                            row[1],
+                            int(row[2]),
+                            None if row[3] is None else int(row[3]),
+                            int(row[4]),
+                            bytes(row[5]) if sketches and row[5] is not None else None,
+                        )
+                    )
+        return rows
+
+    async def top(
+        self, content_type: str, first: date | None, last: date | None, n: int
+    ) -> list[tuple[str, int]]:
+        """The ``n`` ids with the most views in the period, most first, ties by id."""
+        c = daily_views.c
+        total = func.sum(c.views).label("total")
+        query = (
+            select(c.content_id, total)
+            .where(c.content_type == content_type, _in_period(first, last))
+            .group_by(c.content_id)
+            .having(func.sum(c.views) > 0)
+            .order_by(desc(total), c.content_id)
+            .limit(n)
+        )
+        async with self.engine.connect() as connection:
+            return [(row[0], int(row[1])) for row in await connection.execute(query)]
+
+    async def sums(
+        self, content_type: str, content_ids: Sequence[str], first: date | None, last: date | None
+    ) -> dict[str, int]:
+        """Views of each of ``content_ids`` in the period (ids without any are left out)."""
+        c = daily_views.c
+        sums: dict[str, int] = {}
+        async with self.engine.connect() as connection:
+            for start in range(0, len(content_ids), CHUNK_ROWS):
+                query = (
+                    select(c.content_id, func.sum(c.views))
+                    .where(
+                        c.content_type == content_type,
+                        c.content_id.in_(list(content_ids[start : start + CHUNK_ROWS])),
+                        _in_period(first, last),
+                    )
+                    .group_by(c.content_id)
+                )
+                sums.update((row[0], int(row[1])) for row in await connection.execute(query))
+        return sums
