@@ -10,6 +10,7 @@ The harness (``World``, ``Hook``) is the sync suite's; the backends are the same
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from datetime import UTC, date, datetime
 from zoneinfo import ZoneInfo
@@ -170,8 +171,6 @@ async def test_a_fault_at_any_step_keeps_every_day_exact(
 
 
 async def _outcomes(*tasks: object) -> list[object]:
-    import asyncio
-
     return list(await asyncio.gather(*tasks, return_exceptions=True))  # type: ignore[arg-type]
 
 

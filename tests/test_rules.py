@@ -7,7 +7,6 @@ real Redis and again on fakeredis (the embedded stand-in) unless it says otherwi
 from __future__ import annotations
 
 import re
-
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any

@@ -7,7 +7,6 @@ Wrap an app in :class:`ViewTrackingMiddleware`; record and read views directly w
 from importlib.metadata import PackageNotFoundError, version
 
 from viewmw.analytics import DayCount, Period, PeriodCount, ViewStats
-
 from viewmw.errors import (
     ConfigurationError,
     InvalidKeyError,
