@@ -38,6 +38,7 @@ logger = logging.getLogger("viewmw")
 
 _HEADER_NAME_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz")
 REDIS_MAX_CONNECTIONS = 100
+_BOT = b"0; reason=bot"
 
 
 class RequestTracker(Protocol):
@@ -62,6 +63,10 @@ class RequestTracker(Protocol):
 
     def offer_valid_view(self, content_type: str, content_id: str, viewer: str) -> int | None:
         """Offer one view without waiting; the latest known count (deferred mode)."""
+        ...
+
+    async def track_valid_crawler_view(self, content_type: str, content_id: str) -> TrackResult:
+        """Count a crawler view apart (never in the view count) and read the count."""
         ...
 
     async def get_view_count_details(
@@ -214,6 +219,12 @@ class ViewTrackingMiddleware:
             return None, b"0; reason=invalid_id"
         user_agent, skip = self._signals(scope)
         try:
+            if skip is _BOT:
+                # Counted apart, per day, in the same round trip as the count read.
+                crawler = await self.tracker.track_valid_crawler_view(
+                    match.content_type, content_id
+                )
+                return _total(crawler.count), skip
             if skip is not None:
                 counts = await self.tracker.get_view_count_details(match.content_type, [content_id])
                 return _total(counts.get(content_id)), skip
@@ -242,7 +253,7 @@ class ViewTrackingMiddleware:
         if signals.prefetch:
             return signals.user_agent, b"0; reason=prefetch"
         if is_crawler(signals.user_agent):
-            return signals.user_agent, b"0; reason=bot"
+            return signals.user_agent, _BOT
         if self.respect_privacy_signals and signals.privacy_opt_out:
             return signals.user_agent, b"0; reason=privacy"
         return signals.user_agent, None

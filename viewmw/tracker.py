@@ -258,6 +258,10 @@ class ViewTracker:
                     (reply,) = await self._send_views([call])
             except TimeoutError:
                 raise LateReply from None
+        return await self._result(content_type, content_id, reply)
+
+    async def _result(self, content_type: str, content_id: str, reply: _ViewReply) -> TrackResult:
+        """A view's outcome from its reply, its count completed from the database if needed."""
         counted, reason_code, pending, syncing, cached, epoch, batch_id = reply
         reason = _REASONS.get(reason_code)
         if cached is not None:
@@ -353,26 +357,32 @@ class ViewTracker:
             replay_marker,
         )
 
-    async def track_crawler_view(self, content_type: str, content_id: str | int) -> None:
-        """Count one crawler view of a content apart: it never reaches the view count, the
-        rules or any viewer's keys, only the content's crawler views of the day.
+    async def track_crawler_view(self, content_type: str, content_id: str | int) -> TrackResult:
+        """Count one crawler view of a content apart, and read its count in the same round
+        trip: a crawler view never reaches the view count, the rules or any viewer's keys, only
+        the content's crawler views of the day (see docs/history.md). ``counted`` is false.
 
         Raises:
             InvalidKeyError: for a bad content type or id.
             LateReply, redis.RedisError, MalformedReplyError: as :meth:`track_view`.
         """
-        content_type = validate_content_type(content_type)
-        content_id = validate_content_id(content_id)
+        return await self.track_valid_crawler_view(
+            validate_content_type(content_type), validate_content_id(content_id)
+        )
+
+    async def track_valid_crawler_view(self, content_type: str, content_id: str) -> TrackResult:
+        """:meth:`track_crawler_view` for names the caller has validated already."""
         self.refuse_impossible_id(content_type, content_id)
         call = self._view_call(content_type, content_id, "", self.clock(), crawler=True)
         if self._views is not None:
-            await self._views.submit(call)
-            return
-        try:
-            async with asyncio.timeout(self.settings.redis_timeout):
-                await self._send_views([call])
-        except TimeoutError:
-            raise LateReply from None
+            reply = await self._views.submit(call)
+        else:
+            try:
+                async with asyncio.timeout(self.settings.redis_timeout):
+                    (reply,) = await self._send_views([call])
+            except TimeoutError:
+                raise LateReply from None
+        return await self._result(content_type, content_id, reply)
 
     async def _send_views(self, calls: list[_ViewCall]) -> list[_ViewReply]:
         """Decide a batch of views in one ``record_views`` call; one reply per view, in order."""
