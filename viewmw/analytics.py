@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 # Reads retried when a sync moved views under every one of them (each retry is short).
 _READ_ATTEMPTS = 5
 _LAST_DAYS = re.compile(r"([1-9][0-9]{0,4})d")
+# Periods up to this many days rank from each day's leaders (an index range per day); longer or
+# open ones from the period's sums (a scan of its rows).
+_DAY_LISTS_UP_TO = 62
 _BLOCK_REASONS = ("cooldown", "viewed_today", "session_limit", "daily_limit")
 
 
@@ -383,13 +386,14 @@ class ViewStats:
         epoch, batch_id = int(head[0]), _text(head[1])
         from_redis = _ranking_entries(head)
         committed = bool(batch_id) and await self._committed(batch_id)
-        from_history: list[tuple[str, int]] = []
         history: dict[str, int] = {}
+        history_full, history_bound = False, 0
         if self._history is not None:
-            from_history = await self._history.top(content_type, first, last, n)
-            history = dict(from_history)
-            others = [i for i in from_redis if i not in history]
-            history.update(await self._history.sums(content_type, others, first, last))
+            leaders, history_full, history_bound = await self._history_leaders(
+                content_type, first, last, n
+            )
+            candidates = list(dict.fromkeys([*leaders, *from_redis]))
+            history = await self._history.sums(content_type, candidates, first, last)
         if batch_id and committed != await self._committed(batch_id):
             return None
         missing = [i for i in history if i not in from_redis]
@@ -411,15 +415,30 @@ class ViewStats:
         ranked = sorted(
             ((i, v) for i, v in totals.items() if v > 0), key=lambda item: (-item[1], item[0])
         )
-        history_full = len(from_history) == n
         redis_full = len(head) > 2 and len(from_redis) == n
         if not history_full and not redis_full:
             return ranked, True  # every id with views in the period is a candidate
-        # No id outside the candidates has more than the last of each side's top.
-        bound = (from_history[-1][1] if history_full else 0) + (
-            min(v for v, _ in from_redis.values()) if redis_full else 0
-        )
+        # No id outside the candidates has more than the last of each list it was not in.
+        bound = history_bound + (min(v for v, _ in from_redis.values()) if redis_full else 0)
         return ranked, len(ranked) >= limit and ranked[limit - 1][1] > bound
+
+    async def _history_leaders(
+        self, content_type: str, first: date | None, last: date | None, n: int
+    ) -> tuple[list[str], bool, int]:
+        """Candidates from the history: the ``n`` leaders of each day of a bounded period (or
+        of the whole period's sums when it is open or long), whether any list was cut at ``n``,
+        and the most views an id outside every list can have."""
+        assert self._history is not None
+        end = self.today() if last is None else min(last, self.today())
+        if first is not None and (end - first).days < _DAY_LISTS_UP_TO:
+            days = [first + timedelta(days=d) for d in range((end - first).days + 1)]
+            lists = (await self._history.day_leaders(content_type, days, n)).values()
+            cut = [ranked for ranked in lists if len(ranked) == n]
+            ids = [content_id for ranked in lists for content_id, _ in ranked]
+            return ids, bool(cut), sum(ranked[-1][1] for ranked in cut)
+        ranked = await self._history.top(content_type, first, last, n)
+        full = len(ranked) == n
+        return [i for i, _ in ranked], full, ranked[-1][1] if full else 0
 
     # Blocked views ------------------------------------------------------------------------------
 

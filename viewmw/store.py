@@ -95,13 +95,14 @@ daily_views = Table(
     Column("unique_viewers", BigInteger, nullable=True),
     Column("crawler_views", BigInteger, nullable=False, server_default="0"),
     Column("unique_sketch", LargeBinary, nullable=True),
-    # "Most viewed of a type over these days" reads a range of this index, the ids and views
-    # from the index itself (PostgreSQL: an index-only scan).
+    # "Most viewed of a type on a day" reads the head of this index: the ranking of a period
+    # starts from each of its days' leaders (see docs/history.md).
     Index(
-        "ix_viewmw_daily_views_type_day",
+        "ix_viewmw_daily_views_type_day_views",
         "content_type",
         "day",
-        postgresql_include=["content_id", "views"],
+        "views",
+        postgresql_include=["content_id"],
     ),
 )
 """The per-day history: views counted per content per calendar day (configured zone), the
