@@ -151,3 +151,20 @@ async def test_blocked_views_are_counted_by_reason_and_day(
     }
     yesterday = stats.today() - timedelta(days=1)
     assert (await stats.blocked(Period.between(yesterday, yesterday)))["viewed_today"] == 1
+
+
+async def test_days_past_the_retention_merge_from_the_sketches_in_the_history(
+    real_redis: aioredis.Redis, store: Store, settings: Settings, clock: FakeClock
+) -> None:
+    """Overlapping viewers on three days; the oldest day's HyperLogLog comes from the history
+    (its Redis key is past the retention of one day), the others from Redis."""
+    tracker, sync, stats = make(real_redis, store, settings, clock, history_retention_days=1)
+    for day in range(3):
+        await offer(tracker, 1, range(10 * day, 10 * day + 30))
+        await sync.run()
+        clock.advance(DAY)
+    clock.advance(-DAY)
+
+    count = await stats.views("story", 1, Period.last_days(3))
+    assert (count.views, count.unique_viewers) == (90, 50)  # 50 different viewers, not 90
+    assert (await stats.views("story", 1, Period.last_days(1))).unique_viewers == 30

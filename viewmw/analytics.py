@@ -298,8 +298,15 @@ class ViewStats:
     ) -> list[HistoryRow]:
         if self._history is None:
             return []
+        # A day whose HyperLogLog is still in Redis needs no sketch from the history: the live
+        # one holds every viewer the sketch holds (it was copied from it).
+        oldest_live = self.today() - timedelta(days=self.settings.history_retention_days)
         return await self._history.rows(
-            content_type, ids, first, last, sketches=self.settings.unique_viewers
+            content_type,
+            ids,
+            first,
+            last,
+            sketches_before=oldest_live if self.settings.unique_viewers else None,
         )
 
     async def _unique_viewers(

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import date
 from typing import Any
 
-from sqlalchemy import and_, desc, func, select, union_all
+from sqlalchemy import and_, case, desc, func, null, select, union_all
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from viewmw.store import CHUNK_ROWS, daily_views
@@ -47,11 +47,17 @@ class HistoryReader:
         first: date | None,
         last: date | None,
         *,
-        sketches: bool,
+        sketches_before: date | None,
     ) -> list[HistoryRow]:
-        """Every stored day of ``content_ids`` within the period (sketches only if asked)."""
+        """Every stored day of ``content_ids`` within the period, with the sketches of the days
+        before ``sketches_before`` (none when it is ``None``)."""
         c = daily_views.c
-        sketch = c.unique_sketch if sketches else None
+        sketch = (
+            case((c.day < sketches_before, c.unique_sketch), else_=null())
+            if sketches_before is not None
+            else None
+        )
+        sketches = sketch is not None
         columns = [c.content_id, c.day, c.views, c.unique_viewers, c.crawler_views]
         rows: list[HistoryRow] = []
         async with self.engine.connect() as connection:
