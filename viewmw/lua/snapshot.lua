@@ -100,7 +100,7 @@ local contents, views = 0, 0
 for i = 1, #members do
   local amount = amounts[i]
   if any_refused and refused[type_of(members[i])] then
-    if amount > 0 then
+    if amount > 0 or redis.call('EXISTS', key_of(members[i], ':days:')) == 1 then
       redis.call('SADD', KEYS[6], members[i])
     end
   elseif amount > 0 or redis.call('EXISTS', key_of(members[i], ':days:')) == 1 then
