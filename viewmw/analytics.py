@@ -196,11 +196,9 @@ class ViewStats:
         ids) and one estimate call. Keyed by the ids as text, in the order given."""
         content_type, ids = self._validated(content_type, content_ids)
         first, last = period.resolve(self.today())
-        days = await self._days(content_type, ids, first, last)
+        days = await self._days(content_type, ids, first, last, summed=True)
         uniques = await self._unique_viewers(
-            content_type,
-            [(content_id, self._span(days[content_id], first, last)) for content_id in ids],
-            days,
+            content_type, [(content_id, None) for content_id in ids], days, first, last
         )
         return {
             content_id: PeriodCount(
@@ -223,7 +221,7 @@ class ViewStats:
         if not span:
             return []
         uniques = await self._unique_viewers(
-            content_type, [(content_id, [day]) for day in span], {content_id: days}
+            content_type, [(content_id, [day]) for day in span], {content_id: days}, first, last
         )
         return [
             DayCount(day, days.views[day], uniques[n], days.crawlers[day])
@@ -247,10 +245,17 @@ class ViewStats:
         return content_type, list(dict.fromkeys(validate_content_id(i) for i in content_ids))
 
     async def _days(
-        self, content_type: str, ids: list[str], first: date | None, last: date | None
+        self,
+        content_type: str,
+        ids: list[str],
+        first: date | None,
+        last: date | None,
+        *,
+        summed: bool = False,
     ) -> dict[str, _Days]:
         """Per-day counts of ``ids`` in the period: history + pending + the unsettled batch's
-        part unless the database holds it, all as of one moment between syncs."""
+        part unless the database holds it, all as of one moment between syncs. ``summed``
+        has the database add up the history's days (they then count as one, ``date.min``)."""
         keys = self.keys
         members = [KeySchema.member(content_type, content_id) for content_id in ids]
         for _attempt in range(_READ_ATTEMPTS):
@@ -260,7 +265,7 @@ class ViewStats:
             )
             epoch, batch_id = int(reply[0]), _text(reply[1])
             committed = bool(batch_id) and await self._committed(batch_id)
-            rows = await self._rows(content_type, ids, first, last)
+            rows = await self._rows(content_type, ids, first, last, summed)
             if batch_id and committed != await self._committed(batch_id):
                 continue  # the batch was committed during the history read: read again
             if int(await self.redis.get(keys.epoch) or 0) != epoch:
@@ -294,14 +299,15 @@ class ViewStats:
         return self.store is not None and await self.store.is_committed(batch_id)
 
     async def _rows(
-        self, content_type: str, ids: list[str], first: date | None, last: date | None
+        self, content_type: str, ids: list[str], first: date | None, last: date | None, summed: bool
     ) -> list[HistoryRow]:
         if self._history is None:
             return []
         # A day whose HyperLogLog is still in Redis needs no sketch from the history: the live
         # one holds every viewer the sketch holds (it was copied from it).
         oldest_live = self.today() - timedelta(days=self.settings.history_retention_days)
-        return await self._history.rows(
+        read = self._history.totals if summed else self._history.rows
+        return await read(
             content_type,
             ids,
             first,
@@ -312,32 +318,38 @@ class ViewStats:
     async def _unique_viewers(
         self,
         content_type: str,
-        groups: list[tuple[str, list[date]]],
+        groups: list[tuple[str, list[date] | None]],
         days: dict[str, _Days],
+        first: date | None,
+        last: date | None,
     ) -> list[int | None]:
-        """Distinct viewers of each (content, days) group: the day's live HyperLogLogs and the
-        sketches kept in the history, merged by one PFCOUNT per group (a viewer seen on several
-        days counts once). A day kept without a sketch adds its own estimate as a floor."""
+        """Distinct viewers of each (content, days) group (``None``: the whole period): the
+        days' live HyperLogLogs and the sketches kept in the history, merged by one PFCOUNT per
+        group (a viewer seen on several days counts once). A day kept without a sketch adds its
+        own estimate as a floor."""
         if not self.settings.unique_viewers:
             return [None] * len(groups)
-        live_days = set(self._live_days(None, None))
+        period_live = self._live_days(first, last)
+        live_days = set(period_live)
         keys: list[str] = []
         args: list[Any] = [len(groups)]
         sketches: list[bytes] = []
         floors: list[int] = []
         for content_id, span in groups:
             held = days[content_id]
-            live = [
-                self.keys.uniques(content_type, content_id, day.isoformat())
-                for day in span
-                if day in live_days
-            ]
-            kept = [held.sketches[day] for day in span if day in held.sketches]
+            if span is None:
+                live_span = period_live
+                kept = list(held.sketches.values())
+                floors.append(max(held.uniques.values(), default=0))
+            else:
+                live_span = [day for day in span if day in live_days]
+                kept = [held.sketches[day] for day in span if day in held.sketches]
+                floors.append(max((held.uniques.get(day, 0) for day in span), default=0))
+            live = [self.keys.uniques(content_type, content_id, d.isoformat()) for d in live_span]
             keys += live
             keys += [self.keys.scratch(uuid.uuid4().hex) for _ in kept]
             args += [len(live), len(kept)]
             sketches += kept
-            floors.append(max((held.uniques.get(day, 0) for day in span), default=0))
         if not keys:
             return list(floors)
         estimates = await self.scripts.count_viewers(keys=keys, args=[*args, *sketches])

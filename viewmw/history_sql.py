@@ -81,6 +81,57 @@ class HistoryReader:
                     )
         return rows
 
+    async def totals(
+        self,
+        content_type: str,
+        content_ids: Sequence[str],
+        first: date | None,
+        last: date | None,
+        *,
+        sketches_before: date | None,
+    ) -> list[HistoryRow]:
+        """The period of each of ``content_ids`` summed up in the database: one row per id
+        (dated ``date.min``; ``unique_viewers`` is the largest day's), then one row per day
+        before ``sketches_before`` that kept a sketch (its sketch alone)."""
+        c = daily_views.c
+        rows: list[HistoryRow] = []
+        async with self.engine.connect() as connection:
+            for start in range(0, len(content_ids), CHUNK_ROWS):
+                chunk = list(content_ids[start : start + CHUNK_ROWS])
+                where = (c.content_type == content_type, c.content_id.in_(chunk))
+                sums = (
+                    select(
+                        c.content_id,
+                        func.sum(c.views),
+                        func.max(c.unique_viewers),
+                        func.sum(c.crawler_views),
+                    )
+                    .where(*where, _in_period(first, last))
+                    .group_by(c.content_id)
+                )
+                for content_id, views, uniques, crawlers in await connection.execute(sums):
+                    rows.append(
+                        HistoryRow(
+                            content_id,
+                            date.min,
+                            int(views),
+                            None if uniques is None else int(uniques),
+                            int(crawlers),
+                            None,
+                        )
+                    )
+                if sketches_before is None:
+                    continue
+                kept = select(c.content_id, c.day, c.unique_sketch).where(
+                    *where,
+                    _in_period(first, last),
+                    c.day < sketches_before,
+                    c.unique_sketch.is_not(None),
+                )
+                for content_id, day, sketch in await connection.execute(kept):
+                    rows.append(HistoryRow(content_id, day, 0, None, 0, bytes(sketch)))
+        return rows
+
     async def top(
         self, content_type: str, first: date | None, last: date | None, n: int
     ) -> list[tuple[str, int]]:
