@@ -137,16 +137,21 @@ async def run_history_bench(contents: int, days: int, views: int) -> HistoryFigu
 
 
 def render(figures: HistoryFigures) -> str:
+    """The figures as a section of docs/performance.md."""
     off = statistics.median(figures.cpu_us_per_view[False])
     on = statistics.median(figures.cpu_us_per_view[True])
     lines = [
-        f"recording script, Redis CPU per view (median of 5, {BATCH} views per call): "
-        f"uniques off {off:.2f} µs, on {on:.2f} µs, ratio {figures.hll_overhead:.3f}",
-        "HyperLogLog memory per content per day (MEMORY USAGE): "
-        + ", ".join(f"{n} viewers {b} B" for n, b in figures.hll_bytes.items()),
-        f"reads on {figures.contents} contents x {figures.days} days of history (median of 7):",
+        "## Views over time (per-day history)",
+        "",
+        f"- Recording script, Redis CPU per view (`INFO cpu`, median of 5 alternating samples, "
+        f"{BATCH} views per call): unique viewers off {off:.1f} µs, on {on:.1f} µs: "
+        f"**{figures.hll_overhead:.2f}×**",
+        "- HyperLogLog memory per content per day (`MEMORY USAGE`): "
+        + ", ".join(f"{n:,} viewers {b:,} B" for n, b in figures.hll_bytes.items()),
+        f"- Reads on {figures.contents:,} contents × {figures.days} days of history in "
+        "PostgreSQL, 2 000 views pending today (median of 7):",
     ]
-    lines += [f"  {name}: {ms:.1f} ms" for name, ms in figures.read_ms.items()]
+    lines += [f"  - {name}: {ms:.1f} ms" for name, ms in figures.read_ms.items()]
     return "\n".join(lines)
 
 
