@@ -40,6 +40,7 @@ class Scripts:
     read_days: AsyncScript
     count_viewers: AsyncScript
     read_ranking: AsyncScript
+    read_viewers: AsyncScript
 
     @classmethod
     def register(cls, client: Any) -> Scripts:

@@ -124,6 +124,35 @@ newest sync fence a commit carried. An older one is refused."""
 CHUNK_ROWS = 5000
 # History rows per statement: seven values each, below the drivers' 32 767 parameters.
 _DAY_CHUNK_ROWS = 4000
+# On PostgreSQL the rows travel as seven arrays (one parameter each), with no such bound.
+_DAY_CHUNK_ROWS_POSTGRESQL = 50_000
+_DAY_COLUMNS = (
+    "content_type",
+    "content_id",
+    "day",
+    "views",
+    "crawler_views",
+    "unique_viewers",
+    "unique_sketch",
+)
+# Upsert a chunk of history rows from arrays: one statement, no per-row SQL to build. Within a
+# chunk a (content, day) appears once (the batch's days are summed per content and day).
+_ADD_DAYS_POSTGRESQL = text(
+    "INSERT INTO viewmw_daily_views AS kept "
+    "(content_type, content_id, day, views, crawler_views, unique_viewers, unique_sketch) "
+    "SELECT * FROM unnest(CAST(:content_type AS varchar[]), CAST(:content_id AS varchar[]), "
+    "CAST(:day AS date[]), CAST(:views AS bigint[]), CAST(:crawler_views AS bigint[]), "
+    "CAST(:unique_viewers AS bigint[]), CAST(:unique_sketch AS bytea[])) "
+    "ON CONFLICT (content_type, content_id, day) DO UPDATE SET "
+    "views = kept.views + excluded.views, "
+    "crawler_views = kept.crawler_views + excluded.crawler_views, "
+    "unique_viewers = CASE WHEN excluded.unique_viewers IS NOT NULL AND (kept.unique_viewers "
+    "IS NULL OR excluded.unique_viewers > kept.unique_viewers) THEN excluded.unique_viewers "
+    "ELSE kept.unique_viewers END, "
+    "unique_sketch = CASE WHEN excluded.unique_viewers IS NOT NULL AND (kept.unique_viewers "
+    "IS NULL OR excluded.unique_viewers > kept.unique_viewers) THEN excluded.unique_sketch "
+    "ELSE kept.unique_sketch END"
+).bindparams(*(bindparam(name) for name in _DAY_COLUMNS))
 
 
 @dataclass(frozen=True, slots=True)
@@ -520,6 +549,18 @@ class Store:
             }
             for d in sorted(days, key=lambda d: (d.content_type, d.content_id, d.day))
         ]
+        if self.dialect == "postgresql":
+            for start in range(0, len(rows), _DAY_CHUNK_ROWS_POSTGRESQL):
+                await connection.execute(
+                    _ADD_DAYS_POSTGRESQL,
+                    {
+                        name: [
+                            row[name] for row in rows[start : start + _DAY_CHUNK_ROWS_POSTGRESQL]
+                        ]
+                        for name in _DAY_COLUMNS
+                    },
+                )
+            return
         for start in range(0, len(rows), _DAY_CHUNK_ROWS):
             statement = self._insert(daily_views).values(rows[start : start + _DAY_CHUNK_ROWS])
             new, kept = statement.excluded, daily_views.c

@@ -499,23 +499,17 @@ class ViewSync:
         counted: list[DayDelta] = []
         for start in range(0, len(deltas), _PAGE):
             chunk = deltas[start : start + _PAGE]
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for delta in chunk:
-                    key = self.keys.uniques(
-                        delta.content_type, delta.content_id, delta.day.isoformat()
-                    )
-                    pipe.get(key)
-                    pipe.pfcount(key)
-                # A Redis stand-in that keeps HyperLogLogs as a type of their own refuses the
-                # GET: the estimate is kept without its sketch.
-                replies = await pipe.execute(raise_on_error=False)
-            for delta, sketch, estimate in zip(chunk, replies[::2], replies[1::2], strict=True):
-                if isinstance(estimate, Exception):
-                    raise estimate
-                if sketch is None or not int(estimate):  # past its retention: nothing to add
+            reply = await self.scripts.read_viewers(
+                keys=[
+                    self.keys.uniques(d.content_type, d.content_id, d.day.isoformat())
+                    for d in chunk
+                ]
+            )
+            for delta, estimate, sketch in zip(chunk, reply[::2], reply[1::2], strict=True):
+                if not int(estimate):  # past its retention: the history keeps what it has
                     counted.append(delta)
                     continue
-                raw = sketch if isinstance(sketch, bytes) else None
+                raw = sketch if isinstance(sketch, bytes) and sketch else None
                 counted.append(replace(delta, unique_viewers=int(estimate), sketch=raw))
         return counted
 
