@@ -150,8 +150,9 @@ for n = 1, contents do
 end
 hset_pairs(KEYS[3], new_items)
 
--- The per-day amounts: each days hash is added to what the batch holds for its content (nothing,
--- unless a retried snapshot took it before), then deleted.
+-- The per-day amounts: each days hash is appended to what the batch holds for its content
+-- (nothing, unless a retried snapshot took it before), then deleted. A field may appear more
+-- than once in the encoding: every reader adds its amounts up.
 local fallback_day = ARGV[7]
 local days_keys, batch_days = {}, {}
 for n = 1, contents do
@@ -161,35 +162,21 @@ for start = 1, contents, SLICE do
   local last = math.min(start + SLICE - 1, contents)
   local held = redis.call('HMGET', KEYS[7], unpack(moved_members, start, last))
   for n = start, last do
-    local sums, order, dated = {}, {}, 0
-    local function add(field, amount)
-      if sums[field] == nil then
-        sums[field] = 0
-        order[#order + 1] = field
+    local flat = redis.call('HGETALL', days_keys[n])
+    local encoded, dated = {}, 0
+    for i = 1, #flat, 2 do
+      encoded[#encoded + 1] = flat[i] .. '=' .. flat[i + 1]
+      if #flat[i] == 10 then -- a day's views (YYYY-MM-DD); crawler fields are longer
+        dated = dated + tonumber(flat[i + 1])
       end
-      sums[field] = sums[field] + amount
-      if not string.find(field, ':', 1, true) then
-        dated = dated + amount
-      end
-    end
-    local before = held[n - start + 1]
-    if before then
-      for field, amount in string.gmatch(before, '([^=,]+)=(%-?%d+)') do
-        add(field, tonumber(amount))
-      end
-      dated = 0 -- what the batch held was complete already; only this move's days are checked
-    end
-    local pairs_now = redis.call('HGETALL', days_keys[n])
-    for i = 1, #pairs_now, 2 do
-      add(pairs_now[i], tonumber(pairs_now[i + 1]))
     end
     local undated = amounts[moved[n]] - dated
     if undated > 0 then
-      add(fallback_day, undated)
+      encoded[#encoded + 1] = fallback_day .. '=' .. undated
     end
-    local encoded = {}
-    for _, field in ipairs(order) do
-      encoded[#encoded + 1] = field .. '=' .. sums[field]
+    local before = held[n - start + 1]
+    if before then
+      table.insert(encoded, 1, before)
     end
     batch_days[#batch_days + 1] = moved_members[n]
     batch_days[#batch_days + 1] = table.concat(encoded, ',')
