@@ -17,7 +17,8 @@ import redis.asyncio as aioredis
 from sqlalchemy import text
 
 from bench.servers import bench_settings, drop_private_database, fresh_store, private_redis
-from viewmw import Limits, Period, ViewStats, ViewTracker
+from bench.sync_bench import _fill_pending
+from viewmw import Limits, Period, ViewStats, ViewSync, ViewTracker
 
 BATCH = 100  # views per record_views call, as a busy event loop turn sends them
 
@@ -155,13 +156,44 @@ def render(figures: HistoryFigures) -> str:
     return "\n".join(lines)
 
 
+async def time_sync_steps(counters: int) -> dict[str, float]:
+    """Seconds a sync of ``counters`` pending counters (each with its day) spends between its
+    step boundaries, summed per pair of steps."""
+    spent: dict[str, float] = {}
+    async with private_redis() as (redis, _):
+        store = await fresh_store(rows=counters)
+        try:
+            await _fill_pending(redis, counters)
+            last = [time.perf_counter(), "start"]
+
+            async def step(name: str) -> None:
+                now = time.perf_counter()
+                key = f"{last[1]} -> {name}"
+                spent[key] = spent.get(key, 0.0) + now - float(last[0])
+                last[:] = [now, name]
+
+            started = time.perf_counter()
+            await ViewSync(redis, store, on_step=step).run()
+            spent["total"] = time.perf_counter() - started
+        finally:
+            await store.close()
+    return spent
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--contents", type=int, default=100_000)
     parser.add_argument("--days", type=int, default=30)
     parser.add_argument("--views", type=int, default=20_000, help="views per CPU sample")
+    parser.add_argument(
+        "--sync", type=int, metavar="N", help="only time a sync of N counters, step by step"
+    )
     args = parser.parse_args()
     try:
+        if args.sync:
+            for name, seconds in asyncio.run(time_sync_steps(args.sync)).items():
+                print(f"{name}: {seconds:.1f} s")
+            return
         print(render(asyncio.run(run_history_bench(args.contents, args.days, args.views))))
     finally:
         asyncio.run(drop_private_database())
