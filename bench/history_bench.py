@@ -164,13 +164,14 @@ async def time_sync_steps(counters: int) -> dict[str, float]:
         store = await fresh_store(rows=counters)
         try:
             await _fill_pending(redis, counters)
-            last = [time.perf_counter(), "start"]
+            mark = {"at": time.perf_counter()}
+            previous = ["start"]
 
             async def step(name: str) -> None:
                 now = time.perf_counter()
-                key = f"{last[1]} -> {name}"
-                spent[key] = spent.get(key, 0.0) + now - float(last[0])
-                last[:] = [now, name]
+                key = f"{previous[0]} -> {name}"
+                spent[key] = spent.get(key, 0.0) + now - mark["at"]
+                mark["at"], previous[0] = now, name
 
             started = time.perf_counter()
             await ViewSync(redis, store, on_step=step).run()
