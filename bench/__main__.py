@@ -14,6 +14,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.flash_bench import FlashFigures, run_flash_bench
+from bench.history_bench import HistoryFigures, run_history_bench
+from bench.history_bench import render as render_history
 from bench.http_bench import QUICK, HttpOptions, HttpResults, run_http_bench
 from bench.http_report import render_http, verdict
 from bench.memory_bench import MemoryFigures, run_memory_bench
@@ -234,9 +236,12 @@ def main() -> None:
         counters = [10_000] if args.quick else [100_000, 1_000_000]
         syncs, memory, reads, outage = asyncio.run(_redis_benchmarks(counters))
         flash = _flash()
+        history: HistoryFigures = asyncio.run(
+            run_history_bench(*((2_000, 7, 2_000) if args.quick else (100_000, 30, 20_000)))
+        )
     finally:
         asyncio.run(drop_private_database())
-    text = render(http, syncs, memory, reads, outage, flash)
+    text = render(http, syncs, memory, reads, outage, flash) + "\n\n" + render_history(history)
     print(text)
     if not args.quick:
         OUTPUT.write_text(text + "\n", encoding="utf-8")

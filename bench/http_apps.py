@@ -75,6 +75,10 @@ class NullTracker:
         """The fixed count (the deferred mode's call)."""
         return self._COUNT.total
 
+    async def track_valid_crawler_view(self, content_type: str, content_id: str) -> TrackResult:
+        """Not counted; the fixed count."""
+        return TrackResult(counted=False, reason=None, count=self._COUNT)
+
     async def get_view_count_details(
         self, content_type: str, content_ids: Sequence[str | int]
     ) -> dict[str, ViewCount | None]:

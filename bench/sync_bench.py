@@ -1,9 +1,11 @@
-"""Sync N pending counters into PostgreSQL, against one UPDATE per row (the original's way)."""
+"""Sync N pending counters (and their history rows) into PostgreSQL, against one UPDATE per row
+(the original's way)."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import redis.asyncio as aioredis
 from sqlalchemy import text
@@ -34,12 +36,16 @@ class SyncFigures:
 
 
 async def _fill_pending(redis: aioredis.Redis, counters: int) -> None:
+    """Pending counters as the recording script leaves them: each with its views of the day in
+    its days hash, so the sync also moves and commits one history row per counter."""
     keys = KeySchema()
+    today = datetime.now(UTC).date().isoformat()
     async with redis.pipeline(transaction=False) as pipe:
         for start in range(1, counters + 1, 10_000):
             ids = range(start, min(start + 10_000, counters + 1))
             for content_id in ids:
                 pipe.set(keys.pending("story", str(content_id)), 1 + content_id % 7)
+                pipe.hset(keys.days("story", str(content_id)), today, 1 + content_id % 7)
             pipe.sadd(keys.dirty, *(keys.member("story", str(i)) for i in ids))
             await pipe.execute()
 

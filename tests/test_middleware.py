@@ -30,7 +30,7 @@ from tests.asgi_support import (
     plain_app,
 )
 from tests.support import REDIS_URL, FakeClock
-from viewmw import ConfigurationError, Limits, Settings, Store, ViewTracker
+from viewmw import ConfigurationError, Limits, Period, Settings, Store, ViewStats, ViewTracker
 from viewmw.assembly import connect_redis
 from viewmw.identity import ViewerIdentity
 from viewmw.middleware import ViewTrackingMiddleware
@@ -249,6 +249,10 @@ async def test_prefetch_and_bots_see_the_count_without_counting(
         1,
     )
     assert await tracker.get_view_count("story", 1) == 1
+    crawler_views = (
+        await ViewStats.from_tracker(tracker).views("story", 1, Period.today())
+    ).crawler_views
+    assert crawler_views == (reason == "bot")  # counted apart, per day
 
 
 async def test_privacy_signals_are_honoured_only_when_asked(tracker: ViewTracker) -> None:

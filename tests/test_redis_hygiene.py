@@ -32,10 +32,11 @@ USER_IDS = ["someone@example.com", "s%3AJx9kQ2v.AbCdEf-session"]
 
 
 def is_exempt_from_ttl(key: str, prefix: str) -> bool:
-    """Counters, cached database counts and the dirty/epoch bookkeeping live until used."""
+    """Counters (pending views, in total and per day), cached database counts and the dirty/epoch
+    bookkeeping live until used."""
     name = key.removeprefix(prefix)
     return bool(
-        re.fullmatch(r"[a-z][a-z0-9_]*:(views|dbviews):[A-Za-z0-9_-]+", name)
+        re.fullmatch(r"[a-z][a-z0-9_]*:(views|dbviews|days):[A-Za-z0-9_-]+", name)
         or name in ("viewmw:dirty", "viewmw:dirty:sync", "viewmw:epoch")
     )
 
@@ -149,9 +150,12 @@ async def test_no_address_user_agent_or_session_id_reaches_redis(
             value = [item for pair in (await real_redis.hgetall(key)).items() for item in pair]
         elif kind == b"set":
             value = list(await real_redis.smembers(key))
+        elif kind == b"zset":
+            value = await real_redis.zrange(key, 0, -1)
         else:  # pragma: no cover
             raise AssertionError(f"unexpected {kind!r} at {key}")
-        stored.extend(item.decode() for item in value)
+        # HyperLogLogs of viewers are binary registers: hashes of the viewers, never the viewers.
+        stored.extend(item.decode(errors="replace") for item in value)
     text = "\n".join(stored)
 
     for address, agent in CLIENTS:

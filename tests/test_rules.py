@@ -6,6 +6,7 @@ real Redis and again on fakeredis (the embedded stand-in) unless it says otherwi
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -424,10 +425,17 @@ async def test_all_rules_together_with_default_limits(
 TTL_MARK_MS = 7_777_777_000  # far above any TTL viewmw sets, so a refreshed TTL would show
 
 
+# The per-day history records every view offered (its viewer, why it was blocked) and, so that
+# the day's viewers reach the history, marks the content for the sync: none of that is rule state.
+_HISTORY_KEY = re.compile(rb"(.*:uniq:.*|.*:days:.*|viewmw:blocked:.*|viewmw:dirty)")
+
+
 async def redis_state(redis: aioredis.Redis) -> dict[bytes, tuple[bytes, Any, bool]]:
-    """Every key: its type, its value, and whether it has a TTL."""
+    """Every key but the per-day history's: its type, its value, and whether it has a TTL."""
     state: dict[bytes, tuple[bytes, Any, bool]] = {}
     async for key in redis.scan_iter(count=1000):
+        if _HISTORY_KEY.fullmatch(key):
+            continue
         kind = await redis.type(key)
         value: Any
         if kind == b"string":
@@ -436,6 +444,8 @@ async def redis_state(redis: aioredis.Redis) -> dict[bytes, tuple[bytes, Any, bo
             value = await redis.hgetall(key)
         elif kind == b"set":
             value = await redis.smembers(key)
+        elif kind == b"zset":
+            value = await redis.zrange(key, 0, -1, withscores=True)
         else:  # pragma: no cover - viewmw writes no other types
             raise AssertionError(f"unexpected {kind!r} at {key!r}")
         state[key] = (kind, value, await redis.pttl(key) != -1)
@@ -450,6 +460,8 @@ async def mark_ttls(redis: aioredis.Redis) -> None:
 
 async def assert_ttls_untouched(redis: aioredis.Redis) -> None:
     async for key in redis.scan_iter(count=1000):
+        if _HISTORY_KEY.fullmatch(key):
+            continue
         ttl = await redis.pttl(key)
         assert ttl == -1 or TTL_MARK_MS - 60_000 < ttl <= TTL_MARK_MS, (key, ttl)
 
@@ -484,3 +496,5 @@ async def test_a_blocked_view_writes_nothing(
     assert result.count is not None and result.count.total == (0 if blocked_id == 9 else 1)
     assert await redis_state(any_redis) == before
     await assert_ttls_untouched(any_redis)
+    assert await any_redis.hgetall("viewmw:blocked:2025-11-24") == {reason.value.encode(): b"1"}
+    assert int(await any_redis.get(f"story:views:{blocked_id}") or 0) == (blocked_id == 7)

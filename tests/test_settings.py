@@ -243,6 +243,9 @@ BAD_ENVIRONMENT = [
     ("VIEWMW_QUEUE_NAME", "my queue"),
     ("VIEWMW_BROKER_NAMESPACE", "name space"),
     ("VIEWMW_BROKER_NAMESPACE", "a*"),
+    ("VIEWMW_UNIQUE_VIEWERS", "sometimes"),
+    ("VIEWMW_HISTORY_RETENTION_DAYS", "0"),
+    ("VIEWMW_HISTORY_RETENTION_DAYS", "a week"),
 ]
 
 

@@ -149,8 +149,9 @@ async def test_the_snapshot_moves_exactly_what_the_per_content_steps_would(
                 KEYS.draining,
                 KEYS.epoch,
                 KEYS.dirty,
+                KEYS.sync_batch_days(BATCH),
             ],
-            args=[TOKEN, BATCH, KEYS.prefix, chunk, FENCE, cursor, "poem"],
+            args=[TOKEN, BATCH, KEYS.prefix, chunk, FENCE, cursor, "2025-11-24", "poem"],
         )
         moved, moved_views, left, cursor, taken = reply
         cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
@@ -166,6 +167,15 @@ async def test_the_snapshot_moves_exactly_what_the_per_content_steps_would(
     assert int(await any_redis.get(KEYS.epoch) or 0) == moving_calls
 
 
+SETTLE_KEYS = [
+    KEYS.sync_batch,
+    KEYS.sync_batch_items(BATCH),
+    KEYS.epoch,
+    KEYS.sync_lock,
+    KEYS.sync_batch_days(BATCH),
+]
+
+
 async def settle_all(redis: aioredis.Redis, chunk: int) -> tuple[int, int]:
     """Walk the batch's items with the settle script until none is left, as the sync does;
     returns (items settled, calls)."""
@@ -173,7 +183,7 @@ async def settle_all(redis: aioredis.Redis, chunk: int) -> tuple[int, int]:
     cursor, left, settled, calls = "0", 1, 0, 0
     while left:
         reply = await scripts.settle(
-            keys=[KEYS.sync_batch, KEYS.sync_batch_items(BATCH), KEYS.epoch, KEYS.sync_lock],
+            keys=SETTLE_KEYS,
             args=[BATCH, KEYS.prefix, TOKEN, FENCE, cursor, chunk],
         )
         done, left, cursor = reply
@@ -214,7 +224,7 @@ async def test_a_partly_settled_batch_stays_and_settles_nothing_twice(
     state.cached = {"story:1": 10, "story:2": 20, "story:3": 30}
     await write(any_redis, state)
     reply = await Scripts.register(any_redis).settle(
-        keys=[KEYS.sync_batch, KEYS.sync_batch_items(BATCH), KEYS.epoch, KEYS.sync_lock],
+        keys=SETTLE_KEYS,
         args=[BATCH, KEYS.prefix, TOKEN, FENCE, "0", 1],
     )
     assert reply[:2] == [1, 2]
@@ -241,7 +251,7 @@ async def test_the_settle_refuses_a_caller_that_does_not_own_the_batch(
         args = list(owner)
         args[0 if wrong == 1 else wrong] = "other"
         reply = await scripts.settle(
-            keys=[KEYS.sync_batch, KEYS.sync_batch_items(BATCH), KEYS.epoch, KEYS.sync_lock],
+            keys=SETTLE_KEYS,
             args=args,
         )
         assert reply == [-1]

@@ -8,6 +8,7 @@ reads the counts of a list page.
 
 from importlib.metadata import PackageNotFoundError, version
 
+from viewmw.analytics import DayCount, Period, PeriodCount, ViewStats
 from viewmw.assembly import BuiltTracker, build_tracker
 from viewmw.contract import BlockReason, RequestTracker, TrackResult, ViewCount
 from viewmw.errors import (
@@ -33,7 +34,7 @@ from viewmw.routes import RouteTable
 from viewmw.script_connection import ScriptConnection
 from viewmw.settings import Limits, Settings
 from viewmw.stats_page import StatsPage, StatsSource
-from viewmw.store import Store, content_table, metadata
+from viewmw.store import DayDelta, Store, content_table, daily_views, metadata
 from viewmw.sync import SyncReport, ViewSync
 from viewmw.tracker import ViewTracker
 
@@ -47,6 +48,8 @@ __all__ = [
     "BuiltTracker",
     "CircuitBreaker",
     "ConfigurationError",
+    "DayCount",
+    "DayDelta",
     "InvalidKeyError",
     "KeySchema",
     "Limits",
@@ -55,6 +58,8 @@ __all__ = [
     "MiddlewareMissingError",
     "Outbox",
     "OutboxEvent",
+    "Period",
+    "PeriodCount",
     "RedisProbe",
     "ReplayReport",
     "Replayer",
@@ -74,6 +79,7 @@ __all__ = [
     "TrackResult",
     "ViewCount",
     "ViewCounter",
+    "ViewStats",
     "ViewSync",
     "ViewTracker",
     "ViewTrackingMiddleware",
@@ -81,6 +87,7 @@ __all__ = [
     "__version__",
     "build_tracker",
     "content_table",
+    "daily_views",
     "metadata",
     "track",
     "view_counter",

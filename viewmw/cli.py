@@ -1,4 +1,5 @@
-"""The ``viewmw`` command: sync by hand, show statistics, create tables, clean up.
+"""The ``viewmw`` command: sync by hand, show statistics, create tables, clean up, and ask the
+per-day history (``top``, ``views``).
 
 Settings come from the same ``VIEWMW_*`` variables as the app and the worker. Exit codes: 0 done,
 1 the operation failed (nothing is lost; run it again; a sync whose lock expired under it ends
@@ -25,6 +26,7 @@ from rich.table import Table
 from sqlalchemy.exc import SQLAlchemyError
 
 from viewmw import __version__
+from viewmw.cli_history import add_history_parsers, top_command, views_command
 from viewmw.connections import check_database, check_redis, redacted, redis_for_background
 from viewmw.errors import ConfigurationError, ServiceUnavailableError, ViewmwError
 from viewmw.health import HealthThresholds, check_health
@@ -66,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("cleanup", help="delete previous days' daily counters")
     commands.add_parser("init-db", help="create viewmw's tables (and mapped content tables)")
     _add_unmatched_parser(commands)
+    add_history_parsers(commands)
     return parser
 
 
@@ -417,6 +420,8 @@ _COMMANDS: dict[str, Command] = {
     "cleanup": _cleanup,
     "init-db": _init_db,
     "unmatched": _unmatched,
+    "top": top_command,
+    "views": views_command,
 }
 
 

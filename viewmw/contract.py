@@ -82,6 +82,10 @@ class RequestTracker(Protocol):
         """Offer one view without waiting; the latest known count (deferred mode)."""
         ...
 
+    async def track_valid_crawler_view(self, content_type: str, content_id: str) -> TrackResult:
+        """Count a crawler view apart (never in the view count) and read the count."""
+        ...
+
     async def get_view_count_details(
         self, content_type: str, content_ids: Sequence[str | int]
     ) -> dict[str, ViewCount | None]:

@@ -150,6 +150,35 @@ class KeySchema:
         """Where versions before fencing kept the unsettled batch's items (moved on recovery)."""
         return f"{self.prefix}viewmw:sync:batch:items"
 
+    def sync_batch_days(self, batch_id: str) -> str:
+        """Per-day amounts moved by one batch: a hash ``{type}:{id}`` -> the content's days hash
+        fields and amounts, encoded ``field=amount,field=amount`` (see docs/history.md)."""
+        return f"{self.prefix}viewmw:sync:batch:{batch_id}:days"
+
+    # Keys of the per-day history (see docs/history.md).
+    def days(self, content_type: str, content_id: str) -> str:
+        """Pending views per calendar day of one content: a hash ``YYYY-MM-DD`` -> views (their
+        sum is always the pending counter) and ``YYYY-MM-DD:c`` -> crawler views."""
+        return f"{self.prefix}{content_type}:days:{content_id}"
+
+    def uniques(self, content_type: str, content_id: str, day: str) -> str:
+        """HyperLogLog of the viewers who offered a view of one content on ``day``. The day
+        comes first, so that no id (``views``) puts the key under ``*:views:*``."""
+        return f"{self.prefix}{content_type}:uniq:{day}:{content_id}"
+
+    def ranking(self, content_type: str, day: str) -> str:
+        """Views of ``day`` not yet settled into the history, per content id of one type (a
+        sorted set): the real-time part of :meth:`viewmw.analytics.ViewStats.top`."""
+        return f"{self.prefix}viewmw:top:{content_type}:{day}"
+
+    def blocked(self, day: str) -> str:
+        """Views blocked on ``day``, per reason (a hash)."""
+        return f"{self.prefix}viewmw:blocked:{day}"
+
+    def scratch(self, token: str) -> str:
+        """A short-lived key a read script fills and deletes in the same call."""
+        return f"{self.prefix}viewmw:scratch:{token}"
+
     def replay_marker(self, event_id: str) -> str:
         """Set when an outage event is replayed, so that it is decided once (with a TTL)."""
         return f"{self.prefix}viewmw:replayed:{event_id}"

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("viewmw")
 
 _HEADER_NAME_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz")
+_BOT = b"0; reason=bot"
 
 
 class ViewTrackingMiddleware:
@@ -179,6 +180,12 @@ class ViewTrackingMiddleware:
             return None, b"0; reason=invalid_id"
         user_agent, skip = self._signals(scope)
         try:
+            if skip is _BOT:
+                # Counted apart, per day, in the same round trip as the count read.
+                crawler = await self.tracker.track_valid_crawler_view(
+                    match.content_type, content_id
+                )
+                return _total(crawler.count), skip
             if skip is not None:
                 counts = await self.tracker.get_view_count_details(match.content_type, [content_id])
                 return _total(counts.get(content_id)), skip
@@ -207,7 +214,7 @@ class ViewTrackingMiddleware:
         if prefetch:
             return user_agent, b"0; reason=prefetch"
         if is_crawler(user_agent):
-            return user_agent, b"0; reason=bot"
+            return user_agent, _BOT
         if self.respect_privacy_signals and privacy_opt_out:
             return user_agent, b"0; reason=privacy"
         return user_agent, None

@@ -37,6 +37,10 @@ class Scripts:
     settle: AsyncScript
     release_lock: AsyncScript
     renew_lock: AsyncScript
+    read_days: AsyncScript
+    count_viewers: AsyncScript
+    read_ranking: AsyncScript
+    read_viewers: AsyncScript
 
     @classmethod
     def register(cls, client: Any) -> Scripts:

@@ -109,6 +109,11 @@ class Settings:
             other's syncs (see :attr:`dramatiq_queue_name`).
         broker_namespace: the Redis broker's key namespace. Empty: ``dramatiq``, or
             ``dramatiq-{prefix}`` with a key prefix (see :attr:`dramatiq_namespace`).
+        unique_viewers: count the distinct viewers of each content per day (a HyperLogLog per
+            content per day in Redis, kept in the history by the sync; see docs/history.md).
+        history_retention_days: days the per-day Redis keys (viewers, rankings, blocked counts)
+            live past their day. A sync must run within it for rankings and unique viewers to
+            be complete.
     """
 
     limits: Limits = field(default_factory=Limits)
@@ -125,6 +130,8 @@ class Settings:
     content_tables_module: str | None = None
     queue_name: str = ""
     broker_namespace: str = ""
+    unique_viewers: bool = True
+    history_retention_days: int = 8
 
     def __post_init__(self) -> None:
         try:
@@ -147,6 +154,11 @@ class Settings:
                 raise ConfigurationError(
                     name, f"must be a positive number of seconds, got {value!r}"
                 )
+        if not isinstance(self.unique_viewers, bool):
+            raise ConfigurationError("unique_viewers", "must be true or false")
+        _check_count("history_retention_days", self.history_retention_days, allow_none=False)
+        if self.history_retention_days < 1:
+            raise ConfigurationError("history_retention_days", "must be at least 1")
         if self.secret is not None and len(self.secret) < 16:
             raise ConfigurationError("secret", "must be at least 16 characters long")
         tables = _check_content_tables(self.content_tables)
@@ -422,6 +434,20 @@ ENVIRONMENT: tuple[EnvironmentVariable, ...] = (
         "database_request_timeout",
         _float,
         "Seconds a request may wait on the database (cache misses, outage writes).",
+    ),
+    EnvironmentVariable(
+        "VIEWMW_UNIQUE_VIEWERS",
+        "settings",
+        "unique_viewers",
+        _bool,
+        "Count distinct viewers per content per day (HyperLogLog, about 0.8 % error).",
+    ),
+    EnvironmentVariable(
+        "VIEWMW_HISTORY_RETENTION_DAYS",
+        "settings",
+        "history_retention_days",
+        _int,
+        "Days the per-day Redis keys (viewers, rankings, blocked counts) live past their day.",
     ),
 )
 _VARIABLE_BY_FIELD = {variable.field: variable for variable in ENVIRONMENT}

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 from sqlalchemy import (
     BigInteger,
     Column,
+    Date,
     DateTime,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -83,6 +85,31 @@ unmatched_views = Table(
 id cannot be a row there): kept, added up across syncs, until :meth:`Store.retry_unmatched`
 moves them into rows that exist by then."""
 
+daily_views = Table(
+    "viewmw_daily_views",
+    metadata,
+    Column("content_type", String(32), primary_key=True),
+    Column("content_id", String(64), primary_key=True),
+    Column("day", Date, primary_key=True),
+    Column("views", BigInteger, nullable=False, server_default="0"),
+    Column("unique_viewers", BigInteger, nullable=True),
+    Column("crawler_views", BigInteger, nullable=False, server_default="0"),
+    Column("unique_sketch", LargeBinary, nullable=True),
+    # "Most viewed of a type on a day" reads the head of this index: the ranking of a period
+    # starts from each of its days' leaders (see docs/history.md).
+    Index(
+        "ix_viewmw_daily_views_type_day_views",
+        "content_type",
+        "day",
+        "views",
+        postgresql_include=["content_id"],
+    ),
+)
+"""The per-day history: views counted per content per calendar day (configured zone), the
+day's distinct viewers (a HyperLogLog estimate and its serialized sketch, so that days merge),
+and crawler views, which are never part of ``views``. Written by the sync in the same transaction
+as the totals."""
+
 sync_fence = Table(
     "viewmw_sync_fence",
     metadata,
@@ -95,6 +122,55 @@ newest sync fence a commit carried. An older one is refused."""
 # Rows per statement for bulk adds and reads: large enough to amortise round trips, small enough
 # to stay far below the drivers' parameter limits.
 CHUNK_ROWS = 5000
+# History rows per statement: seven values each, below the drivers' 32 767 parameters.
+_DAY_CHUNK_ROWS = 4000
+# On PostgreSQL the rows travel as seven arrays (one parameter each), with no such bound.
+_DAY_CHUNK_ROWS_POSTGRESQL = 50_000
+_DAY_COLUMNS = (
+    "content_type",
+    "content_id",
+    "day",
+    "views",
+    "crawler_views",
+    "unique_viewers",
+    "unique_sketch",
+)
+# Upsert a chunk of history rows from arrays: one statement, no per-row SQL to build. Within a
+# chunk a (content, day) appears once (the batch's days are summed per content and day).
+_ADD_DAYS_POSTGRESQL = text(
+    "INSERT INTO viewmw_daily_views AS kept "
+    "(content_type, content_id, day, views, crawler_views, unique_viewers, unique_sketch) "
+    "SELECT * FROM unnest(CAST(:content_type AS varchar[]), CAST(:content_id AS varchar[]), "
+    "CAST(:day AS date[]), CAST(:views AS bigint[]), CAST(:crawler_views AS bigint[]), "
+    "CAST(:unique_viewers AS bigint[]), CAST(:unique_sketch AS bytea[])) "
+    "ON CONFLICT (content_type, content_id, day) DO UPDATE SET "
+    "views = kept.views + excluded.views, "
+    "crawler_views = kept.crawler_views + excluded.crawler_views, "
+    "unique_viewers = CASE WHEN excluded.unique_viewers IS NOT NULL AND (kept.unique_viewers "
+    "IS NULL OR excluded.unique_viewers > kept.unique_viewers) THEN excluded.unique_viewers "
+    "ELSE kept.unique_viewers END, "
+    "unique_sketch = CASE WHEN excluded.unique_viewers IS NOT NULL AND (kept.unique_viewers "
+    "IS NULL OR excluded.unique_viewers > kept.unique_viewers) THEN excluded.unique_sketch "
+    "ELSE kept.unique_sketch END"
+).bindparams(*(bindparam(name) for name in _DAY_COLUMNS))
+
+
+@dataclass(frozen=True, slots=True)
+class DayDelta:
+    """What one sync batch adds to one content's day in the history.
+
+    ``views`` and ``crawler_views`` are added; ``unique_viewers`` (with its ``sketch``) replaces
+    the stored estimate only when it is larger (the day's HyperLogLog only grows), and ``None``
+    leaves it as it is.
+    """
+
+    content_type: str
+    content_id: str
+    day: date
+    views: int
+    crawler_views: int = 0
+    unique_viewers: int | None = None
+    sketch: bytes | None = None
 
 
 def content_table(
@@ -378,8 +454,11 @@ class Store:
         *,
         fence: int = 0,
         fence_scope: str = "",
+        days: Sequence[DayDelta] = (),
     ) -> CommitResult:
         """Add every delta and record ``batch_id`` in the ledger, in one transaction.
+
+        ``days`` go into the per-day history (``viewmw_daily_views``) in the same transaction.
 
         Returns a false result without changing anything if the ledger already holds the batch.
         Deltas of contents whose row does not exist in a mapped table are added to
@@ -397,6 +476,7 @@ class Store:
                 if fence:
                     await self._check_fence(connection, fence, fence_scope)
                 unmatched = await self._commit(connection, batch_id, started_at, deltas, by_type)
+                await self._add_days(connection, days)
         except _AlreadyCommitted:
             return CommitResult(False)
         except IntegrityError:
@@ -454,6 +534,50 @@ class Store:
             else:
                 missing += await self._update_mapped(connection, target, chunk)
         return missing
+
+    async def _add_days(self, connection: AsyncConnection, days: Sequence[DayDelta]) -> None:
+        """Add per-day amounts to the history (one upsert per chunk of rows)."""
+        rows = [
+            {
+                "content_type": d.content_type,
+                "content_id": d.content_id,
+                "day": d.day,
+                "views": d.views,
+                "crawler_views": d.crawler_views,
+                "unique_viewers": d.unique_viewers,
+                "unique_sketch": d.sketch,
+            }
+            for d in sorted(days, key=lambda d: (d.content_type, d.content_id, d.day))
+        ]
+        if self.dialect == "postgresql":
+            for start in range(0, len(rows), _DAY_CHUNK_ROWS_POSTGRESQL):
+                await connection.execute(
+                    _ADD_DAYS_POSTGRESQL,
+                    {
+                        name: [
+                            row[name] for row in rows[start : start + _DAY_CHUNK_ROWS_POSTGRESQL]
+                        ]
+                        for name in _DAY_COLUMNS
+                    },
+                )
+            return
+        for start in range(0, len(rows), _DAY_CHUNK_ROWS):
+            statement = self._insert(daily_views).values(rows[start : start + _DAY_CHUNK_ROWS])
+            new, kept = statement.excluded, daily_views.c
+            # The day's HyperLogLog only grows: the larger estimate (and its sketch) stays.
+            larger = new.unique_viewers.is_not(None) & (
+                kept.unique_viewers.is_(None) | (new.unique_viewers > kept.unique_viewers)
+            )
+            statement = statement.on_conflict_do_update(
+                index_elements=[kept.content_type, kept.content_id, kept.day],
+                set_={
+                    "views": kept.views + new.views,
+                    "crawler_views": kept.crawler_views + new.crawler_views,
+                    "unique_viewers": case((larger, new.unique_viewers), else_=kept.unique_viewers),
+                    "unique_sketch": case((larger, new.unique_sketch), else_=kept.unique_sketch),
+                },
+            )
+            await connection.execute(statement)
 
     def _insert(self, table: Table) -> Any:
         """An INSERT of the engine's dialect (both have ON CONFLICT … DO UPDATE)."""

@@ -30,8 +30,8 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass, field, replace
+from datetime import UTC, date, datetime
 from typing import Any
 
 from redis.asyncio import Redis
@@ -41,7 +41,7 @@ from viewmw.keys import KeySchema
 from viewmw.mapping import mapping_conflicts
 from viewmw.scripts import Scripts
 from viewmw.settings import Settings
-from viewmw.store import Store
+from viewmw.store import DayDelta, Store
 
 logger = logging.getLogger("viewmw.sync")
 
@@ -344,6 +344,7 @@ class ViewSync:
                 keys.draining,
                 keys.epoch,
                 keys.dirty,
+                keys.sync_batch_days(batch.batch_id),
             ],
             args=[
                 lease.token,
@@ -352,6 +353,7 @@ class ViewSync:
                 size,
                 lease.fence,
                 walk.cursor,
+                self._today(),
                 *refused,
             ],
         )
@@ -383,10 +385,13 @@ class ViewSync:
         it still owned the batch, never what this process believes it moved: a snapshot whose
         reply was lost (and retried) still counts. Returns whether the batch had anything in it.
         """
-        deltas = _in_id_order(await self._batch_items(lease, batch))
-        if not deltas:
+        items = await self._batch_items(lease, batch)
+        if not items:
             await self._drop_empty_batch(lease, batch)
             return False
+        # A content may be in the batch with no views, for its crawler views or viewers only.
+        deltas = _in_id_order({c: amount for c, (amount, _) in items.items() if amount})
+        days = await self._day_deltas(items)
         await self._step("before_commit")
         committed_now = await self.store.commit_batch(
             batch.batch_id,
@@ -394,6 +399,7 @@ class ViewSync:
             deltas,
             fence=lease.fence,
             fence_scope=self.keys.prefix,
+            days=days,
         )
         await self._step("committed")
         await self._settle(lease, batch)
@@ -423,6 +429,7 @@ class ViewSync:
                     keys.sync_batch_items(batch.batch_id),
                     keys.epoch,
                     keys.sync_lock,
+                    keys.sync_batch_days(batch.batch_id),
                 ],
                 args=[
                     batch.batch_id,
@@ -449,14 +456,22 @@ class ViewSync:
         started_at = datetime.fromisoformat(started) if started else datetime.now(UTC)
         return _Batch(values["id"], started_at)
 
-    async def _batch_items(self, lease: _Lease, batch: _Batch) -> dict[tuple[str, str], int]:
-        """The sealed batch's items, read page by page, each page only while the run owns it."""
+    async def _batch_items(
+        self, lease: _Lease, batch: _Batch
+    ) -> dict[tuple[str, str], tuple[int, str]]:
+        """The sealed batch's items (views, encoded per-day amounts), read page by page, each
+        page only while the run owns it."""
         keys = self.keys
-        items: dict[tuple[str, str], int] = {}
+        items: dict[tuple[str, str], tuple[int, str]] = {}
         cursor: bytes | str = "0"
         while True:
             reply = await self.scripts.read_batch(
-                keys=[keys.sync_lock, keys.sync_batch, keys.sync_batch_items(batch.batch_id)],
+                keys=[
+                    keys.sync_lock,
+                    keys.sync_batch,
+                    keys.sync_batch_items(batch.batch_id),
+                    keys.sync_batch_days(batch.batch_id),
+                ],
                 args=[lease.token, batch.batch_id, lease.fence, cursor, _PAGE],
             )
             if reply[0] == -1:
@@ -464,10 +479,43 @@ class ViewSync:
                     "the sync lock expired before the batch was read; the next sync recovers it"
                 )
             cursor = reply[0]
-            for member, amount in zip(_texts(reply[1::2]), reply[2::2], strict=True):
-                items[KeySchema.split_member(member)] = int(amount)
+            for member, amount, days in zip(
+                _texts(reply[1::3]), reply[2::3], _texts(reply[3::3]), strict=True
+            ):
+                items[KeySchema.split_member(member)] = (int(amount), days)
             if _text(cursor) == "0":
                 return items
+
+    async def _day_deltas(self, items: Mapping[tuple[str, str], tuple[int, str]]) -> list[DayDelta]:
+        """The batch's per-day amounts as history rows, with each day's distinct viewers as
+        Redis counts them now (and the HyperLogLog itself, so that days merge later)."""
+        deltas = [
+            DayDelta(content_type, content_id, date.fromisoformat(day), views, crawler)
+            for (content_type, content_id), (_, encoded) in items.items()
+            for day, (views, crawler) in decode_days(encoded).items()
+        ]
+        if not self.settings.unique_viewers:
+            return deltas
+        counted: list[DayDelta] = []
+        for start in range(0, len(deltas), _PAGE):
+            chunk = deltas[start : start + _PAGE]
+            reply = await self.scripts.read_viewers(
+                keys=[
+                    self.keys.uniques(d.content_type, d.content_id, d.day.isoformat())
+                    for d in chunk
+                ]
+            )
+            for delta, estimate, sketch in zip(chunk, reply[::2], reply[1::2], strict=True):
+                if not int(estimate):  # past its retention: the history keeps what it has
+                    counted.append(delta)
+                    continue
+                raw = sketch if isinstance(sketch, bytes) and sketch else None
+                counted.append(replace(delta, unique_viewers=int(estimate), sketch=raw))
+        return counted
+
+    def _today(self) -> str:
+        """Today's name in the configured zone: the day given to pending views that have none."""
+        return datetime.fromtimestamp(self.clock(), self.settings.zone).date().isoformat()
 
     async def _drop_empty_batch(self, lease: _Lease, batch: _Batch) -> None:
         keys = self.keys
@@ -522,6 +570,21 @@ def _warn_unmatched(batch_id: str, unmatched: Mapping[tuple[str, str], int]) -> 
         len(unmatched),
         ", ".join(f"{content_type}: {views}" for content_type, views in sorted(by_type.items())),
     )
+
+
+def decode_days(encoded: str) -> dict[str, tuple[int, int]]:
+    """A batch's encoded per-day amounts (``2026-11-30=4,2026-11-30:c=2``) as day -> (views,
+    crawler views)."""
+    days: dict[str, tuple[int, int]] = {}
+    for part in filter(None, encoded.split(",")):
+        field_name, _, amount = part.partition("=")
+        day, _, kind = field_name.partition(":")
+        views, crawler = days.get(day, (0, 0))
+        if kind == "c":
+            days[day] = (views, crawler + int(amount))
+        else:
+            days[day] = (views + int(amount), crawler)
+    return days
 
 
 def _text(value: object) -> str:

@@ -74,7 +74,7 @@ class _Day:
 
 
 _ViewCall = tuple[tuple[str, ...], tuple[Any, ...], str | None]
-"""One view in a ``record_views`` call: its five keys, its seven arguments, its replay marker."""
+"""One view in a ``record_views`` call: its nine keys, its twelve arguments, its replay marker."""
 
 _ViewReply = tuple[int, int, int, int, int | None, int, str]
 """counted (1, 0, or -1: replayed before), reason code, pending, syncing, cached database count
@@ -82,7 +82,8 @@ _ViewReply = tuple[int, int, int, int, int | None, int, str]
 
 
 def _limit_args(settings: Settings) -> tuple[Any, ...]:
-    """The arguments every ``record_views`` call shares: the limits and the replay marker TTL."""
+    """The arguments every ``record_views`` call shares: the limits, the replay marker TTL and
+    whether unique viewers are counted."""
     limits = settings.limits
     return (
         limits.max_views_per_session or 0,
@@ -91,6 +92,7 @@ def _limit_args(settings: Settings) -> tuple[Any, ...]:
         int(limits.one_view_per_day),
         limits.view_cooldown_seconds or 0,
         REPLAY_MARKER_TTL_SECONDS,
+        int(settings.unique_viewers),
     )
 
 
@@ -172,6 +174,7 @@ class ViewTracker:
         self._fill_tasks: set[asyncio.Task[dict[str, ViewCount]]] = set()
         limits = self.settings.limits
         self._session_seconds = max(limits.session_seconds, limits.view_cooldown_seconds or 0)
+        self._day_keys_seconds = self.settings.history_retention_days * 86400
 
     async def drain(self) -> None:
         """Wait until the Redis calls of requests that stopped waiting (late replies) are done,
@@ -227,6 +230,10 @@ class ViewTracker:
                     (reply,) = await self._send_views([call])
             except TimeoutError:
                 raise LateReply from None
+        return await self._result(content_type, content_id, reply)
+
+    async def _result(self, content_type: str, content_id: str, reply: _ViewReply) -> TrackResult:
+        """A view's outcome from its reply, its count completed from the database if needed."""
         counted, reason_code, pending, syncing, cached, epoch, batch_id = reply
         reason = _REASONS.get(reason_code)
         if cached is not None:
@@ -283,19 +290,27 @@ class ViewTracker:
         viewer: str,
         at: float,
         replay_marker: str | None = None,
+        *,
+        crawler: bool = False,
     ) -> _ViewCall:
         """One view's part of a ``record_views`` call, for a view offered at ``at`` (validated
-        names). A replayed view also passes its marker, which makes its decision idempotent."""
+        names). A replayed view also passes its marker, which makes its decision idempotent.
+        A crawler view is only counted apart, per day; it passes no viewer."""
         now = math.floor(at)
         day = self._calendar_day(now)
         keys = self.keys
+        days = keys.days(content_type, content_id)
         return (
             (
                 keys.pending(content_type, content_id),
                 keys.syncing(content_type, content_id),
                 keys.database_count(content_type, content_id),
-                keys.session(viewer, content_type, content_id),
-                keys.daily_views(viewer, day.name),
+                days if crawler else keys.session(viewer, content_type, content_id),
+                days if crawler else keys.daily_views(viewer, day.name),
+                days,
+                keys.uniques(content_type, content_id, day.name),
+                keys.ranking(content_type, day.name),
+                keys.blocked(day.name),
             ),
             (
                 now,
@@ -305,9 +320,41 @@ class ViewTracker:
                 max(day.end - now, 1) + _TTL_GRACE_SECONDS,
                 f"{content_type}:{content_id}",
                 0 if replay_marker is None else 1,
+                day.name,
+                content_id,
+                viewer,
+                int(crawler),
+                day.end - now + self._day_keys_seconds,
             ),
             replay_marker,
         )
+
+    async def track_crawler_view(self, content_type: str, content_id: str | int) -> TrackResult:
+        """Count one crawler view of a content apart, and read its count in the same round
+        trip: a crawler view never reaches the view count, the rules or any viewer's keys, only
+        the content's crawler views of the day (see docs/history.md). ``counted`` is false.
+
+        Raises:
+            InvalidKeyError: for a bad content type or id.
+            LateReply, redis.RedisError, MalformedReplyError: as :meth:`track_view`.
+        """
+        return await self.track_valid_crawler_view(
+            validate_content_type(content_type), validate_content_id(content_id)
+        )
+
+    async def track_valid_crawler_view(self, content_type: str, content_id: str) -> TrackResult:
+        """:meth:`track_crawler_view` for names the caller has validated already."""
+        self.refuse_impossible_id(content_type, content_id)
+        call = self._view_call(content_type, content_id, "", self.clock(), crawler=True)
+        if self._views is not None:
+            reply = await self._views.submit(call)
+        else:
+            try:
+                async with asyncio.timeout(self.settings.redis_timeout):
+                    (reply,) = await self._send_views([call])
+            except TimeoutError:
+                raise LateReply from None
+        return await self._result(content_type, content_id, reply)
 
     async def _send_views(self, calls: list[_ViewCall]) -> list[_ViewReply]:
         """Decide a batch of views in one ``record_views`` call; one reply per view, in order."""

@@ -8,7 +8,10 @@
 -- The work is done a slice of keys per command (MGET, MSET, DEL, HDEL): the effect is exactly,
 -- per item, DECRBY syncing (DEL when nothing is left), INCRBY the cached database count if there
 -- is one (INCRBY keeps its TTL), HDEL item.
--- KEYS: 1 batch hash, 2 this batch's items, 3 sync epoch, 4 sync lock
+-- The item's per-day amounts leave the batch with it (HDEL from the batch's days), and its views
+-- leave each day's ranking (ZINCRBY by minus the amount; ZREM at 0): from now on the history in
+-- the database holds them.
+-- KEYS: 1 batch hash, 2 this batch's items, 3 sync epoch, 4 sync lock, 5 this batch's days
 -- ARGV: 1 batch id, 2 key prefix, 3 lock token, 4 fence, 5 HSCAN cursor ("0" to start),
 --       6 most items to settle
 -- Returns {items settled, items left, next cursor} or {-1} if the caller does not own the batch.
@@ -68,6 +71,22 @@ local function settle_slice(first, last)
   if #left > 0 then
     redis.call('MSET', unpack(left))
   end
+  local days = redis.call('HMGET', KEYS[5], unpack(members, first, last))
+  for i = 1, #days do
+    local member = members[first + i - 1]
+    local colon = string.find(member, ':', 1, true)
+    local ranking = prefix .. 'viewmw:top:' .. string.sub(member, 1, colon - 1) .. ':'
+    local id = string.sub(member, colon + 1)
+    for field, amount in string.gmatch(days[i] or '', '([^=,]+)=(%-?%d+)') do
+      if amount ~= '0' and not string.find(field, ':', 1, true) then
+        local key = ranking .. field
+        if tonumber(redis.call('ZINCRBY', key, -tonumber(amount), id)) <= 0 then
+          redis.call('ZREM', key, id)
+        end
+      end
+    end
+  end
+  redis.call('HDEL', KEYS[5], unpack(members, first, last))
   redis.call('HDEL', KEYS[2], unpack(members, first, last))
 end
 
@@ -76,6 +95,6 @@ for first = 1, #members, SLICE do
 end
 local left = redis.call('HLEN', KEYS[2])
 if left == 0 then
-  redis.call('DEL', KEYS[1])
+  redis.call('DEL', KEYS[1], KEYS[5])
 end
 return {#members, left, cursor}

@@ -14,10 +14,15 @@
 -- few commands per content: the script is atomic either way, and each command and each value
 -- crossing between Lua and Redis costs far more than the arithmetic between them. The effect is
 -- exactly GET, DEL, INCRBY and HINCRBY per content.
+-- Each content's days hash (pending views per calendar day, crawler views per day) moves with its
+-- pending counter, in the same call, into this batch's days hash (member -> "field=amount,..."),
+-- so per-day amounts are conserved exactly as the totals are. Pending views without a day (kept
+-- by a version before the history) are given the fallback day. A content with nothing pending
+-- but a days hash (crawler views, or viewers that were all blocked) is moved with an amount of 0.
 -- KEYS: 1 sync lock, 2 batch hash, 3 this batch's items, 4 the run's contents (taken from the
---       dirty set when the run began), 5 sync epoch, 6 dirty set
+--       dirty set when the run began), 5 sync epoch, 6 dirty set, 7 this batch's days
 -- ARGV: 1 lock token, 2 batch id, 3 key prefix, 4 chunk size (most contents taken), 5 fence,
---       6 SSCAN cursor ("0" to start), then refused types
+--       6 SSCAN cursor ("0" to start), 7 fallback day (YYYY-MM-DD), then refused types
 -- Returns {contents moved, views moved, run's contents left, next cursor, contents taken from
 -- the run's set} or {-1}
 if redis.call('GET', KEYS[1]) ~= ARGV[1] or redis.call('HGET', KEYS[2], 'id') ~= ARGV[2]
@@ -53,7 +58,7 @@ local function hset_pairs(key, flat)
 end
 
 local refused = {}
-for i = 7, #ARGV do
+for i = 8, #ARGV do
   refused[ARGV[i]] = true
 end
 local prefix = ARGV[3]
@@ -95,10 +100,10 @@ local contents, views = 0, 0
 for i = 1, #members do
   local amount = amounts[i]
   if any_refused and refused[type_of(members[i])] then
-    if amount > 0 then
+    if amount > 0 or redis.call('EXISTS', key_of(members[i], ':days:')) == 1 then
       redis.call('SADD', KEYS[6], members[i])
     end
-  elseif amount > 0 then
+  elseif amount > 0 or redis.call('EXISTS', key_of(members[i], ':days:')) == 1 then
     contents = contents + 1
     views = views + amount
     moved[contents] = i
@@ -119,15 +124,19 @@ for n = 1, contents do
 end
 -- Syncing is normally empty for every content taken (the batch before settled it all): one
 -- MSETNX per slice then sets them all; a slice where any exists is added up value by value.
+-- A content moved with an amount of 0 gets no syncing counter.
 for start = 1, contents, SLICE do
   local last = math.min(start + SLICE - 1, contents)
-  local new_syncing = {}
+  local new_syncing, counted_keys = {}, {}
   for n = start, last do
-    new_syncing[#new_syncing + 1] = syncing_keys[n]
-    new_syncing[#new_syncing + 1] = amounts[moved[n]]
+    if amounts[moved[n]] > 0 then
+      new_syncing[#new_syncing + 1] = syncing_keys[n]
+      new_syncing[#new_syncing + 1] = amounts[moved[n]]
+      counted_keys[#counted_keys + 1] = syncing_keys[n]
+    end
   end
-  if redis.call('MSETNX', unpack(new_syncing)) == 0 then
-    local syncing = redis.call('MGET', unpack(syncing_keys, start, last))
+  if #new_syncing > 0 and redis.call('MSETNX', unpack(new_syncing)) == 0 then
+    local syncing = redis.call('MGET', unpack(counted_keys))
     for i = 1, #syncing do
       new_syncing[2 * i] = new_syncing[2 * i] + (tonumber(syncing[i]) or 0)
     end
@@ -140,5 +149,40 @@ for n = 1, contents do
   new_items[2 * n - 1], new_items[2 * n] = moved_members[n], recorded[n] + amounts[moved[n]]
 end
 hset_pairs(KEYS[3], new_items)
+
+-- The per-day amounts: each days hash is appended to what the batch holds for its content
+-- (nothing, unless a retried snapshot took it before), then deleted. A field may appear more
+-- than once in the encoding: every reader adds its amounts up.
+local fallback_day = ARGV[7]
+local days_keys, batch_days = {}, {}
+for n = 1, contents do
+  days_keys[n] = key_of(moved_members[n], ':days:')
+end
+for start = 1, contents, SLICE do
+  local last = math.min(start + SLICE - 1, contents)
+  local held = redis.call('HMGET', KEYS[7], unpack(moved_members, start, last))
+  for n = start, last do
+    local flat = redis.call('HGETALL', days_keys[n])
+    local encoded, dated = {}, 0
+    for i = 1, #flat, 2 do
+      encoded[#encoded + 1] = flat[i] .. '=' .. flat[i + 1]
+      if #flat[i] == 10 then -- a day's views (YYYY-MM-DD); crawler fields are longer
+        dated = dated + tonumber(flat[i + 1])
+      end
+    end
+    local undated = amounts[moved[n]] - dated
+    if undated > 0 then
+      encoded[#encoded + 1] = fallback_day .. '=' .. undated
+    end
+    local before = held[n - start + 1]
+    if before then
+      table.insert(encoded, 1, before)
+    end
+    batch_days[#batch_days + 1] = moved_members[n]
+    batch_days[#batch_days + 1] = table.concat(encoded, ',')
+  end
+  redis.call('DEL', unpack(days_keys, start, last))
+end
+hset_pairs(KEYS[7], batch_days)
 redis.call('INCR', KEYS[5])
 return {contents, views, redis.call('SCARD', KEYS[4]), cursor, #members}

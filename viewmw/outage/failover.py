@@ -129,6 +129,24 @@ class ResilientTracker:
         self._succeeded()
         return result
 
+    async def track_valid_crawler_view(self, content_type: str, content_id: str) -> TrackResult:
+        """Like :meth:`ViewTracker.track_valid_crawler_view`; while Redis is failing the
+        crawler view is not kept (only people's views go to the outbox) and the count is read
+        as :meth:`get_view_count_details` reads it."""
+        if self.breaker.allow():
+            try:
+                result = await self.tracker.track_valid_crawler_view(content_type, content_id)
+            except asyncio.CancelledError:
+                self._cancelled()
+                raise
+            except Exception as exc:
+                self._redis_failed(exc)
+                return _UNKNOWN
+            self._succeeded()
+            return result
+        counts = await self._outage_view_counts(content_type, [content_id])
+        return TrackResult(False, None, counts[content_id])
+
     def offer_valid_view(self, content_type: str, content_id: str, viewer: str) -> int | None:
         """Offer a view without waiting for it (the deferred mode), or return ``None`` without
         offering it (see :meth:`ViewTracker.offer_valid_view`; also while Redis is failing, so

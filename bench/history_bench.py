@@ -1,0 +1,204 @@
+"""The per-day history's costs: the recording script's Redis CPU with and without unique
+viewers, a HyperLogLog's memory per content per day, and period reads on a large history.
+
+Run alone with ``python -m bench.history_bench`` (a private Redis, the bench PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+from sqlalchemy import text
+
+from bench.servers import bench_settings, drop_private_database, fresh_store, private_redis
+from bench.sync_bench import _fill_pending
+from viewmw import Limits, Period, ViewStats, ViewSync, ViewTracker
+
+BATCH = 100  # views per record_views call, as a busy event loop turn sends them
+
+
+@dataclass
+class HistoryFigures:
+    """What one run measured."""
+
+    cpu_us_per_view: dict[bool, list[float]] = field(default_factory=dict)
+    hll_bytes: dict[int, int] = field(default_factory=dict)
+    read_ms: dict[str, float] = field(default_factory=dict)
+    contents: int = 0
+    days: int = 0
+
+    @property
+    def hll_overhead(self) -> float:
+        """Median Redis CPU per view with unique viewers on, over off (1.0 = no cost)."""
+        return statistics.median(self.cpu_us_per_view[True]) / statistics.median(
+            self.cpu_us_per_view[False]
+        )
+
+
+async def _script_cpu_us(redis: aioredis.Redis) -> float:
+    """The server's CPU time so far (user + system, µs): CPU it used, not time it waited for a
+    core, which on a shared machine inflates ``INFO commandstats``."""
+    cpu = await redis.info("cpu")
+    return (float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])) * 1e6
+
+
+async def _cpu_per_view(redis: aioredis.Redis, uniques: bool, views: int, round_: int) -> float:
+    """Redis' CPU (µs, from INFO cpu) per view of the recording script."""
+    settings = bench_settings().replace(
+        unique_viewers=uniques, limits=Limits(max_views_per_session=None)
+    )
+    tracker = ViewTracker(redis, None, settings, pipelining=False)
+    calls = [
+        [
+            tracker._view_call("story", str(n % 5000), f"user:{round_}x{n}", time.time())
+            for n in range(start, start + BATCH)
+        ]
+        for start in range(0, views, BATCH)
+    ]
+    before = await _script_cpu_us(redis)
+    for batch in calls:
+        await tracker._send_views(batch)
+    return (await _script_cpu_us(redis) - before) / views
+
+
+async def _hll_memory(redis: aioredis.Redis) -> dict[int, int]:
+    sizes: dict[int, int] = {}
+    for viewers in (1, 10, 100, 1_000, 10_000):
+        key = f"bench:uniq:{viewers}"
+        for start in range(0, viewers, 1000):
+            await redis.pfadd(key, *(f"user:{n}" for n in range(start, min(viewers, start + 1000))))
+        sizes[viewers] = int(await redis.memory_usage(key) or 0)
+        await redis.delete(key)
+    return sizes
+
+
+# Every content has a row every day. Popularity follows a Zipf-like law of the content's rank
+# (as page views do), with day-to-day noise of -30 % to +30 %.
+_FILL = text(
+    "INSERT INTO viewmw_daily_views (content_type, content_id, day, views, crawler_views) "
+    "SELECT 'story', c::text, CAST(:today AS date) - d, "
+    "GREATEST(1, floor(20000 / power(c, 0.8) * (0.7 + ((c * 31 + d * 17) % 61) / 100.0)))::bigint,"
+    " 0 FROM generate_series(1, :contents) c, generate_series(0, :days - 1) d"
+)
+
+
+async def _reads(redis: aioredis.Redis, contents: int, days: int, figures: HistoryFigures) -> None:
+    store = await fresh_store()
+    try:
+        settings = bench_settings()
+        tracker = ViewTracker(redis, store, settings)
+        today = ViewStats.from_tracker(tracker).today()
+        async with store.engine.begin() as connection:
+            await connection.execute(_FILL, {"today": today, "contents": contents, "days": days})
+        async with store.engine.connect() as connection:  # what autovacuum does in production
+            await connection.execution_options(isolation_level="AUTOCOMMIT")
+            await connection.execute(text("VACUUM ANALYZE viewmw_daily_views"))
+        # Some views of today still pending in Redis, as between two syncs.
+        await asyncio.gather(*(tracker.track_view("story", n, f"user:{n}") for n in range(1, 2001)))
+        stats = ViewStats.from_tracker(tracker)
+        ids = [str(n) for n in range(1, contents, contents // 100)][:100]
+        cases: dict[str, Callable[[], Awaitable[object]]] = {
+            "top(limit=10), 7 days": lambda: stats.top("story", Period.last_days(7), 10),
+            "top(limit=10), 30 days": lambda: stats.top("story", Period.last_days(30), 10),
+            "views_many(100 ids), 30 days": lambda: stats.views_many(
+                "story", ids, Period.last_days(30)
+            ),
+            "by_day(1 id), 30 days": lambda: stats.by_day("story", 1, Period.last_days(30)),
+        }
+        for name, read in cases.items():
+            await read()  # warm: caches, prepared plans
+            times = []
+            for _ in range(7):
+                started = time.perf_counter()
+                await read()
+                times.append((time.perf_counter() - started) * 1000)
+            figures.read_ms[name] = statistics.median(times)
+    finally:
+        await store.close()
+
+
+async def run_history_bench(contents: int, days: int, views: int) -> HistoryFigures:
+    figures = HistoryFigures(cpu_us_per_view={True: [], False: []}, contents=contents, days=days)
+    async with private_redis() as (redis, _):
+        for round_ in range(5):  # side by side, alternating, so drift hits both alike
+            for uniques in (False, True):
+                figures.cpu_us_per_view[uniques].append(
+                    await _cpu_per_view(redis, uniques, views, round_ * 2 + uniques)
+                )
+            await redis.flushdb()
+        figures.hll_bytes = await _hll_memory(redis)
+        await _reads(redis, contents, days, figures)
+    return figures
+
+
+def render(figures: HistoryFigures) -> str:
+    """The figures as a section of docs/performance.md."""
+    off = statistics.median(figures.cpu_us_per_view[False])
+    on = statistics.median(figures.cpu_us_per_view[True])
+    lines = [
+        "## Views over time (per-day history)",
+        "",
+        f"- Recording script, Redis CPU per view (`INFO cpu`, median of 5 alternating samples, "
+        f"{BATCH} views per call): unique viewers off {off:.1f} µs, on {on:.1f} µs: "
+        f"**{figures.hll_overhead:.2f}×**",
+        "- HyperLogLog memory per content per day (`MEMORY USAGE`): "
+        + ", ".join(f"{n:,} viewers {b:,} B" for n, b in figures.hll_bytes.items()),
+        f"- Reads on {figures.contents:,} contents × {figures.days} days of history in "
+        "PostgreSQL, 2 000 views pending today (median of 7):",
+    ]
+    lines += [f"  - {name}: {ms:.1f} ms" for name, ms in figures.read_ms.items()]
+    return "\n".join(lines)
+
+
+async def time_sync_steps(counters: int) -> dict[str, float]:
+    """Seconds a sync of ``counters`` pending counters (each with its day) spends between its
+    step boundaries, summed per pair of steps."""
+    spent: dict[str, float] = {}
+    async with private_redis() as (redis, _):
+        store = await fresh_store(rows=counters)
+        try:
+            await _fill_pending(redis, counters)
+            mark = {"at": time.perf_counter()}
+            previous = ["start"]
+
+            async def step(name: str) -> None:
+                now = time.perf_counter()
+                key = f"{previous[0]} -> {name}"
+                spent[key] = spent.get(key, 0.0) + now - mark["at"]
+                mark["at"], previous[0] = now, name
+
+            started = time.perf_counter()
+            await ViewSync(redis, store, on_step=step).run()
+            spent["total"] = time.perf_counter() - started
+        finally:
+            await store.close()
+    return spent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--contents", type=int, default=100_000)
+    parser.add_argument("--days", type=int, default=30)
+    parser.add_argument("--views", type=int, default=20_000, help="views per CPU sample")
+    parser.add_argument(
+        "--sync", type=int, metavar="N", help="only time a sync of N counters, step by step"
+    )
+    args = parser.parse_args()
+    try:
+        if args.sync:
+            for name, seconds in asyncio.run(time_sync_steps(args.sync)).items():
+                print(f"{name}: {seconds:.1f} s")
+            return
+        print(render(asyncio.run(run_history_bench(args.contents, args.days, args.views))))
+    finally:
+        asyncio.run(drop_private_database())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""Distinct viewers per day (HyperLogLog), crawler views counted apart, blocked views by reason.
+
+Real Redis with PostgreSQL and SQLite; the exact-for-small-counts case also on fakeredis, whose
+HyperLogLogs cannot be read back as sketches (the history then keeps the estimate alone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+import redis.asyncio as aioredis
+from sqlalchemy import select
+
+from tests.support import FakeClock
+from viewmw import Limits, Period, Settings, Store, ViewStats, ViewSync, ViewTracker, daily_views
+
+DAY = 86400
+# Redis' HyperLogLog: a standard error of 0.81 %; three of them bound nearly every estimate.
+ERROR_BOUND = 3 * 0.0081
+
+
+def make(
+    redis: aioredis.Redis, store: Store, settings: Settings, clock: FakeClock, **changes: object
+) -> tuple[ViewTracker, ViewSync, ViewStats]:
+    settings = settings.replace(**changes)
+    tracker = ViewTracker(redis, store, settings, clock=clock)
+    sync = ViewSync(redis, store, settings, clock=clock)
+    return tracker, sync, ViewStats.from_tracker(tracker)
+
+
+async def offer(tracker: ViewTracker, content_id: int, viewers: range) -> int:
+    """Each viewer views the content (concurrently, so they travel in shared batches)."""
+    counted = 0
+    for start in range(0, len(viewers), 500):
+        results = await asyncio.gather(
+            *(
+                tracker.track_view("story", content_id, f"user:{v}")
+                for v in viewers[start : start + 500]
+            )
+        )
+        counted += sum(result.counted for result in results)
+    return counted
+
+
+async def test_small_counts_are_exact_and_days_merge(
+    any_redis: aioredis.Redis, sqlite_store: Store, settings: Settings, clock: FakeClock
+) -> None:
+    redis = any_redis
+    tracker, sync, stats = make(redis, sqlite_store, settings, clock)
+    for n in (1, 2, 7, 30):
+        await offer(tracker, n, range(n))
+        await offer(tracker, n, range(n))  # the same viewers again: blocked, counted once
+        assert (await stats.views("story", n, Period.today())).unique_viewers == n
+    await sync.run()
+    for n in (1, 2, 7, 30):
+        count = await stats.views("story", n, Period.today())
+        assert (count.views, count.unique_viewers) == (n, n)
+
+    # The same 30 viewers on two more days, synced each day: 30 across the three days.
+    for _ in range(2):
+        clock.advance(DAY)
+        await offer(tracker, 30, range(30))
+        await sync.run()
+    assert (await stats.views("story", 30, Period.last_days(3))).unique_viewers == 30
+    days = await stats.by_day("story", 30, Period.last_days(3))
+    assert [(d.views, d.unique_viewers) for d in days] == [(30, 30)] * 3
+
+
+async def test_ten_thousand_viewers_within_the_stated_error(
+    real_redis: aioredis.Redis, store: Store, settings: Settings, clock: FakeClock
+) -> None:
+    tracker, sync, stats = make(real_redis, store, settings, clock)
+    await offer(tracker, 1, range(10_000))
+    clock.advance(DAY)
+    await offer(tracker, 1, range(5_000, 15_000))  # half of them again, half new
+    live = await stats.views("story", 1, Period.last_days(2))
+    await sync.run()
+    synced = await stats.views("story", 1, Period.last_days(2))
+    for estimate in (live.unique_viewers, synced.unique_viewers):
+        assert estimate is not None and abs(estimate - 15_000) <= ERROR_BOUND * 15_000, estimate
+    assert synced.views == live.views == 20_000
+    days = await stats.by_day("story", 1, Period.last_days(2))
+    for day in days:
+        assert day.unique_viewers is not None
+        assert abs(day.unique_viewers - 10_000) <= ERROR_BOUND * 10_000, day
+
+
+async def test_unique_viewers_can_be_switched_off(
+    real_redis: aioredis.Redis, sqlite_store: Store, settings: Settings, clock: FakeClock
+) -> None:
+    tracker, sync, stats = make(real_redis, sqlite_store, settings, clock, unique_viewers=False)
+    await offer(tracker, 1, range(5))
+    count = await stats.views("story", 1, Period.today())
+    assert (count.views, count.unique_viewers) == (5, None)
+    assert [key async for key in real_redis.scan_iter(match="*:uniq:*")] == []
+    await sync.run()
+    async with sqlite_store.engine.connect() as connection:
+        stored = (await connection.execute(select(daily_views.c.unique_viewers))).scalars().all()
+    assert stored == [None]
+
+
+async def test_crawler_views_are_counted_apart(
+    real_redis: aioredis.Redis, store: Store, settings: Settings, clock: FakeClock
+) -> None:
+    tracker, sync, stats = make(real_redis, store, settings, clock)
+    for _ in range(3):
+        await tracker.track_crawler_view("story", 9)  # a content no person viewed
+        await tracker.track_crawler_view("story", 1)
+    await offer(tracker, 1, range(2))
+
+    for moment in ("pending", "synced"):
+        count = await stats.views("story", 1, Period.today())
+        assert (count.views, count.crawler_views) == (2, 3), moment
+        assert (await stats.views("story", 9, Period.today())).crawler_views == 3, moment
+        assert await tracker.get_view_counts("story", [1, 9]) == {"1": 2, "9": 0}, moment
+        assert await stats.top("story", Period.today()) == [("1", 2)], moment
+        await sync.run()
+    async with store.engine.connect() as connection:
+        rows = await connection.execute(
+            select(daily_views.c.content_id, daily_views.c.views, daily_views.c.crawler_views)
+        )
+        assert sorted(rows) == [("1", 2, 3), ("9", 0, 3)]
+
+
+async def test_blocked_views_are_counted_by_reason_and_day(
+    real_redis: aioredis.Redis, settings: Settings, clock: FakeClock
+) -> None:
+    settings = settings.replace(limits=Limits(max_views_per_session=None, view_cooldown_seconds=60))
+    tracker = ViewTracker(real_redis, None, settings, clock=clock)
+    stats = ViewStats.from_tracker(tracker)
+    await tracker.track_view("story", 1, "user:1")
+    await tracker.track_view("story", 1, "user:1")  # cooldown
+    clock.advance(120)
+    await tracker.track_view("story", 1, "user:1")  # viewed today
+    clock.advance(DAY)
+    await tracker.track_view("story", 1, "user:1")
+    await tracker.track_view("story", 1, "user:1")  # cooldown, the next day
+
+    assert await stats.blocked(Period.today()) == {
+        "cooldown": 1,
+        "viewed_today": 0,
+        "session_limit": 0,
+        "daily_limit": 0,
+    }
+    assert await stats.blocked(Period.last_days(2)) == {
+        "cooldown": 2,
+        "viewed_today": 1,
+        "session_limit": 0,
+        "daily_limit": 0,
+    }
+    yesterday = stats.today() - timedelta(days=1)
+    assert (await stats.blocked(Period.between(yesterday, yesterday)))["viewed_today"] == 1
+
+
+async def test_days_past_the_retention_merge_from_the_sketches_in_the_history(
+    real_redis: aioredis.Redis, store: Store, settings: Settings, clock: FakeClock
+) -> None:
+    """Overlapping viewers on three days; the oldest day's HyperLogLog comes from the history
+    (its Redis key is past the retention of one day), the others from Redis."""
+    tracker, sync, stats = make(real_redis, store, settings, clock, history_retention_days=1)
+    for day in range(3):
+        await offer(tracker, 1, range(10 * day, 10 * day + 30))
+        await sync.run()
+        clock.advance(DAY)
+    clock.advance(-DAY)
+
+    count = await stats.views("story", 1, Period.last_days(3))
+    assert (count.views, count.unique_viewers) == (90, 50)  # 50 different viewers, not 90
+    assert (await stats.views("story", 1, Period.last_days(1))).unique_viewers == 30

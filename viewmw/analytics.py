@@ -1,0 +1,491 @@
+"""Period questions: views per day, over the last days or all time, distinct viewers, trending.
+
+Answers combine the per-day history the sync writes (``viewmw_daily_views``) with what Redis
+still holds: each content's pending views per day, and its part of the unsettled sync batch
+unless the database already holds that batch (the ledger says so). A sync that moves views while
+a question is being answered moves the sync epoch; the answer is then read again, so a view is
+never counted twice nor missed (see docs/history.md).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from redis.asyncio import Redis
+
+from viewmw.errors import ServiceUnavailableError
+from viewmw.history_sql import HistoryReader, HistoryRow
+from viewmw.keys import KeySchema, validate_content_id, validate_content_type
+from viewmw.scripts import Scripts
+from viewmw.settings import Settings
+from viewmw.store import Store
+from viewmw.sync import decode_days
+
+if TYPE_CHECKING:
+    from viewmw.tracker import ViewTracker
+
+# Reads retried when a sync moved views under every one of them (each retry is short).
+_READ_ATTEMPTS = 5
+_LAST_DAYS = re.compile(r"([1-9][0-9]{0,4})d")
+# Periods up to this many days rank from each day's leaders (an index range per day); longer or
+# open ones from the period's sums (a scan of its rows).
+_DAY_LISTS_UP_TO = 62
+_BLOCK_REASONS = ("cooldown", "viewed_today", "session_limit", "daily_limit")
+
+
+@dataclass(frozen=True, slots=True)
+class Period:
+    """A span of calendar days in the configured time zone, inclusive at both ends; ``None`` is
+    open. ``last_days`` (``today()`` is ``last_days(1)``) is resolved against the clock when a
+    question is asked, so one ``Period`` can be kept and reused across midnight."""
+
+    first: date | None
+    last: date | None
+    last_days_count: int | None = None
+
+    @classmethod
+    def today(cls) -> Period:
+        """Today, whenever the question is asked."""
+        return cls.last_days(1)
+
+    @classmethod
+    def last_days(cls, n: int) -> Period:
+        """Today and the ``n - 1`` days before it."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"last_days needs a whole number of days >= 1, got {n!r}")
+        return cls(None, None, n)
+
+    @classmethod
+    def between(cls, first: date, last: date) -> Period:
+        """From ``first`` to ``last``, both included."""
+        if first > last:
+            raise ValueError(f"a period cannot end ({last}) before it starts ({first})")
+        return cls(first, last)
+
+    @classmethod
+    def all_time(cls) -> Period:
+        """Every day."""
+        return cls(None, None)
+
+    @classmethod
+    def parse(cls, text: str) -> Period:
+        """``today``, ``7d``, ``30d``, ``all``, or ``2026-11-01..2026-11-30``."""
+        value = text.strip().lower()
+        if value == "today":
+            return cls.today()
+        if value in ("all", "all-time"):
+            return cls.all_time()
+        if match := _LAST_DAYS.fullmatch(value):
+            return cls.last_days(int(match.group(1)))
+        first, sep, last = value.partition("..")
+        try:
+            if sep:
+                return cls.between(date.fromisoformat(first), date.fromisoformat(last))
+            day = date.fromisoformat(value)
+        except ValueError:
+            raise ValueError(
+                f"a period is 'today', 'Nd' (7d, 30d), 'all' or 'YYYY-MM-DD..YYYY-MM-DD': {text!r}"
+            ) from None
+        return cls.between(day, day)
+
+    def resolve(self, today: date) -> tuple[date | None, date | None]:
+        """The period's first and last day, as of ``today``."""
+        if self.last_days_count is not None:
+            return today - timedelta(days=self.last_days_count - 1), today
+        return self.first, self.last
+
+
+@dataclass(frozen=True, slots=True)
+class PeriodCount:
+    """One content's counts over a period.
+
+    Attributes:
+        views: counted views in the period (exact).
+        unique_viewers: distinct viewers who offered a view, counted or not (a HyperLogLog
+            estimate, about 0.8 % standard error); ``None`` when unique viewers are off.
+        crawler_views: crawler views, never part of ``views``.
+    """
+
+    views: int
+    unique_viewers: int | None
+    crawler_views: int
+
+
+@dataclass(frozen=True, slots=True)
+class DayCount:
+    """One content's counts on one day (see :class:`PeriodCount`)."""
+
+    day: date
+    views: int
+    unique_viewers: int | None
+    crawler_views: int
+
+
+@dataclass(slots=True)
+class _Days:
+    """Per-day views and crawler views of one content, as the history and Redis hold them."""
+
+    views: Counter[date]
+    crawlers: Counter[date]
+    uniques: dict[date, int]
+    sketches: dict[date, bytes]
+
+
+class ViewStats:
+    """Period questions answered from the per-day history plus what is still in Redis.
+
+    Args:
+        redis: a ``redis.asyncio`` client.
+        store: the database side; ``None`` answers from Redis alone.
+        settings: time zone, key prefix, unique viewers, retention of the per-day keys.
+        clock: seconds since the epoch; decides which day is today.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        store: Store | None,
+        settings: Settings | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.redis = redis
+        self.store = store
+        self.settings = settings or Settings()
+        self.keys = KeySchema(self.settings.key_prefix)
+        self.scripts = Scripts.register(redis)
+        self.clock = clock
+        self._history = HistoryReader(store.engine) if store is not None else None
+
+    @classmethod
+    def from_tracker(cls, tracker: ViewTracker) -> ViewStats:
+        """Stats on the tracker's Redis, store, settings and clock."""
+        return cls(tracker.redis, tracker.store, tracker.settings, clock=tracker.clock)
+
+    def today(self) -> date:
+        """Today in the configured zone, by the clock."""
+        return datetime.fromtimestamp(self.clock(), self.settings.zone).date()
+
+    def _live_days(self, first: date | None, last: date | None) -> list[date]:
+        """The period's days whose per-day Redis keys may still exist (within the retention)."""
+        today = self.today()
+        start = today - timedelta(days=self.settings.history_retention_days)
+        if first is not None:
+            start = max(start, first)
+        end = today if last is None else min(last, today)
+        return [start + timedelta(days=n) for n in range((end - start).days + 1)]
+
+    # Counts of contents -------------------------------------------------------------------------
+
+    async def views(self, content_type: str, content_id: str | int, period: Period) -> PeriodCount:
+        """One content's views, distinct viewers and crawler views in ``period``."""
+        content_id = validate_content_id(content_id)
+        return (await self.views_many(content_type, [content_id], period))[content_id]
+
+    async def views_many(
+        self, content_type: str, content_ids: Sequence[str | int], period: Period
+    ) -> dict[str, PeriodCount]:
+        """:meth:`views` of many contents: one Redis read, one history query (per few thousand
+        ids) and one estimate call. Keyed by the ids as text, in the order given."""
+        content_type, ids = self._validated(content_type, content_ids)
+        first, last = period.resolve(self.today())
+        days = await self._days(content_type, ids, first, last, summed=True)
+        uniques = await self._unique_viewers(
+            content_type, [(content_id, None) for content_id in ids], days, first, last
+        )
+        return {
+            content_id: PeriodCount(
+                sum(days[content_id].views.values()),
+                uniques[n],
+                sum(days[content_id].crawlers.values()),
+            )
+            for n, content_id in enumerate(ids)
+        }
+
+    async def by_day(
+        self, content_type: str, content_id: str | int, period: Period
+    ) -> list[DayCount]:
+        """One content's counts for every day of ``period``, oldest first (days without views
+        included; an open start begins at the content's first day)."""
+        content_type, (content_id,) = self._validated(content_type, [content_id])
+        first, last = period.resolve(self.today())
+        days = (await self._days(content_type, [content_id], first, last))[content_id]
+        span = self._span(days, first, last)
+        if not span:
+            return []
+        uniques = await self._unique_viewers(
+            content_type, [(content_id, [day]) for day in span], {content_id: days}, first, last
+        )
+        return [
+            DayCount(day, days.views[day], uniques[n], days.crawlers[day])
+            for n, day in enumerate(span)
+        ]
+
+    def _span(self, days: _Days, first: date | None, last: date | None) -> list[date]:
+        """Every day of the period, an open start from the first day with anything."""
+        known = [*days.views, *days.crawlers, *days.uniques]
+        start = first if first is not None else min(known, default=None)
+        end = last if last is not None else self.today()
+        if start is None or start > end:
+            return []
+        return [start + timedelta(days=n) for n in range((end - start).days + 1)]
+
+    @staticmethod
+    def _validated(content_type: str, content_ids: Sequence[str | int]) -> tuple[str, list[str]]:
+        content_type = validate_content_type(content_type)
+        if isinstance(content_ids, str | bytes):
+            raise TypeError("content_ids must be a sequence of ids, not one id")
+        return content_type, list(dict.fromkeys(validate_content_id(i) for i in content_ids))
+
+    async def _days(
+        self,
+        content_type: str,
+        ids: list[str],
+        first: date | None,
+        last: date | None,
+        *,
+        summed: bool = False,
+    ) -> dict[str, _Days]:
+        """Per-day counts of ``ids`` in the period: history + pending + the unsettled batch's
+        part unless the database holds it, all as of one moment between syncs. ``summed``
+        has the database add up the history's days (they then count as one, ``date.min``)."""
+        keys = self.keys
+        members = [KeySchema.member(content_type, content_id) for content_id in ids]
+        for _attempt in range(_READ_ATTEMPTS):
+            reply = await self.scripts.read_days(
+                keys=[keys.epoch, keys.sync_batch, *(keys.days(content_type, i) for i in ids)],
+                args=[keys.prefix, *members],
+            )
+            epoch, batch_id = int(reply[0]), _text(reply[1])
+            committed = bool(batch_id) and await self._committed(batch_id)
+            rows = await self._rows(content_type, ids, first, last, summed)
+            if batch_id and committed != await self._committed(batch_id):
+                continue  # the batch was committed during the history read: read again
+            if int(await self.redis.get(keys.epoch) or 0) != epoch:
+                continue  # a sync moved views between Redis and the database: read again
+            break
+        else:
+            raise ServiceUnavailableError("syncs kept moving views during the read; try again")
+        result = {content_id: _Days(Counter(), Counter(), {}, {}) for content_id in ids}
+        for row in rows:
+            days = result[row.content_id]
+            days.views[row.day] += row.views
+            days.crawlers[row.day] += row.crawler_views
+            if row.unique_viewers is not None:
+                days.uniques[row.day] = row.unique_viewers
+            if row.sketch is not None:
+                days.sketches[row.day] = row.sketch
+        for n, content_id in enumerate(ids):
+            parts = [_text(reply[2 + 2 * n])]
+            if not committed:
+                parts.append(_text(reply[3 + 2 * n]))
+            for encoded in parts:
+                for name, (views, crawlers) in decode_days(encoded).items():
+                    day = date.fromisoformat(name)
+                    if (first is None or day >= first) and (last is None or day <= last):
+                        result[content_id].views[day] += views
+                        result[content_id].crawlers[day] += crawlers
+                        result[content_id].uniques.setdefault(day, 0)
+        return result
+
+    async def _committed(self, batch_id: str) -> bool:
+        return self.store is not None and await self.store.is_committed(batch_id)
+
+    async def _rows(
+        self, content_type: str, ids: list[str], first: date | None, last: date | None, summed: bool
+    ) -> list[HistoryRow]:
+        if self._history is None:
+            return []
+        # A day whose HyperLogLog is still in Redis needs no sketch from the history: the live
+        # one holds every viewer the sketch holds (it was copied from it).
+        oldest_live = self.today() - timedelta(days=self.settings.history_retention_days)
+        read = self._history.totals if summed else self._history.rows
+        return await read(
+            content_type,
+            ids,
+            first,
+            last,
+            sketches_before=oldest_live if self.settings.unique_viewers else None,
+        )
+
+    async def _unique_viewers(
+        self,
+        content_type: str,
+        groups: list[tuple[str, list[date] | None]],
+        days: dict[str, _Days],
+        first: date | None,
+        last: date | None,
+    ) -> list[int | None]:
+        """Distinct viewers of each (content, days) group (``None``: the whole period): the
+        days' live HyperLogLogs and the sketches kept in the history, merged by one PFCOUNT per
+        group (a viewer seen on several days counts once). A day kept without a sketch adds its
+        own estimate as a floor."""
+        if not self.settings.unique_viewers:
+            return [None] * len(groups)
+        period_live = self._live_days(first, last)
+        live_days = set(period_live)
+        keys: list[str] = []
+        args: list[Any] = [len(groups)]
+        sketches: list[bytes] = []
+        floors: list[int] = []
+        for content_id, span in groups:
+            held = days[content_id]
+            if span is None:
+                live_span = period_live
+                kept = list(held.sketches.values())
+                floors.append(max(held.uniques.values(), default=0))
+            else:
+                live_span = [day for day in span if day in live_days]
+                kept = [held.sketches[day] for day in span if day in held.sketches]
+                floors.append(max((held.uniques.get(day, 0) for day in span), default=0))
+            live = [self.keys.uniques(content_type, content_id, d.isoformat()) for d in live_span]
+            keys += live
+            keys += [self.keys.scratch(uuid.uuid4().hex) for _ in kept]
+            args += [len(live), len(kept)]
+            sketches += kept
+        if not keys:
+            return list(floors)
+        estimates = await self.scripts.count_viewers(keys=keys, args=[*args, *sketches])
+        return [
+            max(int(estimate), floor) for estimate, floor in zip(estimates, floors, strict=True)
+        ]
+
+    # Trending -----------------------------------------------------------------------------------
+
+    async def top(
+        self, content_type: str, period: Period, limit: int = 10
+    ) -> list[tuple[str, int]]:
+        """The ``limit`` most viewed ids of ``period`` with their views, most first, ties by id;
+        views still pending in Redis included (today's ranking is Redis' own, in real time).
+
+        Exact: candidates are the top of the history and the top of Redis' rankings; the
+        candidates' totals are completed from the other side, and the search widens until no id
+        outside the candidates could reach the last place (see docs/history.md).
+        """
+        content_type = validate_content_type(content_type)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"limit must be a whole number >= 1, got {limit!r}")
+        first, last = period.resolve(self.today())
+        rankings = [
+            self.keys.ranking(content_type, d.isoformat()) for d in self._live_days(first, last)
+        ]
+        n = limit
+        for _attempt in range(_READ_ATTEMPTS * 4):
+            answer = await self._top_round(content_type, first, last, rankings, limit, n)
+            if answer is None:
+                continue  # a sync moved views meanwhile: the same round again
+            ranked, complete = answer
+            if complete:
+                return ranked[:limit]
+            n *= 4
+        raise ServiceUnavailableError("syncs kept moving views during the ranking; try again")
+
+    async def _top_round(
+        self,
+        content_type: str,
+        first: date | None,
+        last: date | None,
+        rankings: list[str],
+        limit: int,
+        n: int,
+    ) -> tuple[list[tuple[str, int]], bool] | None:
+        """One round of :meth:`top` with ``n`` candidates from each side; ``None`` when a sync
+        moved views during it. Returns the ranked candidates and whether they are the answer."""
+        keys = [self.keys.epoch, self.keys.sync_batch, *rankings]
+        head = await self.scripts.read_ranking(
+            keys=keys, args=[self.keys.prefix, content_type, n if rankings else 0]
+        )
+        epoch, batch_id = int(head[0]), _text(head[1])
+        from_redis = _ranking_entries(head)
+        committed = bool(batch_id) and await self._committed(batch_id)
+        history: dict[str, int] = {}
+        history_full, history_bound = False, 0
+        if self._history is not None:
+            leaders, history_full, history_bound = await self._history_leaders(
+                content_type, first, last, n
+            )
+            candidates = list(dict.fromkeys([*leaders, *from_redis]))
+            history = await self._history.sums(content_type, candidates, first, last)
+        if batch_id and committed != await self._committed(batch_id):
+            return None
+        missing = [i for i in history if i not in from_redis]
+        tail = await self.scripts.read_ranking(
+            keys=keys, args=[self.keys.prefix, content_type, 0, *missing]
+        )
+        if int(tail[0]) != epoch:
+            return None
+        pending = {**from_redis, **_ranking_entries(tail)}
+        totals: dict[str, int] = {}
+        for content_id in set(history) | set(pending):
+            views, batch = pending.get(content_id, (0, ""))
+            if committed:  # the history holds the batch's part already
+                for name, (amount, _) in decode_days(batch).items():
+                    day = date.fromisoformat(name)
+                    if (first is None or day >= first) and (last is None or day <= last):
+                        views -= amount
+            totals[content_id] = history.get(content_id, 0) + views
+        ranked = sorted(
+            ((i, v) for i, v in totals.items() if v > 0), key=lambda item: (-item[1], item[0])
+        )
+        redis_full = len(head) > 2 and len(from_redis) == n
+        if not history_full and not redis_full:
+            return ranked, True  # every id with views in the period is a candidate
+        # No id outside the candidates has more than the last of each list it was not in.
+        bound = history_bound + (min(v for v, _ in from_redis.values()) if redis_full else 0)
+        return ranked, len(ranked) >= limit and ranked[limit - 1][1] > bound
+
+    async def _history_leaders(
+        self, content_type: str, first: date | None, last: date | None, n: int
+    ) -> tuple[list[str], bool, int]:
+        """Candidates from the history: the ``n`` leaders of each day of a bounded period (or
+        of the whole period's sums when it is open or long), whether any list was cut at ``n``,
+        and the most views an id outside every list can have."""
+        assert self._history is not None
+        end = self.today() if last is None else min(last, self.today())
+        if first is not None and (end - first).days < _DAY_LISTS_UP_TO:
+            days = [first + timedelta(days=d) for d in range((end - first).days + 1)]
+            lists = (await self._history.day_leaders(content_type, days, n)).values()
+            cut = [ranked for ranked in lists if len(ranked) == n]
+            ids = [content_id for ranked in lists for content_id, _ in ranked]
+            return ids, bool(cut), sum(ranked[-1][1] for ranked in cut)
+        ranked = await self._history.top(content_type, first, last, n)
+        full = len(ranked) == n
+        return [i for i, _ in ranked], full, ranked[-1][1] if full else 0
+
+    # Blocked views ------------------------------------------------------------------------------
+
+    async def blocked(self, period: Period) -> dict[str, int]:
+        """Views blocked in ``period``, by reason (every reason listed, 0 when none). Kept for
+        the retention of the per-day keys only (``history_retention_days``)."""
+        first, last = period.resolve(self.today())
+        totals = dict.fromkeys(_BLOCK_REASONS, 0)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for day in self._live_days(first, last):
+                pipe.hgetall(self.keys.blocked(day.isoformat()))
+            replies = await pipe.execute()
+        for reply in replies:
+            for reason, count in reply.items():
+                name = _text(reason)
+                totals[name] = totals.get(name, 0) + int(count)
+        return totals
+
+
+def _ranking_entries(reply: list[Any]) -> dict[str, tuple[int, str]]:
+    """``read_ranking``'s entries: id -> (views not yet settled, the batch's days of it)."""
+    return {
+        _text(reply[n]): (int(float(_text(reply[n + 1]))), _text(reply[n + 2]))
+        for n in range(2, len(reply), 3)
+    }
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.decode()
+    return "" if value is None else str(value)

@@ -1,0 +1,195 @@
+"""Reads of the per-day history table (``viewmw_daily_views``) for :mod:`viewmw.analytics`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import date
+from typing import Any
+
+from sqlalchemy import and_, case, desc, func, null, select, union_all
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from viewmw.store import CHUNK_ROWS, daily_views
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryRow:
+    """One content's day as the history holds it."""
+
+    content_id: str
+    day: date
+    views: int
+    unique_viewers: int | None
+    crawler_views: int
+    sketch: bytes | None
+
+
+def _in_period(first: date | None, last: date | None) -> Any:
+    conditions = []
+    if first is not None:
+        conditions.append(daily_views.c.day >= first)
+    if last is not None:
+        conditions.append(daily_views.c.day <= last)
+    return and_(True, *conditions)
+
+
+class HistoryReader:
+    """Queries of the history: days of given contents, and the most viewed of a period."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    async def rows(
+        self,
+        content_type: str,
+        content_ids: Sequence[str],
+        first: date | None,
+        last: date | None,
+        *,
+        sketches_before: date | None,
+    ) -> list[HistoryRow]:
+        """Every stored day of ``content_ids`` within the period, with the sketches of the days
+        before ``sketches_before`` (none when it is ``None``)."""
+        c = daily_views.c
+        sketch = (
+            case((c.day < sketches_before, c.unique_sketch), else_=null())
+            if sketches_before is not None
+            else None
+        )
+        sketches = sketch is not None
+        columns = [c.content_id, c.day, c.views, c.unique_viewers, c.crawler_views]
+        rows: list[HistoryRow] = []
+        async with self.engine.connect() as connection:
+            for start in range(0, len(content_ids), CHUNK_ROWS):
+                chunk = list(content_ids[start : start + CHUNK_ROWS])
+                query = select(*columns, *([sketch] if sketch is not None else [])).where(
+                    c.content_type == content_type,
+                    c.content_id.in_(chunk),
+                    _in_period(first, last),
+                )
+                for row in await connection.execute(query):
+                    rows.append(
+                        HistoryRow(
+                            row[0],
+                            row[1],
+                            int(row[2]),
+                            None if row[3] is None else int(row[3]),
+                            int(row[4]),
+                            bytes(row[5]) if sketches and row[5] is not None else None,
+                        )
+                    )
+        return rows
+
+    async def totals(
+        self,
+        content_type: str,
+        content_ids: Sequence[str],
+        first: date | None,
+        last: date | None,
+        *,
+        sketches_before: date | None,
+    ) -> list[HistoryRow]:
+        """The period of each of ``content_ids`` summed up in the database: one row per id
+        (dated ``date.min``; ``unique_viewers`` is the largest day's), then one row per day
+        before ``sketches_before`` that kept a sketch (its sketch alone)."""
+        c = daily_views.c
+        rows: list[HistoryRow] = []
+        async with self.engine.connect() as connection:
+            for start in range(0, len(content_ids), CHUNK_ROWS):
+                chunk = list(content_ids[start : start + CHUNK_ROWS])
+                where = (c.content_type == content_type, c.content_id.in_(chunk))
+                sums = (
+                    select(
+                        c.content_id,
+                        func.sum(c.views),
+                        func.max(c.unique_viewers),
+                        func.sum(c.crawler_views),
+                    )
+                    .where(*where, _in_period(first, last))
+                    .group_by(c.content_id)
+                )
+                for content_id, views, uniques, crawlers in await connection.execute(sums):
+                    rows.append(
+                        HistoryRow(
+                            content_id,
+                            date.min,
+                            int(views),
+                            None if uniques is None else int(uniques),
+                            int(crawlers),
+                            None,
+                        )
+                    )
+                if sketches_before is None:
+                    continue
+                kept = select(c.content_id, c.day, c.unique_sketch).where(
+                    *where,
+                    _in_period(first, last),
+                    c.day < sketches_before,
+                    c.unique_sketch.is_not(None),
+                )
+                for content_id, day, sketch in await connection.execute(kept):
+                    rows.append(HistoryRow(content_id, day, 0, None, 0, bytes(sketch)))
+        return rows
+
+    async def top(
+        self, content_type: str, first: date | None, last: date | None, n: int
+    ) -> list[tuple[str, int]]:
+        """The ``n`` ids with the most views in the period, most first, ties by id."""
+        c = daily_views.c
+        total = func.sum(c.views).label("total")
+        query = (
+            select(c.content_id, total)
+            .where(c.content_type == content_type, _in_period(first, last))
+            .group_by(c.content_id)
+            .having(func.sum(c.views) > 0)
+            .order_by(desc(total), c.content_id)
+            .limit(n)
+        )
+        async with self.engine.connect() as connection:
+            return [(row[0], int(row[1])) for row in await connection.execute(query)]
+
+    async def day_leaders(
+        self, content_type: str, days: Sequence[date], n: int
+    ) -> dict[date, list[tuple[str, int]]]:
+        """The ``n`` ids with the most views on each of ``days`` (one index range each, all in
+        one statement), most first."""
+        c = daily_views.c
+        parts = [
+            select(c.day, c.content_id, c.views)
+            .where(c.content_type == content_type, c.day == day, c.views > 0)
+            .order_by(desc(c.views))
+            .limit(n)
+            .subquery()
+            for day in days
+        ]
+        leaders: dict[date, list[tuple[str, int]]] = {day: [] for day in days}
+        if not parts:
+            return leaders
+        query = union_all(*(select(*part.c) for part in parts))
+        async with self.engine.connect() as connection:
+            for day, content_id, views in await connection.execute(query):
+                leaders[day].append((content_id, int(views)))
+        for ranked in leaders.values():
+            ranked.sort(key=lambda item: -item[1])
+        return leaders
+
+    async def sums(
+        self, content_type: str, content_ids: Sequence[str], first: date | None, last: date | None
+    ) -> dict[str, int]:
+        """Views of each of ``content_ids`` in the period (ids without any are left out)."""
+        c = daily_views.c
+        sums: dict[str, int] = {}
+        async with self.engine.connect() as connection:
+            for start in range(0, len(content_ids), CHUNK_ROWS):
+                query = (
+                    select(c.content_id, func.sum(c.views))
+                    .where(
+                        c.content_type == content_type,
+                        c.content_id.in_(list(content_ids[start : start + CHUNK_ROWS])),
+                        _in_period(first, last),
+                    )
+                    .group_by(c.content_id)
+                )
+                sums.update((row[0], int(row[1])) for row in await connection.execute(query))
+        return sums

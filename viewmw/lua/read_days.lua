@@ -1,0 +1,25 @@
+-- Read what Redis holds of many contents' per-day views, in one atomic step: each content's days
+-- hash (pending views per day) and its part of the unsettled sync batch, with the sync epoch and
+-- the batch id, so the caller can tell whether the database already holds that part.
+-- KEYS: 1 sync epoch, 2 sync batch hash, then per content: its days hash.
+-- ARGV: 1 key prefix, then per content: its member ("{type}:{id}").
+-- Returns {epoch, batch id or "", then per content: days hash as "field=amount,...",
+--          the batch's days of the content ("" when none)}.
+local epoch = tonumber(redis.call('GET', KEYS[1])) or 0
+local batch_id = redis.call('HGET', KEYS[2], 'id') or ''
+local out = {epoch, batch_id}
+local batch_days = ARGV[1] .. 'viewmw:sync:batch:' .. batch_id .. ':days'
+for i = 3, #KEYS do
+  local flat = redis.call('HGETALL', KEYS[i])
+  local encoded = {}
+  for j = 1, #flat, 2 do
+    encoded[#encoded + 1] = flat[j] .. '=' .. flat[j + 1]
+  end
+  out[#out + 1] = table.concat(encoded, ',')
+  if batch_id ~= '' then
+    out[#out + 1] = redis.call('HGET', batch_days, ARGV[i - 1]) or ''
+  else
+    out[#out + 1] = ''
+  end
+end
+return out
