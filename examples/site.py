@@ -5,7 +5,9 @@ Run it with ``uvicorn examples.site:app`` or ``python -m examples.site`` (127.0.
 in-process fakeredis and a SQLite file in the current directory. Send ``X-Demo-User: alice`` to
 browse as a signed-in user; every response to a detail page carries ``X-View-Count`` and, for the
 demo, ``X-View-Counted``. A detail page decides its view with ``track(request)`` before it renders,
-so it shows the same count as the header, its own view included.
+so it shows the same count as the header, its own view included, and a table of its views per
+day. ``/trending`` ranks the week's most viewed items (today's views as they happen), and
+``/viewmw/`` mounts the operator statistics page (unprotected here; never in production).
 """
 
 from __future__ import annotations
@@ -31,9 +33,20 @@ from starlette.middleware import Middleware
 from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import HTMLResponse
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
-from viewmw import RequestView, Settings, Store, content_table, track, view_counts
+from viewmw import (
+    DayCount,
+    Period,
+    RequestView,
+    Settings,
+    StatsPage,
+    Store,
+    ViewStats,
+    content_table,
+    track,
+    view_counts,
+)
 from viewmw.assembly import build_tracker, close_clients
 from viewmw.mapping import record_mapping
 from viewmw.middleware import ViewTrackingMiddleware
@@ -119,6 +132,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
     assert store is not None
     # Keeps views offered while Redis is out of reach (in the database outbox) and replays them.
     tracker = ResilientTracker(redis_tracker, Outbox(store.engine))
+    # Period questions (trending, views per day) from the history plus what Redis still holds.
+    stats = ViewStats.from_tracker(redis_tracker)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -137,7 +152,33 @@ def create_app(settings: Settings | None = None) -> Starlette:
         links = "".join(
             f'<li><a href="/{s.segment}">{html.escape(s.heading)}</a></li>' for s in SECTIONS
         )
-        return _page("viewmw demo", f"<ul>{links}</ul>")
+        extra = (
+            '<li><a href="/trending">Trending this week</a></li>'
+            '<li><a href="/viewmw/">Operator statistics</a> (demo: unprotected)</li>'
+        )
+        return _page("viewmw demo", f"<ul>{links}{extra}</ul>")
+
+    async def trending(request: Request) -> HTMLResponse:
+        # The most viewed items of the last 7 days, today's views included as they happen.
+        week = Period.last_days(7)
+        tops = await _bounded(
+            asyncio.gather(*(stats.top(s.content_type, week, limit=5) for s in SECTIONS)),
+            settings,
+        )
+        parts = []
+        for section, top in zip(SECTIONS, tops or [[] for _ in SECTIONS], strict=True):
+            rows = "".join(
+                f'<li><a href="/{section.segment}/{html.escape(item_id)}">'
+                f"{html.escape(section.items.get(item_id, item_id))}</a> — {_views(views)}</li>"
+                for item_id, views in top
+            )
+            parts.append(
+                f"<h2>{html.escape(section.heading)}</h2>"
+                + (f"<ol>{rows}</ol>" if rows else "<p>No views this week yet.</p>")
+            )
+        if tops is None:
+            parts = ["<p>Trending is unavailable right now.</p>"]
+        return _page("Trending this week", "".join(parts))
 
     async def section_list(request: Request) -> HTMLResponse:
         section = SECTION_BY_SEGMENT.get(request.path_params["segment"])
@@ -163,8 +204,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
         # Decided now, once the item is known to exist: the page shows the count that includes
         # this visit, the number X-View-Count carries (the middleware does not offer it again).
         view = await track(request)
+        days = await _bounded(
+            stats.by_day(section.content_type, item_id, Period.last_days(7)), settings
+        )
         body = (
             f"<p>{_views(view.count)} ({_visit(view)}).</p>"
+            f"{_day_table(days)}"
             f'<p><a href="/{section.segment}">All {html.escape(section.heading.lower())}</a></p>'
         )
         return _page(title, body)
@@ -176,6 +221,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Route("/fantasies/{id:int}", detail),
             Route("/tasks/{slug}", detail),
             Route("/outcomes/{id:int}", detail),
+            Route("/trending", trending),
+            # Operator statistics. Demo only: a real app puts its own auth in front of it.
+            Mount("/viewmw", app=StatsPage(stats, tracker)),
             Route("/{segment}", section_list),
         ],
         middleware=[
@@ -222,6 +270,22 @@ def _views(count: int | None) -> str:
     if count is None:
         return "views unavailable"
     return f"{count} view" if count == 1 else f"{count} views"
+
+
+def _day_table(days: list[DayCount] | None) -> str:
+    """The last 7 days' views and distinct viewers, a row per day."""
+    if days is None:
+        return "<p>Views per day are unavailable right now.</p>"
+    rows = "".join(
+        f"<tr><td>{day.day.isoformat()}</td><td>{day.views}</td>"
+        f"<td>{'' if day.unique_viewers is None else day.unique_viewers}</td></tr>"
+        for day in days
+    )
+    return (
+        "<table><caption>Last 7 days</caption>"
+        "<tr><th>day</th><th>views</th><th>viewers</th></tr>"
+        f"{rows}</table>"
+    )
 
 
 def _visit(view: RequestView) -> str:

@@ -75,6 +75,45 @@ async def test_detail_pages_count_and_show_their_count(
     assert await real_redis.exists(f"viewed:{alice}:story:1", f"viewed:{alice}:task:write-docs")
 
 
+async def test_trending_and_views_per_day_include_todays_views(
+    real_redis: aioredis.Redis, tmp_path: Path
+) -> None:
+    async with running_site(site_settings(tmp_path)) as (_, site):
+        for user in ("alice", "bob", "carol"):
+            await site.get("/stories/3", headers={**BROWSER, "x-demo-user": user})
+        detail = await site.get("/stories/1", headers={**BROWSER, "x-demo-user": "alice"})
+        trending = await site.get("/trending", headers=BROWSER)
+
+    assert trending.status_code == 200
+    stories_part = trending.text.split("<h2>Stories</h2>")[1].split("<h2>")[0]
+    # Night Train (3 views today) leads The Lighthouse Keeper (1), both pending in Redis.
+    assert re.findall(r">([^<]+)</a> — (\d+) views?", stories_part) == [
+        ("Night Train", "3"),
+        ("The Lighthouse Keeper", "1"),
+    ]
+    assert "No views this week yet." in trending.text  # sections nobody viewed
+    rows = re.findall(
+        r"<tr><td>(\d{4}-\d\d-\d\d)</td><td>(\d+)</td><td>(\d*)</td></tr>", detail.text
+    )
+    assert len(rows) == 7
+    assert rows[-1][1:] == ("1", "1")  # today: this visit, by one viewer
+    assert all(row[1:] == ("0", "0") for row in rows[:-1])
+
+
+async def test_the_operator_statistics_page_is_mounted(
+    real_redis: aioredis.Redis, tmp_path: Path
+) -> None:
+    async with running_site(site_settings(tmp_path)) as (_, site):
+        await site.get("/stories/2", headers={**BROWSER, "x-demo-user": "alice"})
+        page = await site.get("/viewmw/", headers=BROWSER)
+
+    assert page.status_code == 200
+    story = page.text.split('data-type="story"')[1].split("</section>")[0]
+    today = story.split('data-period="Today"')[1].split("</div>")[0]
+    # Story 2, viewed once today, leads today's ranking (the page shows ids).
+    assert re.findall(r'<td class="id">(\w+)</td><td class="num">(\d+)</td>', today) == [("2", "1")]
+
+
 async def test_list_page_reads_all_counts_in_one_batch(
     real_redis: aioredis.Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
