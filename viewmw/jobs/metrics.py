@@ -13,6 +13,7 @@ from typing import Any
 
 import dramatiq
 
+from viewmw.metrics.recording import recorder
 from viewmw.metrics.worker import serve_worker_metrics, use_multiprocess_dir
 
 
@@ -28,6 +29,10 @@ class WorkerMetrics(dramatiq.Middleware):
     def forks(self) -> list[Any]:
         """The exposition server, started once by Dramatiq's main process."""
         return [serve_worker_metrics]
+
+    def after_process_boot(self, broker: dramatiq.Broker) -> None:
+        """Create this process's metrics now: exported at 0 until its first sync."""
+        recorder()
 
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         """Drop this process's live gauges (the breaker state) from the sum."""
