@@ -9,7 +9,9 @@ time are compared as they are.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -278,6 +280,7 @@ asyncio.run(main(sys.argv[1], int(sys.argv[2])))
 
 SCRAPING_PROCESS = """
 import asyncio
+import json
 from viewmw import Settings, Store
 from viewmw.metrics import MetricsEndpoint
 from viewmw.middleware import connect_redis
@@ -381,3 +384,52 @@ def test_viewmw_imports_without_prometheus_client_and_does_not_import_it_early()
 def test_time_is_a_real_clock_for_the_endpoint_by_default() -> None:
     endpoint = MetricsEndpoint(None, None, Settings())  # type: ignore[arg-type]
     assert abs(endpoint.clock() - time.time()) < 60
+
+
+def exported_names() -> set[str]:
+    """Every metric name a scrape can show, as written in queries (counters with ``_total``)."""
+    from prometheus_client import CollectorRegistry
+
+    from viewmw.metrics.prometheus import scraped_families
+
+    registry = CollectorRegistry()
+    PrometheusRecorder(registry)
+    names = {
+        family.name + ("_total" if family.type == "counter" else "")
+        for family in registry.collect()
+    }
+    figures = scraped_families(
+        redis_up=True,
+        database_up=True,
+        pending_contents=0,
+        outbox_views=0,
+        outbox_oldest_age=0.0,
+        last_sync_timestamp=0.0,
+    )
+    return names | {family.name for family in figures}
+
+
+def test_the_docs_list_every_metric_and_nothing_else() -> None:
+    page = (ROOT / "docs" / "metrics.md").read_text(encoding="utf-8")
+    documented = set(re.findall(r"^\| `(viewmw_\w+)`(?:, `(viewmw_\w+)`)?", page, re.M))
+    names = {name for pair in documented for name in pair if name}
+    assert names == exported_names()
+
+
+def test_the_grafana_dashboard_queries_only_metrics_viewmw_exports() -> None:
+    dashboard = json.loads((ROOT / "docs" / "grafana" / "viewmw-dashboard.json").read_text())
+    expressions = [
+        target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])
+    ]
+    used = {
+        re.sub(r"_(bucket|sum|count)$", "", name)
+        for expression in expressions
+        for name in re.findall(r"viewmw_\w+", expression)
+    }
+    exported = exported_names()
+    assert used <= exported, used - exported
+    # Every metric has a panel, so the dashboard shows all of them.
+    assert exported - used <= {
+        "viewmw_sync_last_success_timestamp_seconds",
+        "viewmw_breaker_opened_total",
+    }
