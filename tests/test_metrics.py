@@ -165,6 +165,25 @@ async def test_a_scrape_after_traffic_and_a_sync_says_what_happened(
     assert after[key("viewmw_sync_last_success_timestamp_seconds")] >= committed - 1
 
 
+async def test_concurrent_views_decided_in_shared_batches_are_each_recorded_once(
+    real_redis: aioredis.Redis, pg_store: Store, settings: Settings, clock: FakeClock
+) -> None:
+    await seed_stories(pg_store, [1])
+    tracker = ViewTracker(real_redis, pg_store, settings, clock=clock)
+    endpoint = MetricsEndpoint(real_redis, pg_store, settings)
+    async with client_for(site(tracker, endpoint)) as client:
+        before = await scrape(client)
+        # One viewer 60 times at once (the rules admit one), and 60 viewers once each: the
+        # views of one event-loop turn travel to Redis together.
+        seen = await asyncio.gather(
+            *(visit(client, "/stories/1", "eve") for _ in range(60)),
+            *(visit(client, "/stories/1", f"reader{n}") for n in range(60)),
+        )
+        after = await scrape(client)
+    assert seen.count("1") == 61
+    assert increase(before, after) == expected_from(list(seen))
+
+
 async def test_every_blocking_rule_has_its_label(real_redis: aioredis.Redis) -> None:
     from prometheus_client import CollectorRegistry, generate_latest
 
