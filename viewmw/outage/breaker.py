@@ -69,6 +69,7 @@ class CircuitBreaker:
         self._backoff = reset_seconds
         self._retry_at = 0.0
         self._probing = False
+        self.metrics.breaker_changed(name, self.state)  # the breaker in use now starts closed
 
     def allow(self) -> bool:
         """Whether this call may go to the server (``False``: skip it now)."""
