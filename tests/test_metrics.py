@@ -43,6 +43,7 @@ from viewmw import (
     ViewSync,
     ViewTracker,
     ViewTrackingMiddleware,
+    track,
 )
 from viewmw.assembly import connect_redis
 from viewmw.metrics import MetricsEndpoint
@@ -182,6 +183,35 @@ async def test_concurrent_views_decided_in_shared_batches_are_each_recorded_once
         after = await scrape(client)
     assert seen.count("1") == 61
     assert increase(before, after) == expected_from(list(seen))
+
+
+async def test_a_view_tracked_in_the_handler_is_recorded_once(
+    real_redis: aioredis.Redis, pg_store: Store, settings: Settings, clock: FakeClock
+) -> None:
+    await seed_stories(pg_store, [1])
+    tracker = ViewTracker(real_redis, pg_store, settings, clock=clock)
+
+    async def story(request: Request) -> PlainTextResponse:
+        view = await track(request)  # decided here; the response start reuses the outcome
+        again = await track(request)
+        return PlainTextResponse(
+            f"a story seen {view.count} times", headers={"x-same": str(view is again)}
+        )
+
+    app = ViewTrackingMiddleware(
+        Starlette(routes=[Route("/stories/{id:int}", story)]),
+        tracker=tracker,
+        routes={"/stories/{id:int}": "story"},
+        viewer=user_of,
+    )
+    endpoint = MetricsEndpoint(real_redis, pg_store, settings)
+    before = parse((await endpoint.render()).decode())
+    async with client_for(app) as client:
+        response = await client.get("/stories/1", headers={"user-agent": BROWSER, "x-user": "ann"})
+    assert response.text == "a story seen 1 times" and response.headers["x-view-count"] == "1"
+    assert response.headers["x-same"] == "True"  # a second track() offers nothing
+    after = parse((await endpoint.render()).decode())
+    assert increase(before, after) == expected_from(["1"])
 
 
 async def test_every_blocking_rule_has_its_label(real_redis: aioredis.Redis) -> None:
