@@ -6,7 +6,8 @@
   counter for a batch of one counted view), Prometheus against the no-op recorder;
 - tracked requests through the middleware on a private Redis-compatible server (as
   ``bench.profile_request tracked``, every request a new viewer, so every view counts), in blocks
-  with the recorder on and off, interleaved in one process so that a busy machine weighs on both.
+  with the recorder on and off, interleaved in one process so that a busy machine weighs on both,
+  and the same with the recorder off on both sides as a control for the machine's noise.
 
 CPU is this process's (``time.process_time``): Redis' own work is left out.
 """
@@ -97,13 +98,20 @@ def main() -> None:
     print(f"recorder calls, metrics off: {recorder_cost(off):.2f} µs of CPU per counted view")
     with ValkeyServer(port=None) as server:
         results = asyncio.run(requests_cost(server.connection_url, on, off))
+        # The same comparison with metrics off on both sides: how far apart two identical
+        # setups measure on this machine (the noise the figure above must be read against).
+        control = asyncio.run(requests_cost(server.connection_url, Recorder(), off))
     for name, values in results.items():
         print(
             f"tracked requests, metrics {name}: median {statistics.median(values):.1f} µs, "
             f"best {min(values):.1f} µs of CPU per request"
         )
-    added = statistics.median(a - b for a, b in zip(results["on"], results["off"], strict=True))
-    print(f"added by metrics (median of paired blocks): {added:.1f} µs per request")
+    print(f"added by metrics (median of paired blocks): {_added(results):.1f} µs per request")
+    print(f"control, metrics off against off:           {_added(control):.1f} µs per request")
+
+
+def _added(results: dict[str, list[float]]) -> float:
+    return statistics.median(a - b for a, b in zip(results["on"], results["off"], strict=True))
 
 
 if __name__ == "__main__":
