@@ -219,11 +219,12 @@ async def test_every_blocking_rule_has_its_label(real_redis: aioredis.Redis) -> 
 
     registry = CollectorRegistry()
     recorder = PrometheusRecorder(registry)
-    recorder.views_decided([(0, code) for code in _REASONS] + [(1, 0), (-1, 0)])
+    recorder.views_decided([(0, code) for code in _REASONS] + [(1, 0), (-1, 0), (0, 0)])
     samples = parse(generate_latest(registry).decode())
     for reason in BlockReason:
         assert samples[key("viewmw_views_blocked_total", reason=reason.value)] == 1
-    # A replayed view decided before (-1) is neither counted again nor blocked.
+    # A replayed view decided before (-1) and a crawler view (0 without a rule) are neither
+    # counted nor blocked.
     assert samples[key("viewmw_views_counted_total")] == 1
 
 

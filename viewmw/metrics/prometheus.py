@@ -161,8 +161,9 @@ class PrometheusRecorder(Recorder):
         for reply in replies:
             if reply[0] == 1:
                 self._counted.inc()
-            elif reply[0] == 0:
-                self._blocked[reply[1]].inc()
+            # Not counted without a rule's code: a crawler view, counted apart (never blocked).
+            elif reply[0] == 0 and (blocked := self._blocked.get(reply[1])) is not None:
+                blocked.inc()
 
     def view_queued(self) -> None:
         """See :meth:`viewmw.metrics.recording.Recorder.view_queued`."""
