@@ -42,6 +42,7 @@ from viewmw import (
     view_counts,
 )
 from viewmw.errorlog import ErrorLog
+from viewmw.metrics.recording import Recorder
 from viewmw.routes import RouteMatch
 
 ROUTES: dict[str, Any] = {
@@ -549,6 +550,7 @@ class HeldDecision:
         self.calls = 0
         self.release = asyncio.Event()
         self.errors = ErrorLog()
+        self.metrics = Recorder()
 
     async def _outcome(self, scope: Any, match: Any, *, wait: bool = False) -> tuple[int, bytes]:
         self.calls += 1

@@ -24,6 +24,7 @@ from viewmw.errors import (
 )
 from viewmw.handlers import RequestView, ViewCounter, track, view_counter, view_counts
 from viewmw.keys import KeySchema
+from viewmw.metrics import MetricsEndpoint
 from viewmw.middleware import ViewTrackingMiddleware
 from viewmw.outage.breaker import CircuitBreaker
 from viewmw.outage.failover import ResilientTracker
@@ -55,6 +56,7 @@ __all__ = [
     "Limits",
     "LockLostError",
     "MalformedReplyError",
+    "MetricsEndpoint",
     "MiddlewareMissingError",
     "Outbox",
     "OutboxEvent",

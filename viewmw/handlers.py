@@ -13,6 +13,7 @@ taking a Starlette ``Request``, which is what ``fastapi.Depends`` expects.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -148,6 +149,7 @@ class RequestView:
         assert self._match is not None  # only the untracked view has no match, and it is decided
         self._deciding = True
         values = _UNKNOWN
+        started = time.perf_counter()
         try:
             values = await self._middleware._outcome(scope, self._match, wait=wait)
         except Exception as exc:  # a malformed scope: the page must still render
@@ -157,6 +159,7 @@ class RequestView:
             self._values = values
             if isinstance(self._deciding, asyncio.Future):
                 self._deciding.set_result(values)
+        self._middleware.metrics.request_handled(values[1], time.perf_counter() - started)
         return values
 
     async def read_counts(

@@ -22,6 +22,7 @@ from viewmw.errors import ConfigurationError, InvalidKeyError
 from viewmw.handlers import SCOPE_KEY, RequestView
 from viewmw.identity import ViewerFunction, ViewerIdentity, is_crawler, read_signals
 from viewmw.keys import validate_content_id
+from viewmw.metrics.recording import recorder
 from viewmw.routes import RouteMatch, RouteSpec, RouteTable
 from viewmw.settings import Settings
 
@@ -108,6 +109,7 @@ class ViewTrackingMiddleware:
         self.respect_privacy_signals = respect_privacy_signals
         self.deferred = deferred
         self.errors = ErrorLog()
+        self.metrics = recorder()
         self._untracked = RequestView.untracked(self)
         is_crawler("Mozilla/5.0")  # compile crawlerdetect's patterns now, not on a request
 

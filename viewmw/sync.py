@@ -39,6 +39,7 @@ from redis.asyncio import Redis
 from viewmw.errors import LockLostError, SyncError
 from viewmw.keys import KeySchema
 from viewmw.mapping import mapping_conflicts
+from viewmw.metrics.recording import record_sync
 from viewmw.scripts import Scripts
 from viewmw.settings import Settings
 from viewmw.store import DayDelta, Store
@@ -151,6 +152,7 @@ class ViewSync:
         self.on_step = on_step
         self.clock = clock
 
+    @record_sync
     async def run(self, *, force: bool = False, progress: ProgressHook | None = None) -> SyncReport:
         """Sync pending views into the database.
 

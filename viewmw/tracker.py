@@ -23,6 +23,7 @@ from viewmw.contract import BlockReason, TrackResult, ViewCount
 from viewmw.errorlog import ErrorLog
 from viewmw.errors import InvalidKeyError, MalformedReplyError, ServiceUnavailableError
 from viewmw.keys import KeySchema, validate_content_id, validate_content_type, validate_viewer
+from viewmw.metrics.recording import recorder
 from viewmw.outage.breaker import CircuitBreaker
 from viewmw.pipeline import Batcher, LateReply, ScriptCall, script_pipeline
 from viewmw.script_connection import ScriptConnection
@@ -161,7 +162,9 @@ class ViewTracker:
         self.database_breaker = CircuitBreaker(
             subject="the database (count reads on the request path)",
             fallback="counts not cached in Redis are left out",
+            name="database",
         )
+        self.metrics = recorder()
         deadline = self.settings.redis_timeout
         self._views: Batcher[_ViewCall, _ViewReply] | None = None
         self._reads: Batcher[ScriptCall, Any] | None = None
@@ -372,6 +375,7 @@ class ViewTracker:
         else:
             reply = await self.scripts.record_views(keys=call_keys, args=args)
         replies = _view_replies(reply, len(calls))
+        self.metrics.views_decided(replies)
         known = self._known_counts
         if len(known) > KNOWN_COUNTS:
             known.clear()  # a crude bound: counts are re-learned from the next replies

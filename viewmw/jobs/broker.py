@@ -19,7 +19,8 @@ SCHEDULE_GRACE_SECONDS = 6 * 3600
 
 def make_broker(worker: WorkerSettings) -> dramatiq.Broker:
     """Dramatiq's Redis, RabbitMQ or stub broker for ``worker.broker_url``, with asyncio support
-    and periodiq's middleware. The Redis broker keeps its keys under ``worker.namespace``."""
+    and periodiq's middleware (and viewmw's metrics server with ``worker.metrics_port``). The
+    Redis broker keeps its keys under ``worker.namespace``."""
     url = worker.broker_url
     broker: dramatiq.Broker
     if url.startswith(("amqp://", "amqps://")):
@@ -34,6 +35,10 @@ def make_broker(worker: WorkerSettings) -> dramatiq.Broker:
         broker = RedisBroker(url=url, namespace=worker.namespace)  # type: ignore[no-untyped-call]
     broker.add_middleware(AsyncIO())
     broker.add_middleware(PeriodiqMiddleware(skip_delay=SCHEDULE_GRACE_SECONDS))
+    if worker.metrics_port is not None:
+        from viewmw.jobs.metrics import WorkerMetrics
+
+        broker.add_middleware(WorkerMetrics(worker.metrics_port))
     return broker
 
 

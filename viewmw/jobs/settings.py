@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from periodiq import CronSpec, cron
 
 from viewmw.errors import ConfigurationError
+from viewmw.metrics.endpoint import INSTALL_HINT
+from viewmw.metrics.recording import prometheus_installed
+from viewmw.metrics.worker import PORT_VARIABLE, metrics_port
 from viewmw.settings import Settings
 
 _BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "stub")
@@ -37,6 +40,8 @@ class WorkerSettings:
         queue_name: the actors' queue (``VIEWMW_QUEUE_NAME``, derived from the key prefix).
         namespace: the Redis broker's key namespace (``VIEWMW_BROKER_NAMESPACE``, derived from
             the key prefix). Apps sharing one broker each get their own queue and namespace.
+        metrics_port: where the worker exports viewmw's Prometheus metrics
+            (``VIEWMW_METRICS_PORT``); ``None``, the default, exports none.
     """
 
     broker_url: str
@@ -47,6 +52,7 @@ class WorkerSettings:
     sync_time_limit_ms: int = 30 * 60_000
     queue_name: str = "viewmw"
     namespace: str = "dramatiq"
+    metrics_port: int | None = None
 
     @property
     def sync_schedule(self) -> CronSpec:
@@ -63,7 +69,8 @@ class WorkerSettings:
         cls, settings: Settings, environ: Mapping[str, str] | None = None
     ) -> WorkerSettings:
         """Read ``VIEWMW_BROKER_URL``, ``VIEWMW_SYNC_CRON``, ``VIEWMW_CLEANUP_CRON``,
-        ``VIEWMW_FAILURE_HOOK``, ``VIEWMW_RETRY_MIN_BACKOFF_MS``, ``VIEWMW_SYNC_TIME_LIMIT_MS``.
+        ``VIEWMW_FAILURE_HOOK``, ``VIEWMW_RETRY_MIN_BACKOFF_MS``, ``VIEWMW_SYNC_TIME_LIMIT_MS``,
+        ``VIEWMW_METRICS_PORT``.
 
         Raises:
             ConfigurationError: naming the variable whose value is invalid.
@@ -89,6 +96,7 @@ class WorkerSettings:
             "sync_time_limit_ms": _positive(env, "VIEWMW_SYNC_TIME_LIMIT_MS", 30 * 60_000),
             "queue_name": settings.dramatiq_queue_name,
             "namespace": settings.dramatiq_namespace,
+            "metrics_port": _metrics_port(env),
         }
         for name in ("sync_cron", "cleanup_cron"):
             try:
@@ -153,6 +161,13 @@ def _positive(env: Mapping[str, str], name: str, default: int) -> int:
     if value <= 0:
         raise ConfigurationError(name, f"must be greater than 0, got {value}")
     return value
+
+
+def _metrics_port(env: Mapping[str, str]) -> int | None:
+    port = metrics_port(env.get(PORT_VARIABLE))
+    if port is not None and not prometheus_installed():
+        raise ConfigurationError(PORT_VARIABLE, INSTALL_HINT)
+    return port
 
 
 def _valid_hook(hook: str) -> bool:

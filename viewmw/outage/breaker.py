@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable
 from enum import StrEnum
 
+from viewmw.metrics.recording import recorder
+
 logger = logging.getLogger("viewmw")
 
 
@@ -37,6 +39,7 @@ class CircuitBreaker:
         clock: monotonic seconds; inject one in tests.
         subject: the server's name in log lines ("Redis", "the database").
         fallback: what happens while the breaker is open, for log lines.
+        name: the breaker's label in metrics (``redis``, ``database``).
     """
 
     def __init__(
@@ -48,6 +51,7 @@ class CircuitBreaker:
         clock: Callable[[], float] = time.monotonic,
         subject: str = "Redis",
         fallback: str = "views offered meanwhile go to the database outbox",
+        name: str = "redis",
     ) -> None:
         if failure_threshold < 1 or reset_seconds <= 0 or max_reset_seconds < reset_seconds:
             raise ValueError("failure_threshold >= 1 and 0 < reset_seconds <= max_reset_seconds")
@@ -57,12 +61,15 @@ class CircuitBreaker:
         self.clock = clock
         self.subject = subject
         self.fallback = fallback
+        self.name = name
+        self.metrics = recorder()
         self.state = BreakerState.CLOSED
         self.opened_count = 0
         self._failures = 0
         self._backoff = reset_seconds
         self._retry_at = 0.0
         self._probing = False
+        self.metrics.breaker_changed(name, self.state)  # the breaker in use now starts closed
 
     def allow(self) -> bool:
         """Whether this call may go to the server (``False``: skip it now)."""
@@ -117,6 +124,7 @@ class CircuitBreaker:
         if state is self.state:
             return
         self.state = state
+        self.metrics.breaker_changed(self.name, state)
         if state is BreakerState.OPEN:
             self.opened_count += 1
             logger.error(

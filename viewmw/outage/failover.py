@@ -26,6 +26,7 @@ from viewmw.contract import TrackResult, ViewCount
 from viewmw.errorlog import ErrorLog
 from viewmw.failures import FailureKind, classify
 from viewmw.keys import validate_content_id, validate_content_type, validate_viewer
+from viewmw.metrics.recording import recorder
 from viewmw.outage.breaker import BreakerState, CircuitBreaker
 from viewmw.outage.outbox import Outbox, OutboxEvent
 from viewmw.outage.probe import RedisProbe
@@ -83,6 +84,7 @@ class ResilientTracker:
         self._replaying: asyncio.Task[None] | None = None
         self._errors = ErrorLog(what="view tracking during a Redis outage")
         self.late_replies = 0
+        self.metrics = recorder()
 
     @property
     def settings(self) -> Settings:
@@ -179,6 +181,7 @@ class ResilientTracker:
         event = OutboxEvent.new(content_type, content_id, viewer, self.tracker.clock())
         key = (content_type, content_id)
         self._added[key] = self._added.get(key, 0) + 1
+        self.metrics.view_queued()
         self._backlog = True
         queued = False
         with contextlib.suppress(TimeoutError):
@@ -274,6 +277,7 @@ class ResilientTracker:
     def _redis_failed(self, exc: BaseException) -> FailureKind:
         """Classify a failed Redis call; only what Redis says counts against the breaker."""
         kind = classify(exc)
+        self.metrics.redis_failed(kind)
         if kind is FailureKind.LATE:
             self.late_replies += 1
             self._spawn(self._check_redis())
