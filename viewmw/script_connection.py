@@ -133,9 +133,12 @@ class ScriptConnection:
     reply was lost may have run). Create it with :meth:`from_url`; close it with :meth:`aclose`.
 
     Args:
-        host, port: a TCP server, or
-        path: a Unix socket.
-        db, username, password: selected and authenticated when the connection opens.
+        host: the TCP server's host (unless ``path`` is given).
+        port: the TCP server's port.
+        path: a Unix socket, instead of a TCP server.
+        db: the database selected when the connection opens.
+        username: authenticated when the connection opens (with ``password``).
+        password: authenticated when the connection opens.
         connect_timeout: seconds to open the connection (then ``redis.TimeoutError``).
         reply_timeout: seconds Redis may go without a reply while calls wait before the
             connection is dropped (``redis.TimeoutError``); a backstop above the request
