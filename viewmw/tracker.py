@@ -225,6 +225,10 @@ class ViewTracker:
         """:meth:`track_view` for names the caller has validated already (no second check)."""
         self.refuse_impossible_id(content_type, content_id)
         call = self._view_call(content_type, content_id, viewer, self.clock())
+        return await self._decide(content_type, content_id, call)
+
+    async def _decide(self, content_type: str, content_id: str, call: _ViewCall) -> TrackResult:
+        """Send one view of a content with the current batch (or alone); its outcome."""
         if self._views is not None:
             reply = await self._views.submit(call)
         else:
@@ -349,15 +353,7 @@ class ViewTracker:
         """:meth:`track_crawler_view` for names the caller has validated already."""
         self.refuse_impossible_id(content_type, content_id)
         call = self._view_call(content_type, content_id, "", self.clock(), crawler=True)
-        if self._views is not None:
-            reply = await self._views.submit(call)
-        else:
-            try:
-                async with asyncio.timeout(self.settings.redis_timeout):
-                    (reply,) = await self._send_views([call])
-            except TimeoutError:
-                raise LateReply from None
-        return await self._result(content_type, content_id, reply)
+        return await self._decide(content_type, content_id, call)
 
     async def _send_views(self, calls: list[_ViewCall]) -> list[_ViewReply]:
         """Decide a batch of views in one ``record_views`` call; one reply per view, in order."""
