@@ -328,3 +328,26 @@ async def test_reserved_content_types_are_refused(real_redis: aioredis.Redis) ->
         with pytest.raises(InvalidKeyError, match="not one of"):
             await tracker.track_view(reserved, 7, "user:1")
     assert await real_redis.dbsize() == 0
+
+
+# Templates, filled by Lua's string.format, give exactly the keys the schema builds -----------
+
+TEMPLATE_PREFIXES = ["", "app1:", "100%:", "%s%d%%:"]
+
+
+async def test_templates_filled_in_lua_give_the_schema_keys(real_redis: aioredis.Redis) -> None:
+    fill = real_redis.register_script("return string.format(ARGV[1], unpack(ARGV, 2))")
+    for prefix in TEMPLATE_PREFIXES:
+        keys = KeySchema(prefix)
+        expected = {
+            keys.pending_template: (keys.pending, ("story", "7")),
+            keys.syncing_template: (keys.syncing, ("story", "7")),
+            keys.database_count_template: (keys.database_count, ("story", "7")),
+            keys.days_template: (keys.days, ("story", "x-1")),
+            keys.ranking_template: (keys.ranking, ("story", "2026-11-30")),
+            keys.sync_batch_items_template: (keys.sync_batch_items, ("b%s1",)),
+            keys.sync_batch_days_template: (keys.sync_batch_days, ("b1",)),
+        }
+        for template, (build, args) in expected.items():
+            filled = await fill(args=[template, *args])
+            assert filled.decode() == build(*args), (prefix, template)

@@ -188,6 +188,48 @@ class KeySchema:
         """Where the app records which table each content type's counts go to (a hash)."""
         return f"{self.prefix}viewmw:mapping"
 
+    # Templates for scripts that learn a content, day or batch only while they run (a member
+    # taken from the dirty set, the batch id read from the batch hash). Lua fills them with
+    # ``string.format``, so each key's layout is still written only in the methods above.
+    @property
+    def _escaped(self) -> KeySchema:
+        return KeySchema(self.prefix.replace("%", "%%"))
+
+    @property
+    def pending_template(self) -> str:
+        """:meth:`pending` as a ``string.format`` template of (type, id)."""
+        return self._escaped.pending("%s", "%s")
+
+    @property
+    def syncing_template(self) -> str:
+        """:meth:`syncing` as a ``string.format`` template of (type, id)."""
+        return self._escaped.syncing("%s", "%s")
+
+    @property
+    def database_count_template(self) -> str:
+        """:meth:`database_count` as a ``string.format`` template of (type, id)."""
+        return self._escaped.database_count("%s", "%s")
+
+    @property
+    def days_template(self) -> str:
+        """:meth:`days` as a ``string.format`` template of (type, id)."""
+        return self._escaped.days("%s", "%s")
+
+    @property
+    def ranking_template(self) -> str:
+        """:meth:`ranking` as a ``string.format`` template of (type, day)."""
+        return self._escaped.ranking("%s", "%s")
+
+    @property
+    def sync_batch_items_template(self) -> str:
+        """:meth:`sync_batch_items` as a ``string.format`` template of (batch id)."""
+        return self._escaped.sync_batch_items("%s")
+
+    @property
+    def sync_batch_days_template(self) -> str:
+        """:meth:`sync_batch_days` as a ``string.format`` template of (batch id)."""
+        return self._escaped.sync_batch_days("%s")
+
     # Patterns for SCAN (statistics and cleanup only; never on the request path).
     @property
     def pending_pattern(self) -> str:
