@@ -225,19 +225,10 @@ class Settings:
         Raises:
             ConfigurationError: naming the variable whose value is invalid.
         """
-        config = Config(environ=Environ(dict(os.environ if environ is None else environ)))
-        values: dict[str, dict[str, Any]] = {"limits": {}, "settings": {}}
-        for variable in ENVIRONMENT:
-            raw = config.get(variable.name, default=None)
-            if raw is None:
-                continue
-            try:
-                value = variable.parse(raw)
-            except ValueError as exc:
-                raise ConfigurationError(variable.name, f"{exc} (got {raw!r})") from None
-            values[variable.group][variable.field] = value
+        limits = read_environment("limits", environ)
+        values = read_environment("settings", environ)
         try:
-            return cls(limits=Limits(**values["limits"]), **values["settings"])
+            return cls(limits=Limits(**limits), **values)
         except ConfigurationError as exc:
             variable = _VARIABLE_BY_FIELD[exc.setting]
             raise ConfigurationError(variable.name, exc.reason) from None
@@ -251,10 +242,38 @@ class EnvironmentVariable:
     """One ``VIEWMW_*`` variable: where it goes and how its text is read."""
 
     name: str
-    group: str  # "limits" or "settings"
+    group: str  # "limits", "settings" (both in Settings) or "worker" (viewmw.jobs.WorkerSettings)
     field: str
     parse: Callable[[str], Any]
     help: str
+
+
+def read_environment(group: str, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The parsed values of one group's ``VIEWMW_*`` variables that are set, keyed by field.
+
+    The library (:meth:`Settings.from_env`) and the worker (``WorkerSettings.from_env``) both read
+    through here, so every variable is read the same way and listed in :data:`ENVIRONMENT`.
+
+    Args:
+        group: ``"limits"``, ``"settings"`` or ``"worker"``.
+        environ: the variables to read; ``os.environ`` when ``None``.
+
+    Raises:
+        ConfigurationError: naming the variable whose text cannot be read.
+    """
+    config = Config(environ=Environ(dict(os.environ if environ is None else environ)))
+    values: dict[str, Any] = {}
+    for variable in ENVIRONMENT:
+        if variable.group != group:
+            continue
+        raw = config.get(variable.name, default=None)
+        if raw is None:
+            continue
+        try:
+            values[variable.field] = variable.parse(raw)
+        except ValueError as exc:
+            raise ConfigurationError(variable.name, f"{exc} (got {raw!r})") from None
+    return values
 
 
 def _optional_int(raw: str) -> int | None:
@@ -298,6 +317,37 @@ def _optional_str(raw: str) -> str | None:
 
 def _str(raw: str) -> str:
     return raw.strip()
+
+
+def _positive_int(raw: str) -> int:
+    value = _int(raw)
+    if value <= 0:
+        raise ValueError("must be greater than 0")
+    return value
+
+
+def _port(raw: str) -> int | None:
+    if not raw.strip():
+        return None
+    try:
+        port = int(raw)
+    except ValueError:
+        port = 0
+    if not 1 <= port <= 65535:
+        raise ValueError("must be a TCP port (1-65535)")
+    return port
+
+
+def _hook(raw: str) -> str | None:
+    hook = raw.strip()
+    if not hook:
+        return None
+    module, sep, function = hook.partition(":")
+    if not hook.startswith(("http://", "https://")) and not (
+        sep and module and function.isidentifier()
+    ):
+        raise ValueError("must be 'package.module:function' or an http(s):// URL")
+    return hook
 
 
 def _content_tables(raw: str) -> dict[str, str]:
@@ -449,8 +499,60 @@ ENVIRONMENT: tuple[EnvironmentVariable, ...] = (
         _int,
         "Days the per-day Redis keys (viewers, rankings, blocked counts) live past their day.",
     ),
+    # Read by the worker (viewmw.jobs) only; checked further in viewmw.jobs.settings.
+    EnvironmentVariable(
+        "VIEWMW_BROKER_URL",
+        "worker",
+        "broker_url",
+        _optional_str,
+        "Worker: Dramatiq broker (redis://, amqp:// or stub://); unset: VIEWMW_REDIS_URL.",
+    ),
+    EnvironmentVariable(
+        "VIEWMW_SYNC_CRON",
+        "worker",
+        "sync_cron",
+        _str,
+        "Worker: when the sync runs, as cron in VIEWMW_TIMEZONE (default midnight).",
+    ),
+    EnvironmentVariable(
+        "VIEWMW_CLEANUP_CRON",
+        "worker",
+        "cleanup_cron",
+        _str,
+        "Worker: when the cleanup runs, as cron (default 00:30).",
+    ),
+    EnvironmentVariable(
+        "VIEWMW_FAILURE_HOOK",
+        "worker",
+        "failure_hook",
+        _hook,
+        "Worker: 'package.module:function' or URL told when a sync failed all retries.",
+    ),
+    EnvironmentVariable(
+        "VIEWMW_RETRY_MIN_BACKOFF_MS",
+        "worker",
+        "retry_min_backoff_ms",
+        _positive_int,
+        "Worker: first retry delay of a failed sync, in milliseconds.",
+    ),
+    EnvironmentVariable(
+        "VIEWMW_SYNC_TIME_LIMIT_MS",
+        "worker",
+        "sync_time_limit_ms",
+        _positive_int,
+        "Worker: a sync running longer than this is stopped and retried (milliseconds).",
+    ),
+    EnvironmentVariable(
+        "VIEWMW_METRICS_PORT",
+        "worker",
+        "metrics_port",
+        _port,
+        "Worker: port of its Prometheus metrics server; unset: no metrics.",
+    ),
 )
-_VARIABLE_BY_FIELD = {variable.field: variable for variable in ENVIRONMENT}
+_VARIABLE_BY_FIELD = {
+    variable.field: variable for variable in ENVIRONMENT if variable.group != "worker"
+}
 assert {f.name for f in fields(Limits)} | {f.name for f in fields(Settings)} >= set(
     _VARIABLE_BY_FIELD
 ), "every variable maps to a field"

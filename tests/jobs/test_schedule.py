@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -14,11 +15,13 @@ from periodiq import CronSpec, PeriodiqMiddleware
 
 from tests.jobs import Content, database_counts, record, redis_counts
 from tests.support import REDIS_URL
+from tests.test_settings import documented_variables
 from viewmw import ConfigurationError, Settings, Store, ViewTracker
 from viewmw.jobs import broker, cleanup_view_tracking, notify_sync_failure, sync_view_counts
 from viewmw.jobs.broker import SCHEDULE_GRACE_SECONDS
 from viewmw.jobs.broker import settings as job_settings
 from viewmw.jobs.settings import DEFAULT_CLEANUP_CRON, DEFAULT_SYNC_CRON, WorkerSettings, parse_cron
+from viewmw.settings import ENVIRONMENT
 
 if TYPE_CHECKING:
     from tests.jobs.conftest import StubWorker
@@ -179,6 +182,7 @@ def test_a_weekly_schedule_on_sunday_fires_on_sunday() -> None:
         ("VIEWMW_RETRY_MIN_BACKOFF_MS", "soon"),
         ("VIEWMW_RETRY_MIN_BACKOFF_MS", "0"),
         ("VIEWMW_SYNC_TIME_LIMIT_MS", "-5"),
+        ("VIEWMW_METRICS_PORT", "http"),
     ],
 )
 def test_bad_worker_settings_name_the_variable(variable: str, value: str) -> None:
@@ -186,6 +190,44 @@ def test_bad_worker_settings_name_the_variable(variable: str, value: str) -> Non
         WorkerSettings.from_env(BASE, {variable: value})
     assert error.value.setting == variable
     assert str(error.value).startswith(variable)
+
+
+def test_every_worker_variable_has_a_bad_value_above() -> None:
+    marks = next(m for m in test_bad_worker_settings_name_the_variable.pytestmark)
+    tried = {variable for variable, _ in marks.args[1]}
+    assert tried == {v.name for v in ENVIRONMENT if v.group == "worker"}
+
+
+def test_worker_variables_are_read_like_the_library_s() -> None:
+    worker = WorkerSettings.from_env(
+        BASE,
+        {
+            "VIEWMW_BROKER_URL": " stub:// ",
+            "VIEWMW_SYNC_CRON": " 30 2 * * * ",
+            "VIEWMW_FAILURE_HOOK": "",
+            "VIEWMW_RETRY_MIN_BACKOFF_MS": " 250 ",
+            "VIEWMW_METRICS_PORT": "",
+        },
+    )
+    assert (worker.broker_url, worker.sync_cron, worker.failure_hook) == (
+        "stub://",
+        "30 2 * * *",
+        None,
+    )
+    assert (worker.retry_min_backoff_ms, worker.metrics_port) == (250, None)
+
+
+def test_configuration_docs_list_every_worker_variable_with_its_default() -> None:
+    rows = documented_variables()
+    for variable in (v for v in ENVIRONMENT if v.group == "worker"):
+        assert variable.name in rows, f"{variable.name} is missing from docs/configuration.md"
+        setting, default = rows[variable.name][0], rows[variable.name][1]
+        assert setting.strip("`") == variable.field, variable.name
+        field = WorkerSettings.__dataclass_fields__[variable.field]
+        # The broker has no default of its own: unset, the worker uses VIEWMW_REDIS_URL.
+        expected = None if field.default is dataclasses.MISSING else field.default
+        text = "" if default == "(unset)" else default.strip("`")
+        assert variable.parse(text) == expected, (variable.name, default)
 
 
 def test_a_worker_needs_a_broker() -> None:

@@ -6,17 +6,15 @@ Validated on import of :mod:`viewmw.jobs`, so a bad value stops ``dramatiq viewm
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from periodiq import CronSpec, cron
 
 from viewmw.errors import ConfigurationError
 from viewmw.metrics.endpoint import INSTALL_HINT
 from viewmw.metrics.recording import prometheus_installed
-from viewmw.metrics.worker import PORT_VARIABLE, metrics_port
-from viewmw.settings import Settings
+from viewmw.settings import ENVIRONMENT, Settings, read_environment
 
 _BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "stub")
 DEFAULT_SYNC_CRON = "0 0 * * *"  # midnight
@@ -68,15 +66,15 @@ class WorkerSettings:
     def from_env(
         cls, settings: Settings, environ: Mapping[str, str] | None = None
     ) -> WorkerSettings:
-        """Read ``VIEWMW_BROKER_URL``, ``VIEWMW_SYNC_CRON``, ``VIEWMW_CLEANUP_CRON``,
-        ``VIEWMW_FAILURE_HOOK``, ``VIEWMW_RETRY_MIN_BACKOFF_MS``, ``VIEWMW_SYNC_TIME_LIMIT_MS``,
-        ``VIEWMW_METRICS_PORT``.
+        """Read the worker's ``VIEWMW_*`` variables (the ``"worker"`` group of
+        :data:`viewmw.settings.ENVIRONMENT`): the broker, the two schedules, the failure hook,
+        the retry back-off, the time limit and the metrics port.
 
         Raises:
             ConfigurationError: naming the variable whose value is invalid.
         """
-        env = os.environ if environ is None else environ
-        broker_url = env.get("VIEWMW_BROKER_URL") or settings.redis_url
+        values = read_environment("worker", environ)
+        broker_url = values.get("broker_url") or settings.redis_url
         if not broker_url:
             raise ConfigurationError(
                 "VIEWMW_BROKER_URL", "is not set (nor VIEWMW_REDIS_URL): the worker needs a broker"
@@ -87,31 +85,30 @@ class WorkerSettings:
                 "VIEWMW_BROKER_URL",
                 f"must be a redis://, amqp:// or stub:// URL, got {broker_url!r}",
             )
-        values = {
-            "broker_url": broker_url,
-            "sync_cron": env.get("VIEWMW_SYNC_CRON", DEFAULT_SYNC_CRON),
-            "cleanup_cron": env.get("VIEWMW_CLEANUP_CRON", DEFAULT_CLEANUP_CRON),
-            "failure_hook": env.get("VIEWMW_FAILURE_HOOK") or None,
-            "retry_min_backoff_ms": _positive(env, "VIEWMW_RETRY_MIN_BACKOFF_MS", 15_000),
-            "sync_time_limit_ms": _positive(env, "VIEWMW_SYNC_TIME_LIMIT_MS", 30 * 60_000),
-            "queue_name": settings.dramatiq_queue_name,
-            "namespace": settings.dramatiq_namespace,
-            "metrics_port": _metrics_port(env),
-        }
         for name in ("sync_cron", "cleanup_cron"):
-            try:
-                parse_cron(str(values[name]))
-            except Exception:
-                raise ConfigurationError(
-                    f"VIEWMW_{name.upper()}",
-                    f"is not a cron expression (minute hour day month weekday): {values[name]!r}",
-                ) from None
-        hook = values["failure_hook"]
-        if hook is not None and not _valid_hook(str(hook)):
-            raise ConfigurationError(
-                "VIEWMW_FAILURE_HOOK", f"must be 'package.module:function' or a URL, got {hook!r}"
-            )
-        return cls(**values)  # type: ignore[arg-type]
+            if name in values:
+                try:
+                    parse_cron(values[name])
+                except Exception:
+                    raise ConfigurationError(
+                        f"VIEWMW_{name.upper()}",
+                        "is not a cron expression (minute hour day month weekday):"
+                        f" {values[name]!r}",
+                    ) from None
+        if values.get("metrics_port") is not None and not prometheus_installed():
+            raise ConfigurationError("VIEWMW_METRICS_PORT", INSTALL_HINT)
+        return cls(
+            **{
+                **values,
+                "broker_url": broker_url,
+                "queue_name": settings.dramatiq_queue_name,
+                "namespace": settings.dramatiq_namespace,
+            }
+        )
+
+
+_WORKER_FIELDS = {variable.field for variable in ENVIRONMENT if variable.group == "worker"}
+assert {f.name for f in fields(WorkerSettings)} >= _WORKER_FIELDS, "every variable maps to a field"
 
 
 # (name, lowest, highest) of the five cron fields, in order.
@@ -148,30 +145,3 @@ def parse_cron(text: str) -> CronSpec:
         # periodiq counts values; 0 and 7 are one day ("0 0 1 * 0-5" restricts the weekday).
         spec.is_dow_restricted = len({day % 7 for day in spec.dow}) < 7
     return spec
-
-
-def _positive(env: Mapping[str, str], name: str, default: int) -> int:
-    raw = env.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigurationError(name, f"must be a whole number, got {raw!r}") from None
-    if value <= 0:
-        raise ConfigurationError(name, f"must be greater than 0, got {value}")
-    return value
-
-
-def _metrics_port(env: Mapping[str, str]) -> int | None:
-    port = metrics_port(env.get(PORT_VARIABLE))
-    if port is not None and not prometheus_installed():
-        raise ConfigurationError(PORT_VARIABLE, INSTALL_HINT)
-    return port
-
-
-def _valid_hook(hook: str) -> bool:
-    if hook.startswith(("http://", "https://")):
-        return True
-    module, sep, function = hook.partition(":")
-    return bool(sep and module and function.isidentifier())

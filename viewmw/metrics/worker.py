@@ -17,28 +17,12 @@ import tempfile
 from pathlib import Path
 
 from viewmw.errors import ConfigurationError
+from viewmw.settings import read_environment
 
 logger = logging.getLogger("viewmw.jobs")
 
 PORT_VARIABLE = "VIEWMW_METRICS_PORT"
 MULTIPROC_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
-
-
-def metrics_port(value: str | None) -> int | None:
-    """``VIEWMW_METRICS_PORT``'s value checked: a TCP port, or ``None`` when unset (off).
-
-    Raises:
-        ConfigurationError: not a port number.
-    """
-    if value is None or not value.strip():
-        return None
-    try:
-        port = int(value)
-    except ValueError:
-        port = 0
-    if not 1 <= port <= 65535:
-        raise ConfigurationError(PORT_VARIABLE, f"must be a TCP port (1-65535), got {value!r}")
-    return port
 
 
 def use_multiprocess_dir(port: int) -> Path:
@@ -69,7 +53,7 @@ def serve_worker_metrics() -> None:
     Dramatiq's main process runs it in a process of its own (a "fork"); each scrape sums the
     files of every worker process.
     """
-    port = metrics_port(os.environ.get(PORT_VARIABLE))
+    port = read_environment("worker").get("metrics_port")
     if port is None:
         raise ConfigurationError(PORT_VARIABLE, "is not set: the worker's metrics server needs it")
     directory = use_multiprocess_dir(port)
