@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,8 +120,25 @@ class ResilientTracker:
         """:meth:`track_view` for names the caller has validated already (no second check)."""
         if not self.breaker.allow():
             return await self._queue(content_type, content_id, viewer)
+        return await self._through_breaker(
+            self.tracker.track_valid_view(content_type, content_id, viewer)
+        )
+
+    async def track_valid_crawler_view(self, content_type: str, content_id: str) -> TrackResult:
+        """Like :meth:`ViewTracker.track_valid_crawler_view`; while Redis is failing the
+        crawler view is not kept (only people's views go to the outbox) and the count is read
+        as :meth:`get_view_count_details` reads it."""
+        if self.breaker.allow():
+            return await self._through_breaker(
+                self.tracker.track_valid_crawler_view(content_type, content_id)
+            )
+        counts = await self._outage_view_counts(content_type, [content_id])
+        return TrackResult(False, None, counts[content_id])
+
+    async def _through_breaker(self, call: Awaitable[TrackResult]) -> TrackResult:
+        """Await a call the breaker let through, and tell the breaker how it ended."""
         try:
-            result = await self.tracker.track_valid_view(content_type, content_id, viewer)
+            result = await call
         except asyncio.CancelledError:
             self._cancelled()
             raise
@@ -130,24 +147,6 @@ class ResilientTracker:
             return _UNKNOWN
         self._succeeded()
         return result
-
-    async def track_valid_crawler_view(self, content_type: str, content_id: str) -> TrackResult:
-        """Like :meth:`ViewTracker.track_valid_crawler_view`; while Redis is failing the
-        crawler view is not kept (only people's views go to the outbox) and the count is read
-        as :meth:`get_view_count_details` reads it."""
-        if self.breaker.allow():
-            try:
-                result = await self.tracker.track_valid_crawler_view(content_type, content_id)
-            except asyncio.CancelledError:
-                self._cancelled()
-                raise
-            except Exception as exc:
-                self._redis_failed(exc)
-                return _UNKNOWN
-            self._succeeded()
-            return result
-        counts = await self._outage_view_counts(content_type, [content_id])
-        return TrackResult(False, None, counts[content_id])
 
     def offer_valid_view(self, content_type: str, content_id: str, viewer: str) -> int | None:
         """Offer a view without waiting for it (the deferred mode), or return ``None`` without
