@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+from redis.asyncio.cluster import RedisCluster
 from starlette.applications import Starlette
 
 from tests.cluster_support import LocalCluster
@@ -26,7 +27,7 @@ def _settings(url: str, tmp_path: Path) -> Settings:
 
 
 async def test_the_cluster_client_reaches_every_primary_and_never_resends(
-    redis_cluster: LocalCluster, tmp_path: Path
+    redis_cluster: LocalCluster, cluster_redis: RedisCluster, tmp_path: Path
 ) -> None:
     # One node in the URL is enough: the client learns the others from it.
     first = redis_cluster.nodes[0]
@@ -39,6 +40,7 @@ async def test_the_cluster_client_reaches_every_primary_and_never_resends(
         assert client.retry.get_retries() == 0
         script = client.register_script("return redis.call('INCR', KEYS[1])")
         assert await script(keys=["{c:07}story:views:7"]) == 1
+        assert await cluster_redis.get("{c:07}story:views:7") == b"1"
     finally:
         await client.aclose()
 
