@@ -7,17 +7,19 @@ optional backends whose tests did not run, with how to run them.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import fakeredis
 import pytest
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from sqlalchemy import MetaData, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from tests.cluster_support import ClusterError, LocalCluster, local_cluster
 from tests.support import (
     AMQP_URL,
     DATABASE_URL,
@@ -80,6 +82,28 @@ def _check_redis() -> None:
             _reachable["redis"] = HOW_TO_START_REDIS.format(server=REDIS.describe(), error=exc)
     if _reachable["redis"]:
         pytest.fail(_reachable["redis"], pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[LocalCluster]:
+    """A real Redis Cluster of three primaries for the whole run (tests/cluster_support.py),
+    started on first use (about 3 s); fails, with how to install Redis, without the binaries."""
+    try:
+        with local_cluster() as cluster:
+            yield cluster
+    except ClusterError as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture
+async def cluster_redis(redis_cluster: LocalCluster) -> AsyncIterator[RedisCluster]:
+    """An async cluster client of :func:`redis_cluster`, every primary flushed before the test."""
+    client = RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in redis_cluster.startup_nodes]
+    )
+    await client.flushall(target_nodes=RedisCluster.PRIMARIES)
+    yield client
+    await client.aclose()
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from viewmw import ConfigurationError, Limits, Settings
-from viewmw.settings import ENVIRONMENT
+from viewmw.settings import ENVIRONMENT, RedisClusterURL
 
 CONFIGURATION_MD = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 
@@ -453,3 +453,64 @@ def test_queue_and_namespace_can_be_set() -> None:
         "counts",
         "shared-dramatiq",
     )
+
+
+@pytest.mark.parametrize(
+    ("url", "parsed"),
+    [
+        (
+            "redis+cluster://10.0.0.1:7000,10.0.0.2:7001",
+            RedisClusterURL((("10.0.0.1", 7000), ("10.0.0.2", 7001))),
+        ),
+        ("redis+cluster://cache", RedisClusterURL((("cache", 6379),))),
+        ("redis+cluster://cache:7000/0", RedisClusterURL((("cache", 7000),))),
+        (
+            "rediss+cluster://app:p%40ss@[::1]:7000,cache.example.com",
+            RedisClusterURL((("::1", 7000), ("cache.example.com", 6379)), "app", "p@ss", True),
+        ),
+        ("redis+cluster://:secret@cache:7000", RedisClusterURL((("cache", 7000),), None, "secret")),
+    ],
+)
+def test_a_cluster_url_names_its_nodes_and_credentials(url: str, parsed: RedisClusterURL) -> None:
+    settings = Settings(redis_url=url)
+    assert settings.redis_url == url
+    assert settings.redis_cluster == parsed
+
+
+def test_a_single_redis_url_is_no_cluster() -> None:
+    assert Settings(redis_url="redis://cache:6379/0").redis_cluster is None
+    assert Settings().redis_cluster is None
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("redis+cluster://", "a node is missing"),
+        ("redis+cluster://a:7000,,b:7001", "a node is missing"),
+        ("redis+cluster://a:7000,", "a node is missing"),
+        ("redis+cluster://a:port", "'a:port' is not host:port"),
+        ("redis+cluster://a:99999", "'a:99999' is not host:port"),
+        ("redis+cluster://a:0", "'a:0' is not host:port"),
+        ("redis+cluster://a b:7000", "'a b:7000' is not host:port"),
+        ("redis+cluster://[zz]:7000", "'[zz]:7000' is not host:port"),
+        ("redis+cluster://a:7000/3", "a cluster has database 0 only"),
+        ("redis+cluster://a:7000?ssl=true", "no ?options are taken"),
+        ("redis+cluster://:hunter2hunter2@a:port", "'a:port' is not host:port"),
+    ],
+)
+def test_bad_cluster_urls_are_refused_saying_why(url: str, reason: str) -> None:
+    with pytest.raises(ConfigurationError) as error:
+        Settings(redis_url=url)
+    assert error.value.setting == "redis_url"
+    assert "redis+cluster://host:port,host:port" in error.value.reason
+    assert reason in error.value.reason
+    assert "hunter2" not in str(error.value)
+
+
+def test_a_cluster_url_comes_from_the_environment() -> None:
+    settings = Settings.from_env({"VIEWMW_REDIS_URL": "redis+cluster://a:7000,b:7001"})
+    assert settings.redis_cluster == RedisClusterURL((("a", 7000), ("b", 7001)))
+
+    with pytest.raises(ConfigurationError) as error:
+        Settings.from_env({"VIEWMW_REDIS_URL": "redis+cluster://a:7000/1"})
+    assert error.value.setting == "VIEWMW_REDIS_URL"

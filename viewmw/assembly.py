@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from sqlalchemy import Column
@@ -25,7 +26,7 @@ from viewmw.outage.failover import ResilientTracker
 from viewmw.outage.outbox import Outbox
 from viewmw.packing import connection_class_for
 from viewmw.script_connection import ScriptConnection
-from viewmw.settings import Settings
+from viewmw.settings import CLUSTER_NOT_SUPPORTED, Settings
 from viewmw.store import Store
 from viewmw.tracker import ViewTracker
 
@@ -144,10 +145,14 @@ def connect_redis(settings: Settings) -> Redis:
     URL set: an in-process fakeredis, with a warning that its counts are neither shared nor kept.
 
     Raises:
-        ConfigurationError: no URL is set and fakeredis is not installed.
+        ConfigurationError: no URL is set and fakeredis is not installed; or the URL names a
+            Redis Cluster (``redis+cluster://``), which viewmw cannot count views on yet: the
+            error comes here, while the app starts, never at its first view.
     """
     if settings.redis_url is None:
         return _embedded_redis()
+    if settings.redis_cluster is not None:
+        raise ConfigurationError("redis_url", CLUSTER_NOT_SUPPORTED)
     packing = connection_class_for(settings.redis_url)
     pool = BlockingConnectionPool.from_url(
         settings.redis_url,
@@ -161,6 +166,34 @@ def connect_redis(settings: Settings) -> Redis:
         health_check_interval=30,
     )
     return Redis.from_pool(pool)
+
+
+def connect_redis_cluster(settings: Settings) -> RedisCluster:
+    """A Redis Cluster client for a ``redis+cluster://`` ``settings.redis_url``.
+
+    Starts from the nodes the URL names and learns the others from them (at its first command).
+    As :func:`connect_redis`, it never resends a command: redis-py's cluster client would by
+    default retry a command (and a whole pipeline) after a timeout, and a script that timed out
+    may have run. ``max_connections`` is per node; the cluster client has no blocking pool, so
+    a node with all its connections busy raises ``MaxConnectionsError``.
+
+    Raises:
+        ConfigurationError: the URL does not name a Redis Cluster.
+    """
+    cluster = settings.redis_cluster
+    if cluster is None:
+        raise ConfigurationError("redis_url", "must be a redis+cluster:// URL for a cluster client")
+    return RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in cluster.nodes],
+        username=cluster.username,
+        password=cluster.password,
+        ssl=cluster.tls,
+        max_connections=REDIS_MAX_CONNECTIONS,
+        socket_timeout=settings.redis_probe_timeout,
+        socket_connect_timeout=settings.redis_probe_timeout,
+        retry=Retry(NoBackoff(), 0),
+        health_check_interval=30,
+    )
 
 
 def _embedded_redis() -> Redis:

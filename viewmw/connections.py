@@ -13,7 +13,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from viewmw.errors import ConfigurationError, ServiceUnavailableError
-from viewmw.settings import Settings
+from viewmw.settings import CLUSTER_NOT_SUPPORTED, Settings
 from viewmw.store import Store
 
 # A sync or a command is not a web request: it may wait longer on a busy server.
@@ -26,6 +26,8 @@ def redis_for_background(settings: Settings) -> Redis:
         raise ConfigurationError(
             "VIEWMW_REDIS_URL", "is not set: give the URL of the Redis your app counts views in"
         )
+    if settings.redis_cluster is not None:
+        raise ConfigurationError("VIEWMW_REDIS_URL", CLUSTER_NOT_SUPPORTED)
     return Redis.from_url(
         settings.redis_url,
         socket_timeout=BACKGROUND_TIMEOUT_SECONDS,

@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, TypeVar
+from urllib.parse import unquote
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from redis.connection import parse_url
@@ -26,6 +27,18 @@ from viewmw.errors import ConfigurationError
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///viewmw.sqlite3"
 """The embedded database: only when Redis is embedded too (no ``redis_url``), as in the example."""
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
+# A Redis Cluster: the scheme names the nodes' protocol, "+cluster" that they form a cluster.
+_CLUSTER_SCHEMES = {"redis+cluster": False, "rediss+cluster": True}  # scheme -> TLS
+_CLUSTER_NODE = re.compile(
+    r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9._-]+))(?::(?P<port>\d{1,5}))?"
+)
+CLUSTER_NOT_SUPPORTED = (
+    "names a Redis Cluster, and Redis Cluster support is not complete: viewmw's scripts still "
+    "touch keys of several hash slots in one call, which a cluster refuses, so views could not "
+    "be counted. Use a single Redis (redis://host:port/db) for now; docs/keys.md ('Redis "
+    "Cluster') describes the layout that will run on a cluster"
+)
+"""Why a tracker (or a command, or the worker) refuses a ``redis+cluster://`` URL at start-up."""
 _QUEUE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9._-]{0,99}")  # what Dramatiq accepts, bounded
 _NAMESPACE = re.compile(r"[A-Za-z0-9._:-]{1,100}")
 _SAFE_PREFIX = re.compile(r"[A-Za-z0-9._-]+:?")
@@ -81,7 +94,9 @@ class Settings:
         timezone: IANA zone in which calendar days (daily limits, one view per day) begin.
         key_prefix: prepended to every Redis key, to share a Redis with other applications.
         redis_url: ``redis://``, ``rediss://`` or ``unix://`` URL; ``None`` lets the caller pick an
-            embedded stand-in (the example app uses fakeredis).
+            embedded stand-in (the example app uses fakeredis). A Redis Cluster is
+            ``redis+cluster://host:port,host:port`` (``rediss+cluster://`` for TLS), parsed into
+            :attr:`redis_cluster`; viewmw does not run on a cluster yet (see docs/keys.md).
         database_url: SQLAlchemy URL; synchronous driver names are switched to their async driver
             (``postgresql://`` runs on asyncpg, ``sqlite://`` on aiosqlite). Empty: the embedded
             SQLite file ``viewmw.sqlite3``, but only while Redis is embedded too (no
@@ -180,6 +195,13 @@ class Settings:
             raise ConfigurationError(
                 "broker_namespace", "must be 1-100 letters, digits, '.', '_', ':' or '-'"
             )
+
+    @property
+    def redis_cluster(self) -> RedisClusterURL | None:
+        """:attr:`redis_url` taken apart when it names a Redis Cluster, else ``None``."""
+        if self.redis_url is None or not RedisClusterURL.is_cluster_url(self.redis_url):
+            return None
+        return RedisClusterURL.parse(self.redis_url)
 
     def resolved_database_url(self) -> str:
         """The database to write counts to: ``database_url``, else the embedded SQLite file.
@@ -629,7 +651,76 @@ def _redact(url: str) -> str:
     return re.sub(r"(://[^:/@]*:).*@", r"\1***@", url)
 
 
+@dataclass(frozen=True, slots=True)
+class RedisClusterURL:
+    """A ``redis+cluster://[user[:password]@]host[:port],host[:port]...`` URL taken apart.
+
+    The nodes are where the client starts (``startup_nodes``): any one that answers tells it the
+    others, so a few of the primaries are enough. A port defaults to 6379; an IPv6 address is
+    written in brackets (``[::1]:7000``). A cluster has database 0 only, so the path is empty or
+    ``/0``; no query options are taken.
+
+    Attributes:
+        nodes: (host, port) of each node named, in order.
+        username: the ACL user, or ``None``.
+        password: the password, or ``None``.
+        tls: ``rediss+cluster://``: every node is reached over TLS.
+    """
+
+    nodes: tuple[tuple[str, int], ...]
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+
+    @staticmethod
+    def is_cluster_url(url: str) -> bool:
+        """Whether ``url``'s scheme names a Redis Cluster."""
+        return url.partition("://")[0].lower() in _CLUSTER_SCHEMES
+
+    @classmethod
+    def parse(cls, url: str) -> RedisClusterURL:
+        """Take ``url`` apart.
+
+        Raises:
+            ConfigurationError: naming ``redis_url``, without repeating the password.
+        """
+        scheme, _, rest = url.partition("://")
+
+        def refuse(reason: str) -> ConfigurationError:
+            return ConfigurationError(
+                "redis_url",
+                f"must look like redis+cluster://host:port,host:port ({reason}),"
+                f" got {_redact(url)!r}",
+            )
+
+        if scheme.lower() not in _CLUSTER_SCHEMES:
+            raise refuse(f"the scheme is {scheme!r}")
+        rest, query_mark, _query = rest.partition("?")
+        if query_mark:
+            raise refuse("no ?options are taken")
+        credentials, at, rest = rest.rpartition("@")
+        hosts, _, database = rest.partition("/")
+        if database not in ("", "0"):
+            raise refuse("a cluster has database 0 only")
+        nodes = []
+        for part in hosts.split(","):
+            match = _CLUSTER_NODE.fullmatch(part)
+            port = int(match["port"] or 6379) if match else 0
+            if match is None or not 0 < port < 65536:
+                raise refuse(f"{part!r} is not host:port" if part else "a node is missing")
+            nodes.append((match["ipv6"] or match["host"], port))
+        username = password = None
+        if at:
+            user, colon, secret = credentials.partition(":")
+            username = unquote(user) or None
+            password = unquote(secret) if colon else None
+        return cls(tuple(nodes), username, password, _CLUSTER_SCHEMES[scheme.lower()])
+
+
 def _check_redis_url(url: str) -> None:
+    if RedisClusterURL.is_cluster_url(url):
+        RedisClusterURL.parse(url)
+        return
     scheme, sep, rest = url.partition("://")
     problem = not sep or scheme not in _REDIS_SCHEMES or not rest
     if not problem:
