@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import os
 import platform
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -227,9 +228,18 @@ def main() -> None:
     parser.add_argument(
         "--http-only", action="store_true", help="only the HTTP benchmark; docs are not written"
     )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another checkout (git worktree add) whose request path is measured in the same "
+        "HTTP rounds, as the '(baseline)' rows",
+    )
+    parser.add_argument("--rounds", type=int, help="HTTP rounds (default 5; 1 with --quick)")
     args = parser.parse_args()
+    options = QUICK if args.quick else HttpOptions()
+    options = replace(options, baseline=args.baseline, rounds=args.rounds or options.rounds)
     try:
-        http = _http(QUICK if args.quick else HttpOptions())
+        http = _http(options)
         if args.http_only:
             print("\n".join([*_header(), *render_http(http)]))
             return

@@ -42,6 +42,7 @@ class Variant:
     factory: str
     path: str
     counts: bool  # answers carry X-View-Count
+    tree: Path = ROOT  # the checkout whose viewmw and bench.http_apps the server imports
 
 
 BARE = "bare app"
@@ -71,8 +72,23 @@ class HttpOptions:
     # Long enough for the tracked route's count cache to hold every story's database count.
     warmup_seconds: float = 3.0
     connections: int = 32
+    # Another checkout (``git worktree add``) whose request path is measured in the same rounds.
+    baseline: Path | None = None
     rate: float = 300.0
     latency_seconds: float = 3.0
+
+
+BASELINE_VARIANTS = (UNTRACKED, TRACKED, DEFERRED, DO_NOTHING)
+"""What ``--baseline`` measures a second time, from another checkout (the code before a change)."""
+
+
+def baseline_variants(tree: Path) -> list[Variant]:
+    """:data:`BASELINE_VARIANTS` served from the checkout at ``tree``, named "… (baseline)"."""
+    return [
+        Variant(f"{v.name} (baseline)", v.factory, v.path, v.counts, tree=tree.resolve())
+        for v in VARIANTS
+        if v.name in BASELINE_VARIANTS
+    ]
 
 
 QUICK = HttpOptions(rounds=1, seconds=1.0, warmup_seconds=1.0, latency_seconds=1.0)
@@ -166,13 +182,16 @@ def _wait_for(port: int, server: subprocess.Popen[bytes], deadline: float) -> No
 
 
 @contextmanager
-def _uvicorn(factory: str, port: int, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+def _uvicorn(
+    factory: str, port: int, env: dict[str, str], tree: Path = ROOT
+) -> Iterator[subprocess.Popen[bytes]]:
+    # `python -m` puts the working directory first on sys.path: the tree's viewmw is imported.
     server = subprocess.Popen(
         [
             *(sys.executable, "-m", "uvicorn", factory, "--factory", "--port", str(port)),
             *("--workers", "1", "--no-access-log", "--log-level", "warning"),
         ],
-        cwd=ROOT,
+        cwd=tree,
         env={**os.environ, **env},
     )
     try:
@@ -235,6 +254,8 @@ def run_http_bench(
 ) -> HttpResults:
     """Start every variant's server, then measure them round after round."""
     variants = list(VARIANTS)
+    if options.baseline is not None:
+        variants += baseline_variants(options.baseline)
     client = redis.Redis(host=redis_host, port=redis_port)
     ports = {v.name: _free_port() for v in variants}
     with ExitStack() as stack:
@@ -244,7 +265,7 @@ def run_http_bench(
             # Redis database, so none finds another's cooldowns.
             redis_url = f"redis://{redis_host}:{redis_port}/{db}"
             servers[v.name] = stack.enter_context(
-                _uvicorn(v.factory, ports[v.name], {**env, "VIEWMW_REDIS_URL": redis_url})
+                _uvicorn(v.factory, ports[v.name], {**env, "VIEWMW_REDIS_URL": redis_url}, v.tree)
             )
             _wait_for(ports[v.name], servers[v.name], time.monotonic() + 60)
             # Warm-up: imports, caches, pools, scripts loaded into Redis.
