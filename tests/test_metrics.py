@@ -510,3 +510,31 @@ def test_request_tallies_reach_the_histogram_as_observe_would_put_them() -> None
             assert samples[sample] == pytest.approx(value), sample
     assert samples[key("viewmw_views_offered_total")] == len(seconds)
     assert samples[key("viewmw_views_skipped_total", reason="bot")] == 1
+
+
+def test_request_tallies_flush_on_a_timer_in_every_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without a scrape, the tallies still reach the metrics (another process's scrape reads
+    them from the multi-process files): on a timer, re-armed in a new event loop when the one it
+    was set in closed first (a worker running one loop per message)."""
+    from prometheus_client import CollectorRegistry
+
+    import viewmw.metrics.prometheus as prometheus
+
+    recorder = PrometheusRecorder(CollectorRegistry())
+
+    async def record(turns: int) -> None:
+        recorder.request_handled(b"1", 0.001)
+        for _ in range(turns):
+            await asyncio.sleep(0)
+
+    def offered() -> float:
+        return recorder._offered._value.get()  # type: ignore[attr-defined]  # no scrape
+
+    monkeypatch.setattr(prometheus, "FLUSH_SECONDS", 3600.0)
+    asyncio.run(record(0))  # its loop closes long before its timer is due
+    assert offered() == 0
+    monkeypatch.setattr(prometheus, "FLUSH_SECONDS", 0.0)
+    asyncio.run(record(2))
+    assert offered() == 2

@@ -170,7 +170,7 @@ class PrometheusRecorder(Recorder):
         self._added_sum = 0.0
         self._counted_views = 0
         self._blocked_views: dict[int, int] = {}
-        self._flush_due = False
+        self._flush_loop: asyncio.AbstractEventLoop | None = None  # where a flush is set to run
         self._flush_lock = threading.Lock()
         atexit.register(self.flush)  # multi-process mode: the files outlive the process
 
@@ -181,7 +181,7 @@ class PrometheusRecorder(Recorder):
         # The bucket observe() would pick: the first bound at or above the value.
         self._added_buckets[bisect_left(REQUEST_BUCKETS, seconds)] += 1
         self._added_sum += seconds
-        if not self._flush_due:
+        if not self._flush_due():
             self._flush_soon()
 
     def views_decided(self, replies: Sequence[Sequence[Any]]) -> None:
@@ -195,20 +195,27 @@ class PrometheusRecorder(Recorder):
             elif reply[0] == 0 and reply[1] in self._blocked:
                 blocked[reply[1]] = blocked.get(reply[1], 0) + 1
         self._counted_views += counted
-        if not self._flush_due:
+        if not self._flush_due():
             self._flush_soon()
 
+    def _flush_due(self) -> bool:
+        """Whether a flush is set to run: a loop closed before its timer fired runs none."""
+        loop = self._flush_loop
+        return loop is not None and not loop.is_closed()
+
     def _flush_soon(self) -> None:
-        self._flush_due = True
         try:
-            asyncio.get_running_loop().call_later(FLUSH_SECONDS, self.flush)
+            loop = asyncio.get_running_loop()
         except RuntimeError:  # no event loop to wait on
             self.flush()
+            return
+        self._flush_loop = loop
+        loop.call_later(FLUSH_SECONDS, self.flush)
 
     def flush(self) -> None:
         """Add the tallies to the metrics (a scrape of the registry calls this first)."""
         with self._flush_lock:
-            self._flush_due = False
+            self._flush_loop = None
             requests, self._requests = self._requests, {}
             buckets, self._added_buckets = self._added_buckets, [0] * len(self._added_buckets)
             added, self._added_sum = self._added_sum, 0.0
