@@ -32,6 +32,8 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 SETTLE_SECONDS = 0.3  # work a server does after its last answer (queued sends) is part of the round
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+WARMUP_LIMIT_SECONDS = 60.0
+WARMUP_WITHOUT_COUNT = 0.01  # share of answers without a count that ends a warm-up
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class Variant:
     factory: str
     path: str
     counts: bool  # answers carry X-View-Count
+    tree: Path = ROOT  # the checkout whose viewmw and bench.http_apps the server imports
 
 
 BARE = "bare app"
@@ -71,8 +74,23 @@ class HttpOptions:
     # Long enough for the tracked route's count cache to hold every story's database count.
     warmup_seconds: float = 3.0
     connections: int = 32
+    # Another checkout (``git worktree add``) whose request path is measured in the same rounds.
+    baseline: Path | None = None
     rate: float = 300.0
     latency_seconds: float = 3.0
+
+
+BASELINE_VARIANTS = (UNTRACKED, TRACKED, DEFERRED, DO_NOTHING)
+"""What ``--baseline`` measures a second time, from another checkout (the code before a change)."""
+
+
+def baseline_variants(tree: Path) -> list[Variant]:
+    """:data:`BASELINE_VARIANTS` served from the checkout at ``tree``, named "… (baseline)"."""
+    return [
+        Variant(f"{v.name} (baseline)", v.factory, v.path, v.counts, tree=tree.resolve())
+        for v in VARIANTS
+        if v.name in BASELINE_VARIANTS
+    ]
 
 
 QUICK = HttpOptions(rounds=1, seconds=1.0, warmup_seconds=1.0, latency_seconds=1.0)
@@ -166,13 +184,16 @@ def _wait_for(port: int, server: subprocess.Popen[bytes], deadline: float) -> No
 
 
 @contextmanager
-def _uvicorn(factory: str, port: int, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+def _uvicorn(
+    factory: str, port: int, env: dict[str, str], tree: Path = ROOT
+) -> Iterator[subprocess.Popen[bytes]]:
+    # `python -m` puts the working directory first on sys.path: the tree's viewmw is imported.
     server = subprocess.Popen(
         [
             *(sys.executable, "-m", "uvicorn", factory, "--factory", "--port", str(port)),
             *("--workers", "1", "--no-access-log", "--log-level", "warning"),
         ],
-        cwd=ROOT,
+        cwd=tree,
         env={**os.environ, **env},
     )
     try:
@@ -230,11 +251,26 @@ def _throughput(
     )
 
 
+def _warm_up(port: int, v: Variant, o: HttpOptions) -> None:
+    """Imports, caches, pools, scripts loaded into Redis; for a counting variant, until its count
+    cache holds (nearly) every story's database count, or :data:`WARMUP_LIMIT_SECONDS`: the
+    first reads of 1 000 stories' counts on a busy machine outlast a short warm-up, and the
+    rounds would measure them instead of the request path."""
+    deadline = time.monotonic() + WARMUP_LIMIT_SECONDS
+    while True:
+        result = _load(port, v.path, o.warmup_seconds, o.connections, None)
+        settled = result["without_count"] <= WARMUP_WITHOUT_COUNT * result["requests"]
+        if not v.counts or settled or time.monotonic() > deadline:
+            return
+
+
 def run_http_bench(
     redis_host: str, redis_port: int, env: dict[str, str], options: HttpOptions
 ) -> HttpResults:
     """Start every variant's server, then measure them round after round."""
     variants = list(VARIANTS)
+    if options.baseline is not None:
+        variants += baseline_variants(options.baseline)
     client = redis.Redis(host=redis_host, port=redis_port)
     ports = {v.name: _free_port() for v in variants}
     with ExitStack() as stack:
@@ -244,11 +280,10 @@ def run_http_bench(
             # Redis database, so none finds another's cooldowns.
             redis_url = f"redis://{redis_host}:{redis_port}/{db}"
             servers[v.name] = stack.enter_context(
-                _uvicorn(v.factory, ports[v.name], {**env, "VIEWMW_REDIS_URL": redis_url})
+                _uvicorn(v.factory, ports[v.name], {**env, "VIEWMW_REDIS_URL": redis_url}, v.tree)
             )
             _wait_for(ports[v.name], servers[v.name], time.monotonic() + 60)
-            # Warm-up: imports, caches, pools, scripts loaded into Redis.
-            _load(ports[v.name], v.path, options.warmup_seconds, options.connections, None)
+            _warm_up(ports[v.name], v, options)
         figures = {v.name: VariantFigures(v) for v in variants}
         for number in range(options.rounds):
             print(f"HTTP bench: round {number + 1} of {options.rounds}", file=sys.stderr)

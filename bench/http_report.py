@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from bench.http_bench import (
     BARE,
+    BASELINE_VARIANTS,
     DEFERRED,
     DO_NOTHING,
     NAIVE,
@@ -114,6 +115,7 @@ def render_http(results: HttpResults) -> list[str]:
             f"- {TRACKED} ≥ {NAIVE_TARGET:g}× the naive baseline: {ratio:.2f}× — "
             f"{verdict(ratio >= NAIVE_TARGET)}"
         )
+    lines += _against_baseline(results)
     busiest = max(max(r.loadgen_busy for r in f.rounds) for f in figures.values())
     lines += [
         "",
@@ -126,4 +128,39 @@ def render_http(results: HttpResults) -> list[str]:
         ),
         "",
     ]
+    return lines
+
+
+def _against_baseline(results: HttpResults) -> list[str]:
+    """With ``--baseline``: each variant against the same variant of the other checkout, round
+    by round (median and range of the per-round ratios)."""
+    pairs = [
+        (name, f"{name} (baseline)")
+        for name in BASELINE_VARIANTS
+        if name in results.figures and f"{name} (baseline)" in results.figures
+    ]
+    if not pairs:
+        return []
+    lines = [
+        "",
+        "### Against the baseline checkout (same rounds)",
+        "",
+        "| variant | req/s, this ÷ baseline | range over rounds | app CPU µs/request, this ÷ "
+        "baseline | range over rounds |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name, baseline in pairs:
+        cells = [name]
+        for attribute in ("requests_per_second", "app_cpu_us"):
+            ratios = [
+                getattr(a, attribute) / getattr(b, attribute)
+                for a, b in zip(
+                    results.figures[name].rounds, results.figures[baseline].rounds, strict=True
+                )
+            ]
+            cells += [
+                f"{results.ratio(name, attribute, to=baseline):.2f}×",
+                f"{min(ratios):.2f}–{max(ratios):.2f}",
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
     return lines

@@ -217,3 +217,15 @@ def test_anonymous_keys_are_the_documented_keyed_hash(host: str, user_agent: byt
     digest = hmac.digest(key, message, "sha256")
     expected = "anon:" + base64.urlsafe_b64encode(digest).decode()[:16]
     assert viewers.anonymous_viewer(host, user_agent) == expected
+
+
+@given(secret=st.text(min_size=1, max_size=120), user_agent=st.binary(max_size=80))
+def test_anonymous_keys_match_hmac_for_any_secret_length(secret: str, user_agent: bytes) -> None:
+    """The precomputed HMAC pads give the standard HMAC for secrets shorter and longer than
+    SHA-256's block (a longer key is hashed first)."""
+    viewers = ViewerIdentity(secret, clock=FakeClock(now=NOON_UTC))
+    day = datetime.fromtimestamp(NOON_UTC, UTC).date().isoformat()
+    key = secret.encode() + b"\0" + day.encode()
+    digest = hmac.digest(key, b"h\n" + user_agent, "sha256")
+    expected = "anon:" + base64.urlsafe_b64encode(digest).decode()[:16]
+    assert viewers.anonymous_viewer("h", user_agent) == expected

@@ -483,3 +483,58 @@ def test_the_grafana_dashboard_queries_only_metrics_viewmw_exports() -> None:
         "viewmw_sync_last_success_timestamp_seconds",
         "viewmw_breaker_opened_total",
     }
+
+
+def test_request_tallies_reach_the_histogram_as_observe_would_put_them() -> None:
+    """The request path tallies buckets itself and adds them in bulk: the scrape must show what
+    one observe() per request shows, bound values included."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from viewmw.metrics.prometheus import REQUEST_BUCKETS
+
+    seconds = [0.0, *REQUEST_BUCKETS, *(b * 1.5 for b in REQUEST_BUCKETS), 0.0004, 7.0]
+    registry, reference = CollectorRegistry(), CollectorRegistry()
+    recorder = PrometheusRecorder(registry)
+    observed = Histogram(
+        "viewmw_request_added_seconds", "x", buckets=REQUEST_BUCKETS, registry=reference
+    )
+    for value in seconds:
+        recorder.request_handled(b"1", value)
+        observed.observe(value)
+    recorder.request_handled(b"0; reason=bot", 0.0)
+    observed.observe(0.0)
+    samples = parse(generate_latest(registry).decode())
+    expected = parse(generate_latest(reference).decode())
+    for sample, value in expected.items():
+        if sample[0].endswith(("_bucket", "_count", "_sum")):
+            assert samples[sample] == pytest.approx(value), sample
+    assert samples[key("viewmw_views_offered_total")] == len(seconds)
+    assert samples[key("viewmw_views_skipped_total", reason="bot")] == 1
+
+
+def test_request_tallies_flush_on_a_timer_in_every_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without a scrape, the tallies still reach the metrics (another process's scrape reads
+    them from the multi-process files): on a timer, re-armed in a new event loop when the one it
+    was set in closed first (a worker running one loop per message)."""
+    from prometheus_client import CollectorRegistry
+
+    import viewmw.metrics.prometheus as prometheus
+
+    recorder = PrometheusRecorder(CollectorRegistry())
+
+    async def record(turns: int) -> None:
+        recorder.request_handled(b"1", 0.001)
+        for _ in range(turns):
+            await asyncio.sleep(0)
+
+    def offered() -> float:
+        return recorder._offered._value.get()  # type: ignore[attr-defined]  # no scrape
+
+    monkeypatch.setattr(prometheus, "FLUSH_SECONDS", 3600.0)
+    asyncio.run(record(0))  # its loop closes long before its timer is due
+    assert offered() == 0
+    monkeypatch.setattr(prometheus, "FLUSH_SECONDS", 0.0)
+    asyncio.run(record(2))
+    assert offered() == 2

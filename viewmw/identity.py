@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import hmac
 import inspect
 import logging
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from datetime import time as dt_time
 from functools import cache, lru_cache
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from crawlerdetect import CrawlerDetect
@@ -187,17 +189,32 @@ class ViewerIdentity:
         self._viewer = viewer
         self._clock = clock
         self._day_start = self._day_end = 0.0
-        self._day_key = b""
+        self._day_pads = _hmac_pads(b"")
+
+    @property
+    def has_viewer_function(self) -> bool:
+        """Whether a ``viewer`` callable decides who is viewing (else :meth:`default_viewer`
+        does, without awaiting anything)."""
+        return self._viewer is not None
 
     async def viewer_for(self, scope: Scope, user_agent: bytes) -> str:
         """``user:…`` for an authenticated request, else ``anon:…``."""
-        if self._viewer is not None:
-            user_id = self._viewer(scope)
-            if inspect.isawaitable(user_id):
-                async with asyncio.timeout(self._viewer_timeout):
-                    user_id = await user_id
-        else:
-            user_id = authenticated_id(scope)
+        if self._viewer is None:
+            return self.default_viewer(scope, user_agent)
+        user_id = self._viewer(scope)
+        if inspect.isawaitable(user_id):
+            async with asyncio.timeout(self._viewer_timeout):
+                user_id = await user_id
+        return self._viewer_of(scope, user_agent, user_id)
+
+    def default_viewer(self, scope: Scope, user_agent: bytes) -> str:
+        """:meth:`viewer_for` without a ``viewer`` callable: ``scope["user"]``, else anonymous."""
+        if "user" not in scope:  # no authentication middleware: anonymous, in fewer calls
+            client = scope.get("client")
+            return self.anonymous_viewer(str(client[0]) if client else "", user_agent)
+        return self._viewer_of(scope, user_agent, authenticated_id(scope))
+
+    def _viewer_of(self, scope: Scope, user_agent: bytes, user_id: object) -> str:
         if user_id is not None:
             key = self.user_viewer(user_id)
             if key is not None:
@@ -225,13 +242,20 @@ class ViewerIdentity:
         """``anon:{hash}`` of client address and user agent, keyed with secret and today."""
         # No address contains a newline, so the two parts cannot run together.
         message = client_host.encode("utf-8", "surrogatepass") + b"\n" + user_agent
-        digest = hmac.digest(self._key_for_today(), message, "sha256")  # one C-level call
+        # HMAC-SHA256 from today's precomputed pads: two hash copies, no key schedule.
+        inner, outer = self._pads_for_today()
+        inner = inner.copy()
+        inner.update(message)
+        outer = outer.copy()
+        outer.update(inner.digest())
+        digest = outer.digest()
         # 12 bytes are exactly the first 16 base64 characters: the same key as _b64()[:16].
         encoded = binascii.b2a_base64(digest[:_ANONYMOUS_HASH_BYTES], newline=False)
         return "anon:" + encoded.translate(_URLSAFE).decode("ascii")
 
-    def _key_for_today(self) -> bytes:
-        """secret + today's date, derived once per calendar day (not per request)."""
+    def _pads_for_today(self) -> tuple[Any, Any]:
+        """HMAC-SHA256's inner and outer hashes, keyed with secret + today's date, each fed its
+        padded key once per calendar day (not per request)."""
         now = self._clock()
         if not self._day_start <= now < self._day_end:
             local = datetime.fromtimestamp(now, self._zone).date()
@@ -239,11 +263,25 @@ class ViewerIdentity:
             self._day_end = datetime.combine(
                 local + timedelta(days=1), dt_time(), self._zone
             ).timestamp()
-            self._day_key = self._secret + b"\0" + local.isoformat().encode()
-        return self._day_key
+            self._day_pads = _hmac_pads(self._secret + b"\0" + local.isoformat().encode())
+        return self._day_pads
 
 
 _ANONYMOUS_HASH_BYTES = ANONYMOUS_HASH_CHARS * 3 // 4
+_SHA256_BLOCK = 64
+_INNER_PAD = bytes(byte ^ 0x36 for byte in range(256))
+_OUTER_PAD = bytes(byte ^ 0x5C for byte in range(256))
+
+
+def _hmac_pads(key: bytes) -> tuple[Any, Any]:
+    """SHA-256 states fed HMAC's inner and outer padded key (RFC 2104): copying them and
+    hashing a message gives ``hmac.digest(key, message, "sha256")``."""
+    if len(key) > _SHA256_BLOCK:
+        key = hashlib.sha256(key).digest()
+    key = key.ljust(_SHA256_BLOCK, b"\0")
+    return hashlib.sha256(key.translate(_INNER_PAD)), hashlib.sha256(key.translate(_OUTER_PAD))
+
+
 _URLSAFE = bytes.maketrans(b"+/", b"-_")
 
 

@@ -46,6 +46,8 @@ DATABASE_COUNT_TTL_SECONDS = 24 * 3600
 REPLAY_MARKER_TTL_SECONDS = 7 * 24 * 3600
 # Contents whose latest count this process remembers for the deferred mode.
 KNOWN_COUNTS = 100_000
+# Contents whose Redis keys this process keeps built (about 1 kB each).
+CONTENT_KEYS = 4096
 # A cache fill that a sync overtook is retried this many times before the count is left out.
 _FILL_ATTEMPTS = 3
 # Database reads for the count cache that may outlive the request that started them: a read
@@ -173,6 +175,8 @@ class ViewTracker:
             self._reads = Batcher(script_pipeline(redis), deadline=deadline)
         self._limit_args = _limit_args(self.settings)
         self._known_counts: dict[str, int] = {}
+        # "type:id" -> (day, the content's keys for that day), see _remember_content_keys.
+        self._content_keys: dict[str, tuple[str, ...]] = {}
         self._fills: dict[tuple[str, str], asyncio.Future[None]] = {}
         self._fill_tasks: set[asyncio.Task[dict[str, ViewCount]]] = set()
         limits = self.settings.limits
@@ -306,18 +310,22 @@ class ViewTracker:
         now = math.floor(at)
         day = self._calendar_day(now)
         keys = self.keys
-        days = keys.days(content_type, content_id)
+        member = f"{content_type}:{content_id}"
+        content_keys = self._content_keys.get(member)
+        if content_keys is None or content_keys[0] != day.name:
+            content_keys = self._remember_content_keys(member, content_type, content_id, day.name)
+        _, pending, syncing, database_count, days, uniques, ranking, blocked = content_keys
         return (
             (
-                keys.pending(content_type, content_id),
-                keys.syncing(content_type, content_id),
-                keys.database_count(content_type, content_id),
+                pending,
+                syncing,
+                database_count,
                 days if crawler else keys.session(viewer, content_type, content_id),
                 days if crawler else keys.daily_views(viewer, day.name),
                 days,
-                keys.uniques(content_type, content_id, day.name),
-                keys.ranking(content_type, day.name),
-                keys.blocked(day.name),
+                uniques,
+                ranking,
+                blocked,
             ),
             (
                 now,
@@ -325,7 +333,7 @@ class ViewTracker:
                 day.end,
                 max(self._session_seconds, day.end - now) + _TTL_GRACE_SECONDS,
                 max(day.end - now, 1) + _TTL_GRACE_SECONDS,
-                f"{content_type}:{content_id}",
+                member,
                 0 if replay_marker is None else 1,
                 day.name,
                 content_id,
@@ -335,6 +343,27 @@ class ViewTracker:
             ),
             replay_marker,
         )
+
+    def _remember_content_keys(
+        self, member: str, content_type: str, content_id: str, day: str
+    ) -> tuple[str, ...]:
+        """The keys of one content's views on ``day`` (its name first), built once and kept
+        for the next views of that content: popular contents are viewed again and again."""
+        keys = self.keys
+        content_keys = (
+            day,
+            keys.pending(content_type, content_id),
+            keys.syncing(content_type, content_id),
+            keys.database_count(content_type, content_id),
+            keys.days(content_type, content_id),
+            keys.uniques(content_type, content_id, day),
+            keys.ranking(content_type, day),
+            keys.blocked(day),
+        )
+        if len(self._content_keys) >= CONTENT_KEYS:
+            self._content_keys.clear()  # a crude bound, as for the known counts
+        self._content_keys[member] = content_keys
+        return content_keys
 
     async def track_crawler_view(self, content_type: str, content_id: str | int) -> TrackResult:
         """Count one crawler view of a content apart, and read its count in the same round

@@ -4,7 +4,10 @@ Two kinds:
 
 - Events, counted where they happen (:class:`PrometheusRecorder`, in the process's registry):
   views offered, skipped, counted, blocked, queued; the time added to requests; Redis failures and
-  late replies; the breakers' state; sync runs, their duration and the views they moved.
+  late replies; the breakers' state; sync runs, their duration and the views they moved. The
+  request path's events (one or two per view) are tallied in plain integers and reach
+  prometheus_client in bulk: when the registry is scraped, within :data:`FLUSH_SECONDS`, and at
+  exit. A scrape of this process's registry therefore always sees every event so far.
 - State that lives in Redis or the database, read when scraped (:func:`scraped_families`, used by
   :class:`~viewmw.metrics.endpoint.MetricsEndpoint`): the pending backlog, the outbox, the last
   committed sync.
@@ -15,7 +18,11 @@ events are written to that directory by every process and summed by the one that
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import os
+import threading
+from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -33,7 +40,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from viewmw.failures import FailureKind
-from viewmw.metrics.recording import SYNC_OUTCOMES, SYNC_SUCCESS, Recorder
+from viewmw.metrics.recording import SYNC_OUTCOMES, SYNC_SUCCESS, Recorder, recorder
 from viewmw.outage.breaker import BreakerState
 from viewmw.tracker import _REASONS
 
@@ -44,19 +51,25 @@ BREAKER_STATE_VALUES = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, Break
 """``viewmw_breaker_state``'s values."""
 # Seconds viewmw adds to a request: a Redis round trip, sometimes a database read.
 REQUEST_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+FLUSH_SECONDS = 1.0
+"""Longest the request path's tallies wait before they reach prometheus_client (in multi-process
+mode, before other processes' scrapes see them; this process's own scrapes see them at once)."""
 SYNC_BUCKETS = (0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0)
 
 
 class PrometheusRecorder(Recorder):
     """Records viewmw's events in prometheus_client metrics, registered in ``registry``.
 
-    Labelled children are bound once here, so that recording a view is a dictionary lookup and
-    an increment.
+    Labelled children are bound once here. The request path's events are tallied in plain
+    integers (a dictionary lookup and an addition per view, no lock) by the event loop's thread,
+    and added to the metrics in bulk by :meth:`flush`.
     """
 
     enabled = True
 
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        # Registered before the metrics, so a scrape flushes the tallies before reading them.
+        registry.register(_Flusher(self))
         offered = Counter(
             "viewmw_views_offered",
             "Requests of tracked routes offered to the abuse rules as a view.",
@@ -150,20 +163,77 @@ class PrometheusRecorder(Recorder):
         self._sync_runs = {outcome: sync_runs.labels(outcome) for outcome in SYNC_OUTCOMES}
         for state in self._breaker_state.values():
             state.set(0)  # exported as closed before the first change
+        # Tallies since the last flush: requests per debug value, Histogram buckets (by index,
+        # the last one +Inf) and sum of the time added, views counted, blocked per rule code.
+        self._requests: dict[bytes, int] = {}
+        self._added_buckets = [0] * (len(REQUEST_BUCKETS) + 1)
+        self._added_sum = 0.0
+        self._counted_views = 0
+        self._blocked_views: dict[int, int] = {}
+        self._flush_loop: asyncio.AbstractEventLoop | None = None  # where a flush is set to run
+        self._flush_lock = threading.Lock()
+        atexit.register(self.flush)  # multi-process mode: the files outlive the process
 
     def request_handled(self, debug: bytes, seconds: float) -> None:
         """See :meth:`viewmw.metrics.recording.Recorder.request_handled`."""
-        self._skipped.get(debug, self._offered).inc()
-        self._added.observe(seconds)
+        requests = self._requests
+        requests[debug] = requests.get(debug, 0) + 1
+        # The bucket observe() would pick: the first bound at or above the value.
+        self._added_buckets[bisect_left(REQUEST_BUCKETS, seconds)] += 1
+        self._added_sum += seconds
+        if not self._flush_due():
+            self._flush_soon()
 
     def views_decided(self, replies: Sequence[Sequence[Any]]) -> None:
         """See :meth:`viewmw.metrics.recording.Recorder.views_decided`."""
+        counted = 0
+        blocked = self._blocked_views
         for reply in replies:
             if reply[0] == 1:
-                self._counted.inc()
+                counted += 1
             # Not counted without a rule's code: a crawler view, counted apart (never blocked).
-            elif reply[0] == 0 and (blocked := self._blocked.get(reply[1])) is not None:
-                blocked.inc()
+            elif reply[0] == 0 and reply[1] in self._blocked:
+                blocked[reply[1]] = blocked.get(reply[1], 0) + 1
+        self._counted_views += counted
+        if not self._flush_due():
+            self._flush_soon()
+
+    def _flush_due(self) -> bool:
+        """Whether a flush is set to run: a loop closed before its timer fired runs none."""
+        loop = self._flush_loop
+        return loop is not None and not loop.is_closed()
+
+    def _flush_soon(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop to wait on
+            self.flush()
+            return
+        self._flush_loop = loop
+        loop.call_later(FLUSH_SECONDS, self.flush)
+
+    def flush(self) -> None:
+        """Add the tallies to the metrics (a scrape of the registry calls this first)."""
+        with self._flush_lock:
+            self._flush_loop = None
+            requests, self._requests = self._requests, {}
+            buckets, self._added_buckets = self._added_buckets, [0] * len(self._added_buckets)
+            added, self._added_sum = self._added_sum, 0.0
+            counted, self._counted_views = self._counted_views, 0
+            blocked, self._blocked_views = self._blocked_views, {}
+            for debug, n in requests.items():
+                self._skipped.get(debug, self._offered).inc(n)
+            # Histogram has no bulk observe: its buckets and sum take the amounts observe()
+            # would have added one by one.
+            for index, n in enumerate(buckets):
+                if n:
+                    self._added._buckets[index].inc(n)
+            if added:
+                self._added._sum.inc(added)
+            if counted:
+                self._counted.inc(counted)
+            for code, n in blocked.items():
+                self._blocked[code].inc(n)
 
     def view_queued(self) -> None:
         """See :meth:`viewmw.metrics.recording.Recorder.view_queued`."""
@@ -247,10 +317,28 @@ def events_registry() -> CollectorRegistry:
     mode a fresh registry per scrape that sums every process's files (as prometheus_client
     documents)."""
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        return REGISTRY
+        return REGISTRY  # its collection flushes this process's tallies
+    # The files are read, not REGISTRY: this process's tallies go to its files first.
+    current = recorder()
+    if isinstance(current, PrometheusRecorder):
+        current.flush()
     registry = CollectorRegistry()
     MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     return registry
+
+
+class _Flusher(Collector):
+    """Flushes a recorder's tallies when its registry is collected; exports nothing."""
+
+    def __init__(self, recorder: PrometheusRecorder) -> None:
+        self.recorder = recorder
+
+    def describe(self) -> Iterable[Metric]:
+        return ()
+
+    def collect(self) -> Iterable[Metric]:
+        self.recorder.flush()
+        return ()
 
 
 class _Fixed(Collector):
