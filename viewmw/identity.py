@@ -21,14 +21,14 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from datetime import time as dt_time
 from functools import cache, lru_cache
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from crawlerdetect import CrawlerDetect
 from starlette.types import Scope
+
+from viewmw.calendar_day import calendar_day
 
 logger = logging.getLogger("viewmw")
 
@@ -188,7 +188,7 @@ class ViewerIdentity:
         self._zone = ZoneInfo(timezone) if isinstance(timezone, str) else timezone
         self._viewer = viewer
         self._clock = clock
-        self._day_start = self._day_end = 0.0
+        self._day_start = self._day_end = 0
         self._day_pads = _hmac_pads(b"")
 
     @property
@@ -258,12 +258,9 @@ class ViewerIdentity:
         padded key once per calendar day (not per request)."""
         now = self._clock()
         if not self._day_start <= now < self._day_end:
-            local = datetime.fromtimestamp(now, self._zone).date()
-            self._day_start = datetime.combine(local, dt_time(), self._zone).timestamp()
-            self._day_end = datetime.combine(
-                local + timedelta(days=1), dt_time(), self._zone
-            ).timestamp()
-            self._day_pads = _hmac_pads(self._secret + b"\0" + local.isoformat().encode())
+            day = calendar_day(now, self._zone)
+            self._day_start, self._day_end = day.start, day.end
+            self._day_pads = _hmac_pads(self._secret + b"\0" + day.name.encode())
         return self._day_pads
 
 

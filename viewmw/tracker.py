@@ -13,12 +13,12 @@ import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
+from viewmw.calendar_day import CalendarDay, calendar_day
 from viewmw.contract import BlockReason, TrackResult, ViewCount
 from viewmw.errorlog import ErrorLog
 from viewmw.errors import InvalidKeyError, MalformedReplyError, ServiceUnavailableError
@@ -65,15 +65,6 @@ _REASONS = {
     4: BlockReason.DAILY_LIMIT,
 }
 _REASON_CODES = frozenset({0, *_REASONS})
-
-
-@dataclass(frozen=True, slots=True)
-class _Day:
-    """A calendar day in the configured zone: its name and its bounds in epoch seconds."""
-
-    name: str
-    start: int
-    end: int
 
 
 _ViewCall = tuple[tuple[str, ...], tuple[Any, ...], str | None]
@@ -157,7 +148,7 @@ class ViewTracker:
         self.clock = clock
         self.scripts = Scripts.register(redis)
         self._zone = self.settings.zone
-        self._day: _Day | None = None
+        self._day: CalendarDay | None = None
         self._database_errors = ErrorLog(
             what="reading database counts", consequence="those counts are left out"
         )
@@ -432,14 +423,11 @@ class ViewTracker:
         replies = await self._send_views(calls)
         return [None if reply[0] == -1 else reply[0] == 1 for reply in replies]
 
-    def _calendar_day(self, now: int) -> _Day:
+    def _calendar_day(self, now: int) -> CalendarDay:
         """The calendar day of ``now`` in the configured zone (computed once per day)."""
         day = self._day
         if day is None or not day.start <= now < day.end:
-            local = datetime.fromtimestamp(now, self._zone).date()
-            start = datetime.combine(local, datetime.min.time(), self._zone)
-            end = datetime.combine(local + timedelta(days=1), datetime.min.time(), self._zone)
-            day = _Day(local.isoformat(), int(start.timestamp()), int(end.timestamp()))
+            day = calendar_day(now, self._zone)
             if self._day is None or day.start >= self._day.start:
                 self._day = day  # replays of older days must not evict today
         return day
