@@ -63,7 +63,9 @@ class HistoryReader:
     """Queries of the history: days of given contents, and the most viewed of a period."""
 
     def __init__(self, engine: AsyncEngine) -> None:
-        self.engine = engine
+        # Each read is one statement (per chunk of ids), which sees one snapshot by itself: in
+        # autocommit it needs no BEGIN before it nor ROLLBACK after it, two round trips fewer.
+        self.engine = engine.execution_options(isolation_level="AUTOCOMMIT")
         # PostgreSQL takes a list of ids as one array parameter: the statement's text is the
         # same for any number of ids, so it is compiled and prepared once, not once per length.
         self._arrays = engine.dialect.name == "postgresql"

@@ -1,11 +1,9 @@
 -- Estimate distinct viewers of groups of days of one content type, and read the sync epoch.
 -- Each group is one content's live HyperLogLogs (a run of the days still in Redis) and the
 -- sketches the history kept (written into scratch keys), merged by one PFCOUNT, which counts
--- each viewer once across the days. Live keys that do not exist are left out, so a content seen
--- on one day only is counted from that key's cached estimate instead of by a merge. The scratch
--- keys are shared by the groups (each group uses as many as it has sketches) and deleted before
--- the call returns. The epoch lets the caller check, in this same round trip, that no sync moved
--- views since it read them.
+-- each viewer once across the days. The scratch keys are shared by the groups (each group uses
+-- as many as it has sketches) and deleted before the call returns. The epoch lets the caller
+-- check, in this same round trip, that no sync moved views since it read them.
 -- KEYS: 1 sync epoch, then as many scratch keys as the group with the most sketches has.
 -- ARGV: 1 a content's HyperLogLog of a day as a string.format template of (type, day, id),
 --       2 content type, 3 number of live days, 4 number of groups, then the live days, then per
@@ -27,10 +25,7 @@ for g = 1, groups do
   group_arg = group_arg + 4
   local names = {}
   for d = first_day, first_day + live - 1 do
-    local name = string.format(template, content_type, ARGV[4 + d], content_id)
-    if redis.call('EXISTS', name) == 1 then
-      names[#names + 1] = name
-    end
+    names[#names + 1] = string.format(template, content_type, ARGV[4 + d], content_id)
   end
   for n = 1, kept do
     redis.call('SET', KEYS[1 + n], ARGV[sketch_arg], 'PX', 60000)
