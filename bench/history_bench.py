@@ -21,6 +21,7 @@ from bench.sync_bench import _fill_pending
 from viewmw import Limits, Period, ViewStats, ViewSync, ViewTracker
 
 BATCH = 100  # views per record_views call, as a busy event loop turn sends them
+CPU_ROUNDS = 9  # samples each way: the ratio is a few per cent, the noise of one sample as much
 
 
 @dataclass
@@ -132,7 +133,7 @@ async def _reads(redis: aioredis.Redis, contents: int, days: int, figures: Histo
 async def run_history_bench(contents: int, days: int, views: int) -> HistoryFigures:
     figures = HistoryFigures(cpu_us_per_view={True: [], False: []}, contents=contents, days=days)
     async with private_redis() as (redis, _):
-        for round_ in range(5):  # side by side, alternating, so drift hits both alike
+        for round_ in range(CPU_ROUNDS):  # side by side, alternating, so drift hits both alike
             # Each sample starts from an empty database, and each side goes first in turn: a
             # sample run on the keys the other left grows a larger keyspace (slower).
             for uniques in (False, True) if round_ % 2 == 0 else (True, False):
@@ -153,7 +154,8 @@ def render(figures: HistoryFigures) -> str:
     lines = [
         "## Views over time (per-day history)",
         "",
-        f"- Recording script, Redis CPU per view (`INFO cpu`, median of 5 alternating samples, "
+        f"- Recording script, Redis CPU per view (`INFO cpu`, median of {CPU_ROUNDS} alternating "
+        "samples, each from an empty database, "
         f"{BATCH} views per call): unique viewers off {off:.1f} µs, on {on:.1f} µs: "
         f"**{figures.hll_overhead:.2f}×**",
         "- HyperLogLog memory per content per day (`MEMORY USAGE`): "
