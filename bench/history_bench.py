@@ -21,6 +21,7 @@ from bench.sync_bench import _fill_pending
 from viewmw import Limits, Period, ViewStats, ViewSync, ViewTracker
 
 BATCH = 100  # views per record_views call, as a busy event loop turn sends them
+CPU_ROUNDS = 9  # samples each way: the ratio is a few per cent, the noise of one sample as much
 
 
 @dataclass
@@ -102,11 +103,17 @@ async def _reads(redis: aioredis.Redis, contents: int, days: int, figures: Histo
         # Some views of today still pending in Redis, as between two syncs.
         await asyncio.gather(*(tracker.track_view("story", n, f"user:{n}") for n in range(1, 2001)))
         stats = ViewStats.from_tracker(tracker)
+        no_uniques = ViewStats(
+            redis, store, settings.replace(unique_viewers=False), clock=tracker.clock
+        )
         ids = [str(n) for n in range(1, contents, contents // 100)][:100]
         cases: dict[str, Callable[[], Awaitable[object]]] = {
             "top(limit=10), 7 days": lambda: stats.top("story", Period.last_days(7), 10),
             "top(limit=10), 30 days": lambda: stats.top("story", Period.last_days(30), 10),
             "views_many(100 ids), 30 days": lambda: stats.views_many(
+                "story", ids, Period.last_days(30)
+            ),
+            "views_many(100 ids), 30 days, unique viewers off": lambda: no_uniques.views_many(
                 "story", ids, Period.last_days(30)
             ),
             "by_day(1 id), 30 days": lambda: stats.by_day("story", 1, Period.last_days(30)),
@@ -126,12 +133,15 @@ async def _reads(redis: aioredis.Redis, contents: int, days: int, figures: Histo
 async def run_history_bench(contents: int, days: int, views: int) -> HistoryFigures:
     figures = HistoryFigures(cpu_us_per_view={True: [], False: []}, contents=contents, days=days)
     async with private_redis() as (redis, _):
-        for round_ in range(5):  # side by side, alternating, so drift hits both alike
-            for uniques in (False, True):
+        for round_ in range(CPU_ROUNDS):  # side by side, alternating, so drift hits both alike
+            # Each sample starts from an empty database, and each side goes first in turn: a
+            # sample run on the keys the other left grows a larger keyspace (slower).
+            for uniques in (False, True) if round_ % 2 == 0 else (True, False):
+                await redis.flushdb()
                 figures.cpu_us_per_view[uniques].append(
                     await _cpu_per_view(redis, uniques, views, round_ * 2 + uniques)
                 )
-            await redis.flushdb()
+        await redis.flushdb()
         figures.hll_bytes = await _hll_memory(redis)
         await _reads(redis, contents, days, figures)
     return figures
@@ -144,7 +154,8 @@ def render(figures: HistoryFigures) -> str:
     lines = [
         "## Views over time (per-day history)",
         "",
-        f"- Recording script, Redis CPU per view (`INFO cpu`, median of 5 alternating samples, "
+        f"- Recording script, Redis CPU per view (`INFO cpu`, median of {CPU_ROUNDS} alternating "
+        "samples, each from an empty database, "
         f"{BATCH} views per call): unique viewers off {off:.1f} µs, on {on:.1f} µs: "
         f"**{figures.hll_overhead:.2f}×**",
         "- HyperLogLog memory per content per day (`MEMORY USAGE`): "

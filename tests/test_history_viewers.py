@@ -14,6 +14,7 @@ from sqlalchemy import select
 
 from tests.support import FakeClock
 from viewmw import Limits, Period, Settings, Store, ViewStats, ViewSync, ViewTracker, daily_views
+from viewmw.keys import KeySchema
 
 DAY = 86400
 # Redis' HyperLogLog: a standard error of 0.81 %; three of them bound nearly every estimate.
@@ -168,3 +169,99 @@ async def test_days_past_the_retention_merge_from_the_sketches_in_the_history(
     count = await stats.views("story", 1, Period.last_days(3))
     assert (count.views, count.unique_viewers) == (90, 50)  # 50 different viewers, not 90
     assert (await stats.views("story", 1, Period.last_days(1))).unique_viewers == 30
+
+
+async def test_many_contents_merge_their_own_sketches_only(
+    real_redis: aioredis.Redis, store: Store, settings: Settings, clock: FakeClock
+) -> None:
+    """Contents with different numbers of days kept as sketches (past a retention of one day)
+    and live days, read together: each content's viewers are merged from its own days alone,
+    though the read shares its scratch keys between the contents, and none is left behind."""
+    tracker, sync, stats = make(real_redis, store, settings, clock, history_retention_days=1)
+    # Content n is viewed on the last n + 1 of five days, by 5 viewers a day, 2 of them new.
+    for day in range(5):
+        for n in range(1, 5):
+            if day >= 4 - n:
+                await offer(tracker, n, range(2 * day, 2 * day + 5))
+        await sync.run()
+        clock.advance(DAY)
+    clock.advance(-DAY)
+    await offer(tracker, 1, range(100, 103))  # pending today, not synced
+    await offer(tracker, 9, range(3))  # only pending
+
+    counts = await stats.views_many("story", [1, 2, 3, 4, 9, 10], Period.last_days(5))
+    expected_viewers = {"1": 10, "2": 9, "3": 11, "4": 13, "9": 3, "10": 0}
+    assert {i: c.unique_viewers for i, c in counts.items()} == expected_viewers
+    assert {i: c.views for i, c in counts.items()} == {
+        "1": 13,
+        "2": 15,
+        "3": 20,
+        "4": 25,
+        "9": 3,
+        "10": 0,
+    }
+    days = await stats.by_day("story", 4, Period.last_days(5))
+    assert [(d.views, d.unique_viewers) for d in days] == [(5, 5)] * 5
+    assert [key async for key in real_redis.scan_iter(match="*scratch*")] == []
+
+
+async def test_every_viewers_key_expires_when_repeat_viewers_skip_the_expiry(
+    real_redis: aioredis.Redis, sqlite_store: Store, settings: Settings, clock: FakeClock
+) -> None:
+    """A viewer already in a day's HyperLogLog sets no expiry again; the key has had one since
+    it was created, also when unique viewers were switched on after views of that day."""
+    off, _, _ = make(real_redis, sqlite_store, settings, clock, unique_viewers=False)
+    tracker, _, _ = make(real_redis, sqlite_store, settings, clock)
+    await offer(off, 1, range(3))  # counted while unique viewers were off: no HyperLogLog
+    await offer(tracker, 1, range(3, 6))
+    await offer(tracker, 1, range(6))  # blocked: all of them are in it already
+    await offer(tracker, 2, range(4))
+    keys = [key async for key in real_redis.scan_iter(match="*:uniq:*")]
+    assert len(keys) == 2
+    for key in keys:
+        ttl = await real_redis.ttl(key)
+        assert ttl > settings.history_retention_days * DAY - DAY, (key, ttl)
+
+
+async def test_the_viewers_key_template_filled_in_lua_gives_the_schema_key(
+    real_redis: aioredis.Redis,
+) -> None:
+    fill = real_redis.register_script("return string.format(ARGV[1], unpack(ARGV, 2))")
+    for prefix in ["", "app1:", "100%:", "%s%d%%:"]:
+        keys = KeySchema(prefix)
+        filled = await fill(args=[keys.uniques_template, "story", "2026-11-30", "x-1"])
+        assert filled.decode() == keys.uniques("story", "x-1", "2026-11-30"), prefix
+
+
+async def test_reads_under_a_prefix_with_format_characters(
+    real_redis: aioredis.Redis, store: Store, settings: Settings, clock: FakeClock
+) -> None:
+    tracker, sync, stats = make(real_redis, store, settings, clock, key_prefix="100%s%%:")
+    await offer(tracker, 1, range(4))
+    await sync.run()
+    await offer(tracker, 1, range(2, 6))  # 2 of them again (blocked), 2 new, pending
+    await offer(tracker, 2, range(3))
+    count = await stats.views("story", 1, Period.today())
+    assert (count.views, count.unique_viewers) == (6, 6)
+    assert await stats.top("story", Period.today()) == [("1", 6), ("2", 3)]
+    days = await stats.by_day("story", 2, Period.today())
+    assert [(d.views, d.unique_viewers) for d in days] == [(3, 3)]
+
+
+async def test_top_widens_until_no_id_outside_the_day_lists_can_lead(
+    real_redis: aioredis.Redis, store: Store, settings: Settings, clock: FakeClock
+) -> None:
+    """Each day has its own four leaders with 10 views; a steady content with 9 views a day is
+    never among any day's leaders (the first round's lists are cut at 4 per day for a limit of
+    1), yet it leads the three days: the search has to widen to find it."""
+    tracker, sync, stats = make(real_redis, store, settings, clock)
+    for day in range(3):
+        for leader in range(4):
+            await offer(tracker, 100 + 10 * day + leader, range(10))
+        await offer(tracker, 7, range(9))
+        await sync.run()
+        clock.advance(DAY)
+    clock.advance(-DAY)
+    assert await stats.top("story", Period.last_days(3), 1) == [("7", 27)]
+    assert await stats.top("story", Period.last_days(3), 2) == [("7", 27), ("100", 10)]
+    assert await stats.top("story", Period.today(), 1) == [("120", 10)]

@@ -138,6 +138,45 @@ class _Days:
     sketches: dict[date, bytes]
 
 
+_Groups = Callable[[dict[str, _Days]], list[tuple[str, list[date] | None]]]
+"""Which (content, days) groups need distinct viewers, given what the content's days hold
+(``None`` as the days: the whole period)."""
+
+
+def _combined(
+    ids: list[str],
+    rows: list[HistoryRow],
+    pending: list[Any],
+    committed: bool,
+    first: date | None,
+    last: date | None,
+) -> dict[str, _Days]:
+    """The history's rows plus what Redis holds of each id (``read_days``' reply after its
+    head: the days hash and the batch's part, per id), within the period; the batch's part is
+    left out when the database holds it already."""
+    result = {content_id: _Days(Counter(), Counter(), {}, {}) for content_id in ids}
+    for row in rows:
+        days = result[row.content_id]
+        days.views[row.day] += row.views
+        days.crawlers[row.day] += row.crawler_views
+        if row.unique_viewers is not None:
+            days.uniques[row.day] = row.unique_viewers
+        if row.sketch is not None:
+            days.sketches[row.day] = row.sketch
+    for n, content_id in enumerate(ids):
+        parts = [_text(pending[2 * n])]
+        if not committed:
+            parts.append(_text(pending[2 * n + 1]))
+        for encoded in parts:
+            for name, (views, crawlers) in decode_days(encoded).items():
+                day = date.fromisoformat(name)
+                if (first is None or day >= first) and (last is None or day <= last):
+                    result[content_id].views[day] += views
+                    result[content_id].crawlers[day] += crawlers
+                    result[content_id].uniques.setdefault(day, 0)
+    return result
+
+
 class ViewStats:
     """Period questions answered from the per-day history plus what is still in Redis.
 
@@ -193,12 +232,17 @@ class ViewStats:
         self, content_type: str, content_ids: Sequence[str | int], period: Period
     ) -> dict[str, PeriodCount]:
         """:meth:`views` of many contents: one Redis read, one history query (per few thousand
-        ids) and one estimate call. Keyed by the ids as text, in the order given."""
+        ids), then one Redis call for the estimates and the sync epoch. Keyed by the ids as
+        text, in the order given."""
         content_type, ids = self._validated(content_type, content_ids)
         first, last = period.resolve(self.today())
-        days = await self._days(content_type, ids, first, last, summed=True)
-        uniques = await self._unique_viewers(
-            content_type, [(content_id, None) for content_id in ids], days, first, last
+        days, uniques = await self._days(
+            content_type,
+            ids,
+            first,
+            last,
+            lambda _: [(content_id, None) for content_id in ids],
+            summed=True,
         )
         return {
             content_id: PeriodCount(
@@ -216,16 +260,15 @@ class ViewStats:
         included; an open start begins at the content's first day)."""
         content_type, (content_id,) = self._validated(content_type, [content_id])
         first, last = period.resolve(self.today())
-        days = (await self._days(content_type, [content_id], first, last))[content_id]
-        span = self._span(days, first, last)
-        if not span:
-            return []
-        uniques = await self._unique_viewers(
-            content_type, [(content_id, [day]) for day in span], {content_id: days}, first, last
-        )
+
+        def each_day(days: dict[str, _Days]) -> list[tuple[str, list[date] | None]]:
+            return [(content_id, [day]) for day in self._span(days[content_id], first, last)]
+
+        held, uniques = await self._days(content_type, [content_id], first, last, each_day)
+        days = held[content_id]
         return [
             DayCount(day, days.views[day], uniques[n], days.crawlers[day])
-            for n, day in enumerate(span)
+            for n, day in enumerate(self._span(days, first, last))
         ]
 
     def _span(self, days: _Days, first: date | None, last: date | None) -> list[date]:
@@ -250,50 +293,35 @@ class ViewStats:
         ids: list[str],
         first: date | None,
         last: date | None,
+        groups: _Groups,
         *,
         summed: bool = False,
-    ) -> dict[str, _Days]:
+    ) -> tuple[dict[str, _Days], list[int | None]]:
         """Per-day counts of ``ids`` in the period: history + pending + the unsettled batch's
-        part unless the database holds it, all as of one moment between syncs. ``summed``
-        has the database add up the history's days (they then count as one, ``date.min``)."""
+        part unless the database holds it, all as of one moment between syncs; and the
+        distinct viewers of the ``groups`` those counts call for, estimated in the same round
+        trip that checks the moment held. ``summed`` has the database add up the history's
+        days (they then count as one, ``date.min``)."""
         keys = self.keys
         members = [KeySchema.member(content_type, content_id) for content_id in ids]
         for _attempt in range(_READ_ATTEMPTS):
             reply = await self.scripts.read_days(
                 keys=[keys.epoch, keys.sync_batch, *(keys.days(content_type, i) for i in ids)],
-                args=[keys.prefix, *members],
+                args=[keys.sync_batch_days_template, *members],
             )
             epoch, batch_id = int(reply[0]), _text(reply[1])
             committed = bool(batch_id) and await self._committed(batch_id)
             rows = await self._rows(content_type, ids, first, last, summed)
             if batch_id and committed != await self._committed(batch_id):
                 continue  # the batch was committed during the history read: read again
-            if int(await self.redis.get(keys.epoch) or 0) != epoch:
+            days = _combined(ids, rows, reply[2:], committed, first, last)
+            current, uniques = await self._unique_viewers(
+                content_type, groups(days), days, first, last
+            )
+            if current != epoch:
                 continue  # a sync moved views between Redis and the database: read again
-            break
-        else:
-            raise ServiceUnavailableError("syncs kept moving views during the read; try again")
-        result = {content_id: _Days(Counter(), Counter(), {}, {}) for content_id in ids}
-        for row in rows:
-            days = result[row.content_id]
-            days.views[row.day] += row.views
-            days.crawlers[row.day] += row.crawler_views
-            if row.unique_viewers is not None:
-                days.uniques[row.day] = row.unique_viewers
-            if row.sketch is not None:
-                days.sketches[row.day] = row.sketch
-        for n, content_id in enumerate(ids):
-            parts = [_text(reply[2 + 2 * n])]
-            if not committed:
-                parts.append(_text(reply[3 + 2 * n]))
-            for encoded in parts:
-                for name, (views, crawlers) in decode_days(encoded).items():
-                    day = date.fromisoformat(name)
-                    if (first is None or day >= first) and (last is None or day <= last):
-                        result[content_id].views[day] += views
-                        result[content_id].crawlers[day] += crawlers
-                        result[content_id].uniques.setdefault(day, 0)
-        return result
+            return days, uniques
+        raise ServiceUnavailableError("syncs kept moving views during the read; try again")
 
     async def _committed(self, batch_id: str) -> bool:
         return self.store is not None and await self.store.is_committed(batch_id)
@@ -322,40 +350,50 @@ class ViewStats:
         days: dict[str, _Days],
         first: date | None,
         last: date | None,
-    ) -> list[int | None]:
-        """Distinct viewers of each (content, days) group (``None``: the whole period): the
-        days' live HyperLogLogs and the sketches kept in the history, merged by one PFCOUNT per
-        group (a viewer seen on several days counts once). A day kept without a sketch adds its
-        own estimate as a floor."""
+    ) -> tuple[int, list[int | None]]:
+        """The sync epoch, and the distinct viewers of each (content, days) group (``None``:
+        the whole period): the days' live HyperLogLogs and the sketches kept in the history,
+        merged by one PFCOUNT per group (a viewer seen on several days counts once). A day
+        kept without a sketch adds its own estimate as a floor."""
         if not self.settings.unique_viewers:
-            return [None] * len(groups)
+            return int(await self.redis.get(self.keys.epoch) or 0), [None] * len(groups)
         period_live = self._live_days(first, last)
-        live_days = set(period_live)
-        keys: list[str] = []
-        args: list[Any] = [len(groups)]
+        position = {day: n for n, day in enumerate(period_live, start=1)}
+        args: list[Any] = [
+            self.keys.uniques_template,
+            content_type,
+            len(period_live),
+            len(groups),
+            *(day.isoformat() for day in period_live),
+        ]
         sketches: list[bytes] = []
         floors: list[int] = []
+        scratch = 0
         for content_id, span in groups:
             held = days[content_id]
             if span is None:
-                live_span = period_live
+                args += [content_id, 1, len(period_live)]
                 kept = list(held.sketches.values())
                 floors.append(max(held.uniques.values(), default=0))
             else:
-                live_span = [day for day in span if day in live_days]
+                # The groups' days are runs of consecutive days: the live ones are a run too.
+                live = [position[day] for day in span if day in position]
+                args += [content_id, live[0] if live else 1, len(live)]
                 kept = [held.sketches[day] for day in span if day in held.sketches]
                 floors.append(max((held.uniques.get(day, 0) for day in span), default=0))
-            live = [self.keys.uniques(content_type, content_id, d.isoformat()) for d in live_span]
-            keys += live
-            keys += [self.keys.scratch(uuid.uuid4().hex) for _ in kept]
-            args += [len(live), len(kept)]
+            args.append(len(kept))
             sketches += kept
-        if not keys:
-            return list(floors)
-        estimates = await self.scripts.count_viewers(keys=keys, args=[*args, *sketches])
-        return [
-            max(int(estimate), floor) for estimate, floor in zip(estimates, floors, strict=True)
+            scratch = max(scratch, len(kept))
+        # Scratch keys are shared by the groups: as many as the most sketches of one group.
+        token = uuid.uuid4().hex
+        reply = await self.scripts.count_viewers(
+            keys=[self.keys.epoch, *(self.keys.scratch(f"{token}:{n}") for n in range(scratch))],
+            args=[*args, *sketches],
+        )
+        estimates: list[int | None] = [
+            max(int(estimate), floor) for estimate, floor in zip(reply[1:], floors, strict=True)
         ]
+        return int(reply[0]), estimates
 
     # Trending -----------------------------------------------------------------------------------
 
@@ -376,7 +414,10 @@ class ViewStats:
         rankings = [
             self.keys.ranking(content_type, d.isoformat()) for d in self._live_days(first, last)
         ]
-        n = limit
+        # A bounded period's leaders are cut at n per day, and an id outside them may have up
+        # to the sum of each day's n-th: with n = limit that sum is nearly always above the
+        # limit-th total (two rounds); four times the limit usually settles it in one.
+        n = 4 * limit
         for _attempt in range(_READ_ATTEMPTS * 4):
             answer = await self._top_round(content_type, first, last, rankings, limit, n)
             if answer is None:
@@ -400,7 +441,7 @@ class ViewStats:
         moved views during it. Returns the ranked candidates and whether they are the answer."""
         keys = [self.keys.epoch, self.keys.sync_batch, *rankings]
         head = await self.scripts.read_ranking(
-            keys=keys, args=[self.keys.prefix, content_type, n if rankings else 0]
+            keys=keys, args=[self.keys.sync_batch_days_template, content_type, n if rankings else 0]
         )
         epoch, batch_id = int(head[0]), _text(head[1])
         from_redis = _ranking_entries(head)
@@ -417,7 +458,7 @@ class ViewStats:
             return None
         missing = [i for i in history if i not in from_redis]
         tail = await self.scripts.read_ranking(
-            keys=keys, args=[self.keys.prefix, content_type, 0, *missing]
+            keys=keys, args=[self.keys.sync_batch_days_template, content_type, 0, *missing]
         )
         if int(tail[0]) != epoch:
             return None

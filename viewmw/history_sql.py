@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from datetime import date
 from typing import Any
 
-from sqlalchemy import and_, case, desc, func, null, select, union_all
+from sqlalchemy import and_, any_, bindparam, case, desc, func, null, select, text, union_all
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from viewmw.store import CHUNK_ROWS, daily_views
@@ -34,11 +35,47 @@ def _in_period(first: date | None, last: date | None) -> Any:
     return and_(True, *conditions)
 
 
+# The leaders of each day, one index range each (``ix_viewmw_daily_views_type_day_views``), in
+# one statement whose text is the same for any number of days (PostgreSQL).
+_DAY_LEADERS = text(
+    "SELECT d.day, t.content_id, t.views FROM unnest(CAST(:days AS date[])) AS d(day) "
+    f"CROSS JOIN LATERAL (SELECT content_id, views FROM {daily_views.name} "
+    "WHERE content_type = :type AND day = d.day AND views > 0 "
+    "ORDER BY views DESC LIMIT :n) AS t"
+)
+
+
+def _day_leaders_union(content_type: str, days: Sequence[date], n: int) -> Any:
+    """:data:`_DAY_LEADERS` for any database: one limited subquery per day, in a union."""
+    c = daily_views.c
+    parts = [
+        select(c.day, c.content_id, c.views)
+        .where(c.content_type == content_type, c.day == day, c.views > 0)
+        .order_by(desc(c.views))
+        .limit(n)
+        .subquery()
+        for day in days
+    ]
+    return union_all(*(select(*part.c) for part in parts))
+
+
 class HistoryReader:
     """Queries of the history: days of given contents, and the most viewed of a period."""
 
     def __init__(self, engine: AsyncEngine) -> None:
-        self.engine = engine
+        # Each read is one statement (per chunk of ids), which sees one snapshot by itself: in
+        # autocommit it needs no BEGIN before it nor ROLLBACK after it, two round trips fewer.
+        self.engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+        # PostgreSQL takes a list of ids as one array parameter: the statement's text is the
+        # same for any number of ids, so it is compiled and prepared once, not once per length.
+        self._arrays = engine.dialect.name == "postgresql"
+
+    def _among(self, content_ids: list[str]) -> Any:
+        """``content_id`` is one of ``content_ids``."""
+        column = daily_views.c.content_id
+        if self._arrays:
+            return column == any_(bindparam("ids", content_ids, type_=ARRAY(column.type)))
+        return column.in_(content_ids)
 
     async def rows(
         self,
@@ -65,7 +102,7 @@ class HistoryReader:
                 chunk = list(content_ids[start : start + CHUNK_ROWS])
                 query = select(*columns, *([sketch] if sketch is not None else [])).where(
                     c.content_type == content_type,
-                    c.content_id.in_(chunk),
+                    self._among(chunk),
                     _in_period(first, last),
                 )
                 for row in await connection.execute(query):
@@ -98,39 +135,63 @@ class HistoryReader:
         async with self.engine.connect() as connection:
             for start in range(0, len(content_ids), CHUNK_ROWS):
                 chunk = list(content_ids[start : start + CHUNK_ROWS])
-                where = (c.content_type == content_type, c.content_id.in_(chunk))
-                sums = (
-                    select(
-                        c.content_id,
-                        func.sum(c.views),
-                        func.max(c.unique_viewers),
-                        func.sum(c.crawler_views),
-                    )
-                    .where(*where, _in_period(first, last))
-                    .group_by(c.content_id)
+                where = (
+                    c.content_type == content_type,
+                    self._among(chunk),
+                    _in_period(first, last),
                 )
-                for content_id, views, uniques, crawlers in await connection.execute(sums):
-                    rows.append(
-                        HistoryRow(
-                            content_id,
-                            date.min,
-                            int(views),
-                            None if uniques is None else int(uniques),
-                            int(crawlers),
-                            None,
-                        )
-                    )
+                if self._arrays:
+                    await self._totals_with_sketches(connection, where, sketches_before, rows)
+                    continue
+                sums = select(
+                    c.content_id,
+                    func.sum(c.views),
+                    func.max(c.unique_viewers),
+                    func.sum(c.crawler_views),
+                ).where(*where)
+                for content_id, views, uniques, crawlers in await connection.execute(
+                    sums.group_by(c.content_id)
+                ):
+                    rows.append(_summed(content_id, views, uniques, crawlers))
                 if sketches_before is None:
                     continue
                 kept = select(c.content_id, c.day, c.unique_sketch).where(
-                    *where,
-                    _in_period(first, last),
-                    c.day < sketches_before,
-                    c.unique_sketch.is_not(None),
+                    *where, c.day < sketches_before, c.unique_sketch.is_not(None)
                 )
                 for content_id, day, sketch in await connection.execute(kept):
                     rows.append(HistoryRow(content_id, day, 0, None, 0, bytes(sketch)))
         return rows
+
+    @staticmethod
+    async def _totals_with_sketches(
+        connection: Any,
+        where: tuple[Any, ...],
+        sketches_before: date | None,
+        rows: list[HistoryRow],
+    ) -> None:
+        """:meth:`totals` in one statement and one pass over the rows (PostgreSQL): the sums,
+        and the kept days' sketches gathered into arrays per id."""
+        c = daily_views.c
+        columns = [
+            c.content_id,
+            func.sum(c.views),
+            func.max(c.unique_viewers),
+            func.sum(c.crawler_views),
+        ]
+        if sketches_before is not None:
+            kept = and_(c.day < sketches_before, c.unique_sketch.is_not(None))
+            columns += [
+                func.array_agg(c.day).filter(kept),
+                func.array_agg(c.unique_sketch).filter(kept),
+            ]
+        query = select(*columns).where(*where).group_by(c.content_id)
+        for row in await connection.execute(query):
+            rows.append(_summed(row[0], row[1], row[2], row[3]))
+            if sketches_before is not None and row[4] is not None:
+                rows += (
+                    HistoryRow(row[0], day, 0, None, 0, bytes(sketch))
+                    for day, sketch in zip(row[4], row[5], strict=True)
+                )
 
     async def top(
         self, content_type: str, first: date | None, last: date | None, n: int
@@ -154,21 +215,17 @@ class HistoryReader:
     ) -> dict[date, list[tuple[str, int]]]:
         """The ``n`` ids with the most views on each of ``days`` (one index range each, all in
         one statement), most first."""
-        c = daily_views.c
-        parts = [
-            select(c.day, c.content_id, c.views)
-            .where(c.content_type == content_type, c.day == day, c.views > 0)
-            .order_by(desc(c.views))
-            .limit(n)
-            .subquery()
-            for day in days
-        ]
         leaders: dict[date, list[tuple[str, int]]] = {day: [] for day in days}
-        if not parts:
+        if not days:
             return leaders
-        query = union_all(*(select(*part.c) for part in parts))
         async with self.engine.connect() as connection:
-            for day, content_id, views in await connection.execute(query):
+            if self._arrays:
+                found = await connection.execute(
+                    _DAY_LEADERS, {"days": list(days), "type": content_type, "n": n}
+                )
+            else:
+                found = await connection.execute(_day_leaders_union(content_type, days, n))
+            for day, content_id, views in found:
                 leaders[day].append((content_id, int(views)))
         for ranked in leaders.values():
             ranked.sort(key=lambda item: -item[1])
@@ -186,10 +243,22 @@ class HistoryReader:
                     select(c.content_id, func.sum(c.views))
                     .where(
                         c.content_type == content_type,
-                        c.content_id.in_(list(content_ids[start : start + CHUNK_ROWS])),
+                        self._among(list(content_ids[start : start + CHUNK_ROWS])),
                         _in_period(first, last),
                     )
                     .group_by(c.content_id)
                 )
                 sums.update((row[0], int(row[1])) for row in await connection.execute(query))
         return sums
+
+
+def _summed(content_id: str, views: Any, uniques: Any, crawlers: Any) -> HistoryRow:
+    """One id's period summed up, as a row dated ``date.min``."""
+    return HistoryRow(
+        content_id,
+        date.min,
+        int(views),
+        None if uniques is None else int(uniques),
+        int(crawlers),
+        None,
+    )

@@ -230,6 +230,12 @@ class KeySchema:
         """:meth:`sync_batch_days` as a ``string.format`` template of (batch id)."""
         return self._escaped.sync_batch_days("%s")
 
+    @property
+    def uniques_template(self) -> str:
+        """:meth:`uniques` as a ``string.format`` template of (type, day, id): the order in
+        which the key names them."""
+        return self._escaped.uniques("%s", "%s", "%s")
+
     # Patterns for SCAN (statistics and cleanup only; never on the request path).
     @property
     def pending_pattern(self) -> str:

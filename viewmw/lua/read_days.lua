@@ -2,13 +2,14 @@
 -- hash (pending views per day) and its part of the unsettled sync batch, with the sync epoch and
 -- the batch id, so the caller can tell whether the database already holds that part.
 -- KEYS: 1 sync epoch, 2 sync batch hash, then per content: its days hash.
--- ARGV: 1 key prefix, then per content: its member ("{type}:{id}").
+-- ARGV: 1 the batch's days hash key as a string.format template of the batch id,
+--       then per content: its member ("{type}:{id}").
 -- Returns {epoch, batch id or "", then per content: days hash as "field=amount,...",
 --          the batch's days of the content ("" when none)}.
 local epoch = tonumber(redis.call('GET', KEYS[1])) or 0
 local batch_id = redis.call('HGET', KEYS[2], 'id') or ''
 local out = {epoch, batch_id}
-local batch_days = ARGV[1] .. 'viewmw:sync:batch:' .. batch_id .. ':days'
+local batch_days = string.format(ARGV[1], batch_id)
 for i = 3, #KEYS do
   local flat = redis.call('HGETALL', KEYS[i])
   local encoded = {}

@@ -3,7 +3,8 @@
 -- batch's id. Either the n ids with the most such views, or the views of given ids, with each
 -- id's part of the unsettled batch (which the database holds once the batch is committed).
 -- KEYS: 1 sync epoch, 2 sync batch hash, then one ranking per day.
--- ARGV: 1 key prefix, 2 content type, 3 n (0: read the given ids instead), then ids.
+-- ARGV: 1 the batch's days hash key as a string.format template of the batch id, 2 content type,
+--       3 n (0: read the given ids instead), then ids.
 -- Returns {epoch, batch id or "", then per id: id, views, batch's days of the id or ""}.
 local epoch = tonumber(redis.call('GET', KEYS[1])) or 0
 local batch_id = redis.call('HGET', KEYS[2], 'id') or ''
@@ -12,7 +13,7 @@ local rankings = {}
 for i = 3, #KEYS do
   rankings[#rankings + 1] = KEYS[i]
 end
-local batch_days = ARGV[1] .. 'viewmw:sync:batch:' .. batch_id .. ':days'
+local batch_days = string.format(ARGV[1], batch_id)
 local function add(id, views)
   out[#out + 1] = id
   out[#out + 1] = views

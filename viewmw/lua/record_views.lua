@@ -88,8 +88,12 @@ for v = 0, views_in_batch - 1 do
       redis.call('EXPIRE', KEYS[k + 9], ARGV[a + 12])
     end
     if uniques then
-      redis.call('PFADD', KEYS[k + 7], ARGV[a + 10])
-      redis.call('EXPIRE', KEYS[k + 7], ARGV[a + 12])
+      -- PFADD answers 0 only when the key exists and took no change: its TTL was set when
+      -- it was created (and is the same moment whenever it is set: the end of its day plus
+      -- the retention), so a viewer already in it costs no EXPIRE.
+      if redis.call('PFADD', KEYS[k + 7], ARGV[a + 10]) == 1 then
+        redis.call('EXPIRE', KEYS[k + 7], ARGV[a + 12])
+      end
       if reason > 0 then
         -- The day's viewers reach the history even when none of them was counted.
         redis.call('HINCRBY', KEYS[k + 6], ARGV[a + 8], 0)
