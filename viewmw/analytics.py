@@ -15,11 +15,12 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import date, timedelta
 from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
 
+from viewmw.calendar_day import local_date
 from viewmw.errors import ServiceUnavailableError
 from viewmw.history_sql import HistoryReader, HistoryRow
 from viewmw.keys import KeySchema, validate_content_id, validate_content_type
@@ -210,7 +211,7 @@ class ViewStats:
 
     def today(self) -> date:
         """Today in the configured zone, by the clock."""
-        return datetime.fromtimestamp(self.clock(), self.settings.zone).date()
+        return local_date(self.clock(), self.settings.zone)
 
     def _live_days(self, first: date | None, last: date | None) -> list[date]:
         """The period's days whose per-day Redis keys may still exist (within the retention)."""
