@@ -26,7 +26,28 @@ end
 redis.call('INCR', KEYS[3])
 local SLICE = 1000
 local limit = tonumber(ARGV[5])
-local syncing_template, database_template, ranking_template = ARGV[6], ARGV[7], ARGV[8]
+-- Fills a (type, id) template (or (type, day)) as string.format would, one concatenation per
+-- key: per type, the template is formatted twice with a one-byte second value ('\1', '\2'),
+-- and the texts before and after the place where the two differ are kept.
+local function key_maker(template)
+  local parts = {}
+  return function(content_type, second)
+    local part = parts[content_type]
+    if not part then
+      local one = string.format(template, content_type, '\1')
+      local two = string.format(template, content_type, '\2')
+      local at = 1
+      while string.byte(one, at) == string.byte(two, at) do
+        at = at + 1
+      end
+      part = {string.sub(one, 1, at - 1), string.sub(one, at + 1)}
+      parts[content_type] = part
+    end
+    return part[1] .. second .. part[2]
+  end
+end
+local syncing_key, database_key = key_maker(ARGV[6]), key_maker(ARGV[7])
+local ranking_key = key_maker(ARGV[8])
 
 local page = redis.call('HSCAN', KEYS[2], ARGV[4], 'COUNT', limit)
 local cursor, members, amounts, seen = page[1], {}, {}, {}
@@ -60,7 +81,7 @@ local function unrank(first, last)
     local n = first + i - 1
     for field, amount in string.gmatch(days[i] or '', '([^=,]+)=(%-?%d+)') do
       if amount ~= '0' and not string.find(field, ':', 1, true) then
-        local key = string.format(ranking_template, types[n], field)
+        local key = ranking_key(types[n], field)
         local group = by_ranking[key]
         if not group then
           group = {ids = {}, amounts = {}, index = {}}
@@ -106,8 +127,8 @@ end
 local function settle_slice(first, last)
   local syncing_keys, database_keys = {}, {}
   for n = first, last do
-    syncing_keys[#syncing_keys + 1] = string.format(syncing_template, types[n], ids[n])
-    database_keys[#database_keys + 1] = string.format(database_template, types[n], ids[n])
+    syncing_keys[#syncing_keys + 1] = syncing_key(types[n], ids[n])
+    database_keys[#database_keys + 1] = database_key(types[n], ids[n])
   end
   local syncing = redis.call('MGET', unpack(syncing_keys))
   local cached = redis.call('MGET', unpack(database_keys))

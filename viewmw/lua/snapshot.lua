@@ -65,7 +65,28 @@ for i = 10, #ARGV do
   refused[ARGV[i]] = true
 end
 local limit = tonumber(ARGV[3])
-local pending_template, syncing_template, days_template = ARGV[7], ARGV[8], ARGV[9]
+-- Fills a (type, id) template (or (type, day)) as string.format would, one concatenation per
+-- key: per type, the template is formatted twice with a one-byte second value ('\1', '\2'),
+-- and the texts before and after the place where the two differ are kept.
+local function key_maker(template)
+  local parts = {}
+  return function(content_type, second)
+    local part = parts[content_type]
+    if not part then
+      local one = string.format(template, content_type, '\1')
+      local two = string.format(template, content_type, '\2')
+      local at = 1
+      while string.byte(one, at) == string.byte(two, at) do
+        at = at + 1
+      end
+      part = {string.sub(one, 1, at - 1), string.sub(one, at + 1)}
+      parts[content_type] = part
+    end
+    return part[1] .. second .. part[2]
+  end
+end
+local pending_key, syncing_key = key_maker(ARGV[7]), key_maker(ARGV[8])
+local days_key = key_maker(ARGV[9])
 local page = redis.call('SSCAN', KEYS[4], ARGV[5], 'COUNT', limit)
 local cursor, members, seen = page[1], {}, {}
 for _, member in ipairs(page[2]) do
@@ -90,12 +111,12 @@ local pending_keys = {}
 for n, member in ipairs(members) do
   local colon = string.find(member, ':', 1, true)
   types[n], ids[n] = string.sub(member, 1, colon - 1), string.sub(member, colon + 1)
-  pending_keys[n] = string.format(pending_template, types[n], ids[n])
+  pending_keys[n] = pending_key(types[n], ids[n])
 end
 local amounts = read_all('MGET', nil, pending_keys)
 
 local function has_days(i)
-  return redis.call('EXISTS', string.format(days_template, types[i], ids[i])) == 1
+  return redis.call('EXISTS', days_key(types[i], ids[i])) == 1
 end
 
 local any_refused = next(refused) ~= nil
@@ -112,7 +133,7 @@ for i = 1, #members do
     views = views + amount
     moved[contents] = i
     moved_pending[contents] = pending_keys[i]
-    syncing_keys[contents] = string.format(syncing_template, types[i], ids[i])
+    syncing_keys[contents] = syncing_key(types[i], ids[i])
   end
 end
 if contents == 0 then
@@ -160,7 +181,7 @@ hset_pairs(KEYS[3], new_items)
 local fallback_day = ARGV[6]
 local days_keys, batch_days = {}, {}
 for n = 1, contents do
-  days_keys[n] = string.format(days_template, types[moved[n]], ids[moved[n]])
+  days_keys[n] = days_key(types[moved[n]], ids[moved[n]])
 end
 for start = 1, contents, SLICE do
   local last = math.min(start + SLICE - 1, contents)
