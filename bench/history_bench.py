@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import time
 from collections.abc import Awaitable, Callable
@@ -18,7 +19,7 @@ from sqlalchemy import text
 
 from bench.servers import bench_settings, drop_private_database, fresh_store, private_redis
 from bench.sync_bench import _fill_pending
-from viewmw import Limits, Period, ViewStats, ViewSync, ViewTracker
+from viewmw import Limits, Period, Store, ViewStats, ViewSync, ViewTracker
 
 BATCH = 100  # views per record_views call, as a busy event loop turn sends them
 CPU_ROUNDS = 9  # samples each way: the ratio is a few per cent, the noise of one sample as much
@@ -167,26 +168,77 @@ def render(figures: HistoryFigures) -> str:
     return "\n".join(lines)
 
 
-async def time_sync_steps(counters: int) -> dict[str, float]:
-    """Seconds a sync of ``counters`` pending counters (each with its day) spends between its
-    step boundaries, summed per pair of steps."""
-    spent: dict[str, float] = {}
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+async def _database_cpu(store: Store) -> float:
+    """CPU seconds used so far by the PostgreSQL backends of the store's database (read from
+    /proc: the bench's server runs on this machine; 0 where it cannot be read)."""
+    async with store.engine.connect() as connection:
+        pids = (
+            await connection.execute(
+                text("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")
+            )
+        ).scalars()
+        return sum(_process_cpu(pid) for pid in pids)
+
+
+def _process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of a process of this machine; 0 if it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
+
+
+async def time_sync_steps(counters: int) -> dict[str, tuple[float, float, float, float]]:
+    """Per pair of step boundaries of a sync of ``counters`` pending counters (each with its
+    day), summed: (wall seconds, CPU seconds of the Redis server, of this process, of the
+    PostgreSQL backends).
+
+    The CPU figures hold on a busy machine, where wall time also counts waiting for a core.
+    """
+    spent: dict[str, tuple[float, float, float, float]] = {}
     async with private_redis() as (redis, _):
         store = await fresh_store(rows=counters)
         try:
             await _fill_pending(redis, counters)
-            mark = {"at": time.perf_counter()}
+
+            async def gauges() -> tuple[float, float, float, float]:
+                return (
+                    time.perf_counter(),
+                    await _script_cpu_us(redis) / 1e6,
+                    time.process_time(),
+                    await _database_cpu(store),
+                )
+
+            mark = [await gauges()]
             previous = ["start"]
 
             async def step(name: str) -> None:
-                now = time.perf_counter()
+                now = await gauges()
                 key = f"{previous[0]} -> {name}"
-                spent[key] = spent.get(key, 0.0) + now - mark["at"]
-                mark["at"], previous[0] = now, name
+                summed = spent.get(key, (0.0, 0.0, 0.0, 0.0))
+                spent[key] = (
+                    summed[0] + now[0] - mark[0][0],
+                    summed[1] + now[1] - mark[0][1],
+                    summed[2] + now[2] - mark[0][2],
+                    summed[3] + now[3] - mark[0][3],
+                )
+                # The gauges' own reads are not the sync's: the next step starts after them.
+                mark[0] = await gauges()
+                previous[0] = name
 
-            started = time.perf_counter()
             await ViewSync(redis, store, on_step=step).run()
-            spent["total"] = time.perf_counter() - started
+            await step("end")
+            spent["total"] = (
+                sum(wall for wall, _, _, _ in spent.values()),
+                sum(server for _, server, _, _ in spent.values()),
+                sum(process for _, _, process, _ in spent.values()),
+                sum(database for _, _, _, database in spent.values()),
+            )
         finally:
             await store.close()
     return spent
@@ -203,8 +255,9 @@ def main() -> None:
     args = parser.parse_args()
     try:
         if args.sync:
-            for name, seconds in asyncio.run(time_sync_steps(args.sync)).items():
-                print(f"{name}: {seconds:.1f} s")
+            print("steps: wall s; CPU s of Redis, of the sync's process, of PostgreSQL")
+            for name, figures in asyncio.run(time_sync_steps(args.sync)).items():
+                print(f"{name}: " + ", ".join(f"{seconds:.1f}" for seconds in figures))
             return
         print(render(asyncio.run(run_history_bench(args.contents, args.days, args.views))))
     finally:

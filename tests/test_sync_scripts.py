@@ -26,6 +26,8 @@ KEYS = KeySchema("app:")
 TOKEN, BATCH, FENCE = "token", "b1", "7"
 TYPES = ("story", "fantasy", "poem")  # "poem" is refused in the snapshot tests
 SEEDS = range(12)
+TEMPLATES = [KEYS.pending_template, KEYS.syncing_template, KEYS.days_template]
+SETTLE_TEMPLATES = [KEYS.syncing_template, KEYS.database_count_template, KEYS.ranking_template]
 
 
 @dataclass
@@ -151,7 +153,7 @@ async def test_the_snapshot_moves_exactly_what_the_per_content_steps_would(
                 KEYS.dirty,
                 KEYS.sync_batch_days(BATCH),
             ],
-            args=[TOKEN, BATCH, KEYS.prefix, chunk, FENCE, cursor, "2025-11-24", "poem"],
+            args=[TOKEN, BATCH, chunk, FENCE, cursor, "2025-11-24", *TEMPLATES, "poem"],
         )
         moved, moved_views, left, cursor, taken = reply
         cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
@@ -184,7 +186,7 @@ async def settle_all(redis: aioredis.Redis, chunk: int) -> tuple[int, int]:
     while left:
         reply = await scripts.settle(
             keys=SETTLE_KEYS,
-            args=[BATCH, KEYS.prefix, TOKEN, FENCE, cursor, chunk],
+            args=[BATCH, TOKEN, FENCE, cursor, chunk, *SETTLE_TEMPLATES],
         )
         done, left, cursor = reply
         cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
@@ -225,7 +227,7 @@ async def test_a_partly_settled_batch_stays_and_settles_nothing_twice(
     await write(any_redis, state)
     reply = await Scripts.register(any_redis).settle(
         keys=SETTLE_KEYS,
-        args=[BATCH, KEYS.prefix, TOKEN, FENCE, "0", 1],
+        args=[BATCH, TOKEN, FENCE, "0", 1, *SETTLE_TEMPLATES],
     )
     assert reply[:2] == [1, 2]
     assert await any_redis.hget(KEYS.sync_batch, "id") == BATCH.encode()
@@ -246,10 +248,10 @@ async def test_the_settle_refuses_a_caller_that_does_not_own_the_batch(
     state = State(syncing=Counter({"story:1": 2}), items=Counter({"story:1": 2}))
     await write(any_redis, state)
     scripts = Scripts.register(any_redis)
-    owner = [BATCH, KEYS.prefix, TOKEN, FENCE, "0", 10]
-    for wrong in (1, 2, 3):  # batch id, lock token, fence
+    owner = [BATCH, TOKEN, FENCE, "0", 10, *SETTLE_TEMPLATES]
+    for wrong in (0, 1, 2):  # batch id, lock token, fence
         args = list(owner)
-        args[0 if wrong == 1 else wrong] = "other"
+        args[wrong] = "other"
         reply = await scripts.settle(
             keys=SETTLE_KEYS,
             args=args,
@@ -258,3 +260,51 @@ async def test_the_settle_refuses_a_caller_that_does_not_own_the_batch(
     after = await read(any_redis, ["story:1"])
     assert (after.syncing, after.items) == (state.syncing, state.items)
     assert not await any_redis.exists(KEYS.epoch), "a refused settle moved the epoch"
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+async def test_the_settle_takes_each_items_days_off_the_rankings_as_per_item_steps_would(
+    any_redis: aioredis.Redis, seed: int
+) -> None:
+    """Per item and day: ZINCRBY by minus the amount, ZREM at 0 or below (so a content that is
+    not in the ranking stays out of it); crawler fields and zero amounts leave rankings alone."""
+    rng = random.Random(seed)
+    days = ["2025-11-23", "2025-11-24"]
+    members = [f"{rng.choice(TYPES)}:{n}" for n in rng.sample(range(1000), 40)]
+    state = State()
+    encoded: dict[str, str] = {}
+    rankings: dict[str, dict[str, float]] = {}
+    for member in members:
+        content_type, content_id = KeySchema.split_member(member)
+        fields = [
+            f"{rng.choice(days)}{rng.choice(['', '', ':c'])}={rng.randint(0, 9)}"
+            for _ in range(rng.randint(1, 3))  # a field may come more than once
+        ]
+        encoded[member] = ",".join(fields)
+        state.items[member] = state.syncing[member] = rng.randint(1, 9)
+        for day in days:
+            if rng.random() < 0.7:
+                ranking = rankings.setdefault(KEYS.ranking(content_type, day), {})
+                ranking[content_id] = rng.randint(1, 15)
+    await write(any_redis, state)
+    await any_redis.hset(KEYS.sync_batch_days(BATCH), mapping=encoded)
+    for key, scores in rankings.items():
+        await any_redis.zadd(key, scores)
+
+    expected = {key: dict(scores) for key, scores in rankings.items()}
+    for member, fields in encoded.items():
+        content_type, content_id = KeySchema.split_member(member)
+        for field_name, amount in (part.split("=") for part in fields.split(",")):
+            if ":" in field_name or amount == "0":
+                continue
+            ranking = expected.setdefault(KEYS.ranking(content_type, field_name), {})
+            ranking[content_id] = ranking.get(content_id, 0) - int(amount)
+            if ranking[content_id] <= 0:
+                del ranking[content_id]
+
+    await settle_all(any_redis, rng.choice([1, 7, 5000]))
+
+    for key, scores in expected.items():
+        held = await any_redis.zrange(key, 0, -1, withscores=True)
+        assert {member.decode(): score for member, score in held} == scores
+    assert not await any_redis.exists(KEYS.sync_batch_days(BATCH))

@@ -124,8 +124,10 @@ newest sync fence a commit carried. An older one is refused."""
 CHUNK_ROWS = 5000
 # History rows per statement: seven values each, below the drivers' 32 767 parameters.
 _DAY_CHUNK_ROWS = 4000
-# On PostgreSQL the rows travel as seven arrays (one parameter each), with no such bound.
+# On PostgreSQL the rows travel as one parameter per column, with no such bound.
 _DAY_CHUNK_ROWS_POSTGRESQL = 50_000
+# Rows per statement of the set-based update of a mapped table on PostgreSQL (same reason).
+_CHUNK_ROWS_POSTGRESQL = 50_000
 _DAY_COLUMNS = (
     "content_type",
     "content_id",
@@ -137,12 +139,19 @@ _DAY_COLUMNS = (
 )
 # Upsert a chunk of history rows from arrays: one statement, no per-row SQL to build. Within a
 # chunk a (content, day) appears once (the batch's days are summed per content and day).
+# Every column but the sketches travels as one comma-separated text that the server splits
+# (names, days and numbers hold no comma; an empty field is NULL): the driver then encodes one
+# string instead of a million array elements, and the server parses text as fast as it decodes
+# binary arrays. The sketches' array may be shorter than the others: unnest() pads it with NULL.
 _ADD_DAYS_POSTGRESQL = text(
     "INSERT INTO viewmw_daily_views AS kept "
     "(content_type, content_id, day, views, crawler_views, unique_viewers, unique_sketch) "
-    "SELECT * FROM unnest(CAST(:content_type AS varchar[]), CAST(:content_id AS varchar[]), "
-    "CAST(:day AS date[]), CAST(:views AS bigint[]), CAST(:crawler_views AS bigint[]), "
-    "CAST(:unique_viewers AS bigint[]), CAST(:unique_sketch AS bytea[])) "
+    "SELECT * FROM unnest(string_to_array(:content_type, ','), "
+    "string_to_array(:content_id, ','), CAST(string_to_array(:day, ',') AS date[]), "
+    "CAST(string_to_array(:views, ',') AS bigint[]), "
+    "CAST(string_to_array(:crawler_views, ',') AS bigint[]), "
+    "CAST(string_to_array(:unique_viewers, ',', '') AS bigint[]), "
+    "CAST(:unique_sketch AS bytea[])) "
     "ON CONFLICT (content_type, content_id, day) DO UPDATE SET "
     "views = kept.views + excluded.views, "
     "crawler_views = kept.crawler_views + excluded.crawler_views, "
@@ -527,8 +536,11 @@ class Store:
         target = self._targets.get(content_type)
         items = list(deltas.items())
         missing: list[str] = []
-        for start in range(0, len(items), CHUNK_ROWS):
-            chunk = items[start : start + CHUNK_ROWS]
+        size = CHUNK_ROWS
+        if target is not None and self.dialect == "postgresql":
+            size = _CHUNK_ROWS_POSTGRESQL
+        for start in range(0, len(items), size):
+            chunk = items[start : start + size]
             if target is None:
                 await self._upsert_generic(connection, content_type, chunk)
             else:
@@ -537,6 +549,27 @@ class Store:
 
     async def _add_days(self, connection: AsyncConnection, days: Sequence[DayDelta]) -> None:
         """Add per-day amounts to the history (one upsert per chunk of rows)."""
+        ordered = sorted(days, key=lambda d: (d.content_type, d.content_id, d.day))
+        if self.dialect == "postgresql":
+            # Straight into the statement's columns: no per-row dict for a million rows.
+            for start in range(0, len(ordered), _DAY_CHUNK_ROWS_POSTGRESQL):
+                chunk = ordered[start : start + _DAY_CHUNK_ROWS_POSTGRESQL]
+                sketches = [d.sketch for d in chunk]
+                while sketches and sketches[-1] is None:
+                    sketches.pop()
+                await connection.execute(
+                    _ADD_DAYS_POSTGRESQL,
+                    {
+                        "content_type": ",".join([d.content_type for d in chunk]),
+                        "content_id": ",".join([d.content_id for d in chunk]),
+                        "day": ",".join([d.day.isoformat() for d in chunk]),
+                        "views": ",".join([str(d.views) for d in chunk]),
+                        "crawler_views": ",".join([str(d.crawler_views) for d in chunk]),
+                        "unique_viewers": ",".join([_field(d.unique_viewers) for d in chunk]),
+                        "unique_sketch": sketches,
+                    },
+                )
+            return
         rows = [
             {
                 "content_type": d.content_type,
@@ -547,20 +580,8 @@ class Store:
                 "unique_viewers": d.unique_viewers,
                 "unique_sketch": d.sketch,
             }
-            for d in sorted(days, key=lambda d: (d.content_type, d.content_id, d.day))
+            for d in ordered
         ]
-        if self.dialect == "postgresql":
-            for start in range(0, len(rows), _DAY_CHUNK_ROWS_POSTGRESQL):
-                await connection.execute(
-                    _ADD_DAYS_POSTGRESQL,
-                    {
-                        name: [
-                            row[name] for row in rows[start : start + _DAY_CHUNK_ROWS_POSTGRESQL]
-                        ]
-                        for name in _DAY_COLUMNS
-                    },
-                )
-            return
         for start in range(0, len(rows), _DAY_CHUNK_ROWS):
             statement = self._insert(daily_views).values(rows[start : start + _DAY_CHUNK_ROWS])
             new, kept = statement.excluded, daily_views.c
@@ -602,11 +623,14 @@ class Store:
         Accepted ids have one spelling each (see :mod:`viewmw.ids`), so ids are unique per
         chunk, as ``UPDATE … FROM`` needs (it applies one source row per target row).
         """
+        if self.dialect == "postgresql":
+            # An accepted id's text is its column's canonical text (see viewmw.ids).
+            accepted = [(c, d) for c, d in chunk if target.db_id(c) is not None]
+            updated = await self._update_mapped_postgresql(connection, target, accepted)
+            return [content_id for content_id, _ in chunk if content_id not in updated]
         pairs = [(db_id, d) for c, d in chunk if (db_id := target.db_id(c)) is not None]
         found: set[str] = set()
-        if pairs and self.dialect == "postgresql":
-            found = await self._update_mapped_postgresql(connection, target, pairs)
-        elif pairs:
+        if pairs:
             # SQLite takes the database's write lock at the ledger insert, so no row can appear
             # or go between this read and the update.
             existing = select(target.id_column).where(target.id_column.in_([i for i, _ in pairs]))
@@ -622,23 +646,27 @@ class Store:
         return [content_id for content_id, _ in chunk if content_id not in found]
 
     async def _update_mapped_postgresql(
-        self, connection: AsyncConnection, target: CountTarget, pairs: list[tuple[DbId, int]]
+        self, connection: AsyncConnection, target: CountTarget, pairs: list[tuple[str, int]]
     ) -> set[str]:
-        """One set-based statement per chunk; returns the ids of the rows it updated."""
+        """One set-based statement per chunk of (content id, delta); returns the ids of the rows
+        it updated. Ids and deltas travel as comma-separated text (as the history rows do):
+        accepted ids hold no comma."""
+        if not pairs:
+            return set()
         quote = self.engine.dialect.identifier_preparer.quote
         table = self.engine.dialect.identifier_preparer.format_table(target.table)
         id_name, count_name = quote(target.id_column.name), quote(target.count_column.name)
         statement = text(
             f"UPDATE {table} AS t SET {count_name} = t.{count_name} + d.delta "
-            f"FROM unnest(CAST(:ids AS {target.ids.sql_type}[]), CAST(:deltas AS bigint[])) "
-            f"AS d(id, delta) "
+            f"FROM unnest(CAST(string_to_array(:ids, ',') AS {target.ids.sql_type}[]), "
+            f"CAST(string_to_array(:deltas, ',') AS bigint[])) AS d(id, delta) "
             f"WHERE t.{id_name} = d.id RETURNING t.{id_name}"
         ).bindparams(bindparam("ids"), bindparam("deltas"))
         result = await connection.execute(
             statement,
             {
-                "ids": [target.ids.sql_value(i) for i, _ in pairs],
-                "deltas": [d for _, d in pairs],
+                "ids": ",".join([content_id for content_id, _ in pairs]),
+                "deltas": ",".join([str(d) for _, d in pairs]),
             },
         )
         return {target.ids.text(row_id) for row_id in result.scalars()}
@@ -736,6 +764,11 @@ class Store:
         query = sync_batches.select().order_by(sync_batches.c.committed_at.desc()).limit(limit)
         async with self.engine.connect() as connection:
             return [dict(row._mapping) for row in await connection.execute(query)]
+
+
+def _field(value: int | None) -> str:
+    """A nullable number as a field of a comma-separated column (empty for NULL)."""
+    return "" if value is None else str(value)
 
 
 class _AlreadyCommitted(Exception):

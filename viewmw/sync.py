@@ -30,7 +30,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -351,11 +351,13 @@ class ViewSync:
             args=[
                 lease.token,
                 batch.batch_id,
-                keys.prefix,
                 size,
                 lease.fence,
                 walk.cursor,
                 self._today(),
+                keys.pending_template,
+                keys.syncing_template,
+                keys.days_template,
                 *refused,
             ],
         )
@@ -435,11 +437,13 @@ class ViewSync:
                 ],
                 args=[
                     batch.batch_id,
-                    keys.prefix,
                     lease.token,
                     lease.fence,
                     cursor,
                     self.chunk_contents,
+                    keys.syncing_template,
+                    keys.database_count_template,
+                    keys.ranking_template,
                 ],
             )
             if int(reply[0]) < 0:
@@ -491,29 +495,32 @@ class ViewSync:
     async def _day_deltas(self, items: Mapping[tuple[str, str], tuple[int, str]]) -> list[DayDelta]:
         """The batch's per-day amounts as history rows, with each day's distinct viewers as
         Redis counts them now (and the HyperLogLog itself, so that days merge later)."""
-        deltas = [
-            DayDelta(content_type, content_id, date.fromisoformat(day), views, crawler)
+        rows = [
+            (content_type, content_id, day, views, crawler)
             for (content_type, content_id), (_, encoded) in items.items()
             for day, (views, crawler) in decode_days(encoded).items()
         ]
+        dates: dict[str, date] = {}  # a batch holds a few days: parse each once
+        for _, _, day, _, _ in rows:
+            if day not in dates:
+                dates[day] = date.fromisoformat(day)
         if not self.settings.unique_viewers:
-            return deltas
-        counted: list[DayDelta] = []
-        for start in range(0, len(deltas), _PAGE):
-            chunk = deltas[start : start + _PAGE]
+            return [DayDelta(t, i, dates[day], v, c) for t, i, day, v, c in rows]
+        deltas: list[DayDelta] = []
+        for start in range(0, len(rows), _PAGE):
+            chunk = rows[start : start + _PAGE]
             reply = await self.scripts.read_viewers(
-                keys=[
-                    self.keys.uniques(d.content_type, d.content_id, d.day.isoformat())
-                    for d in chunk
-                ]
+                keys=[self.keys.uniques(t, i, day) for t, i, day, _, _ in chunk]
             )
-            for delta, estimate, sketch in zip(chunk, reply[::2], reply[1::2], strict=True):
+            for (t, i, day, v, c), estimate, sketch in zip(
+                chunk, reply[::2], reply[1::2], strict=True
+            ):
                 if not int(estimate):  # past its retention: the history keeps what it has
-                    counted.append(delta)
+                    deltas.append(DayDelta(t, i, dates[day], v, c))
                     continue
                 raw = sketch if isinstance(sketch, bytes) and sketch else None
-                counted.append(replace(delta, unique_viewers=int(estimate), sketch=raw))
-        return counted
+                deltas.append(DayDelta(t, i, dates[day], v, c, int(estimate), raw))
+        return deltas
 
     def _today(self) -> str:
         """Today's name in the configured zone: the day given to pending views that have none."""
@@ -577,6 +584,10 @@ def _warn_unmatched(batch_id: str, unmatched: Mapping[tuple[str, str], int]) -> 
 def decode_days(encoded: str) -> dict[str, tuple[int, int]]:
     """A batch's encoded per-day amounts (``2026-11-30=4,2026-11-30:c=2``) as day -> (views,
     crawler views)."""
+    if "," not in encoded and ":" not in encoded:
+        # The common case, one day's views and no crawler views ("2026-11-30=4"): no loop.
+        day, _, amount = encoded.partition("=")
+        return {day: (int(amount), 0)} if day else {}
     days: dict[str, tuple[int, int]] = {}
     for part in filter(None, encoded.split(",")):
         field_name, _, amount = part.partition("=")

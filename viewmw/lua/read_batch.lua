@@ -10,10 +10,24 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] or redis.call('HGET', KEYS[2], 'id') ~=
   return {-1}
 end
 local page = redis.call('HSCAN', KEYS[3], ARGV[4], 'COUNT', ARGV[5])
+local flat = page[2]
 local out = {page[1]}
-for i = 1, #page[2], 2 do
-  out[#out + 1] = page[2][i]
-  out[#out + 1] = page[2][i + 1]
-  out[#out + 1] = redis.call('HGET', KEYS[4], page[2][i]) or ''
+if #flat == 0 then
+  return out
+end
+-- The days of the whole page in one command per slice (well below unpack()'s stack limit).
+local SLICE = 1000
+local members = {}
+for i = 1, #flat, 2 do
+  members[#members + 1] = flat[i]
+end
+for start = 1, #members, SLICE do
+  local last = math.min(start + SLICE - 1, #members)
+  local days = redis.call('HMGET', KEYS[4], unpack(members, start, last))
+  for n = start, last do
+    out[#out + 1] = members[n]
+    out[#out + 1] = flat[2 * n]
+    out[#out + 1] = days[n - start + 1] or ''
+  end
 end
 return out

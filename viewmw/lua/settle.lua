@@ -1,7 +1,7 @@
 -- Settle committed views: for each item of the batch, syncing -> cached database count, then
 -- forget the item. Only for the sync that owns the batch (lock token and fence): a sync whose
 -- lock expired after its commit leaves the settling to the sync that took over.
--- The items are walked with HSCAN from the caller's cursor, up to ARGV[6] per call. Each item
+-- The items are walked with HSCAN from the caller's cursor, up to ARGV[5] per call. Each item
 -- is removed as it settles, so no later page returns it and nothing ever settles twice; when the
 -- walk comes round to cursor 0 with items left, the caller starts it again.
 -- The epoch moves first, so a cache fill that read the database before this cannot be stored.
@@ -9,22 +9,47 @@
 -- per item, DECRBY syncing (DEL when nothing is left), INCRBY the cached database count if there
 -- is one (INCRBY keeps its TTL), HDEL item.
 -- The item's per-day amounts leave the batch with it (HDEL from the batch's days), and its views
--- leave each day's ranking (ZINCRBY by minus the amount; ZREM at 0): from now on the history in
--- the database holds them.
+-- leave each day's ranking: from now on the history in the database holds them. The effect is
+-- ZINCRBY by minus the amount, then ZREM at 0 or below, per item and day; it is done a ranking
+-- at a time per slice (ZMSCORE, then one ZADD and one ZREM), and a content missing from the
+-- ranking (expired with it) is left out.
+-- A content's keys are named by the caller's templates (viewmw.keys.KeySchema), filled with
+-- string.format(template, type, id) or (type, day): no key layout is written here.
 -- KEYS: 1 batch hash, 2 this batch's items, 3 sync epoch, 4 sync lock, 5 this batch's days
--- ARGV: 1 batch id, 2 key prefix, 3 lock token, 4 fence, 5 HSCAN cursor ("0" to start),
---       6 most items to settle
+-- ARGV: 1 batch id, 2 lock token, 3 fence, 4 HSCAN cursor ("0" to start), 5 most items to
+--       settle, 6 syncing template, 7 database count template, 8 ranking template
 -- Returns {items settled, items left, next cursor} or {-1} if the caller does not own the batch.
-if redis.call('GET', KEYS[4]) ~= ARGV[3] or redis.call('HGET', KEYS[1], 'id') ~= ARGV[1]
-    or redis.call('HGET', KEYS[1], 'fence') ~= ARGV[4] then
+if redis.call('GET', KEYS[4]) ~= ARGV[2] or redis.call('HGET', KEYS[1], 'id') ~= ARGV[1]
+    or redis.call('HGET', KEYS[1], 'fence') ~= ARGV[3] then
   return {-1}
 end
 redis.call('INCR', KEYS[3])
 local SLICE = 1000
-local prefix = ARGV[2]
-local limit = tonumber(ARGV[6])
+local limit = tonumber(ARGV[5])
+-- Fills a (type, id) template (or (type, day)) as string.format would, one concatenation per
+-- key: per type, the template is formatted twice with a one-byte second value ('\1', '\2'),
+-- and the texts before and after the place where the two differ are kept.
+local function key_maker(template)
+  local parts = {}
+  return function(content_type, second)
+    local part = parts[content_type]
+    if not part then
+      local one = string.format(template, content_type, '\1')
+      local two = string.format(template, content_type, '\2')
+      local at = 1
+      while string.byte(one, at) == string.byte(two, at) do
+        at = at + 1
+      end
+      part = {string.sub(one, 1, at - 1), string.sub(one, at + 1)}
+      parts[content_type] = part
+    end
+    return part[1] .. second .. part[2]
+  end
+end
+local syncing_key, database_key = key_maker(ARGV[6]), key_maker(ARGV[7])
+local ranking_key = key_maker(ARGV[8])
 
-local page = redis.call('HSCAN', KEYS[2], ARGV[5], 'COUNT', limit)
+local page = redis.call('HSCAN', KEYS[2], ARGV[4], 'COUNT', limit)
 local cursor, members, amounts, seen = page[1], {}, {}, {}
 for i = 1, #page[2], 2 do
   local member = page[2][i]
@@ -32,7 +57,7 @@ for i = 1, #page[2], 2 do
     if #members == limit then
       -- HSCAN returned more than asked (a small hash comes whole): the rest is settled by the
       -- next call, which walks the same part of the hash again from the same cursor.
-      cursor = ARGV[5]
+      cursor = ARGV[4]
       break
     end
     seen[member] = true
@@ -41,13 +66,69 @@ for i = 1, #page[2], 2 do
   end
 end
 
+-- A member is "{type}:{id}": the type ends at the first colon.
+local types, ids = {}, {}
+for n, member in ipairs(members) do
+  local colon = string.find(member, ':', 1, true)
+  types[n], ids[n] = string.sub(member, 1, colon - 1), string.sub(member, colon + 1)
+end
+
+-- Take the views of members[first..last] off each day's ranking.
+local function unrank(first, last)
+  local days = redis.call('HMGET', KEYS[5], unpack(members, first, last))
+  local by_ranking, rankings = {}, {}
+  for i = 1, #days do
+    local n = first + i - 1
+    for field, amount in string.gmatch(days[i] or '', '([^=,]+)=(%-?%d+)') do
+      if amount ~= '0' and not string.find(field, ':', 1, true) then
+        local key = ranking_key(types[n], field)
+        local group = by_ranking[key]
+        if not group then
+          group = {ids = {}, amounts = {}, index = {}}
+          by_ranking[key] = group
+          rankings[#rankings + 1] = key
+        end
+        -- A field may appear more than once in the encoding: the amounts add up.
+        local at = group.index[ids[n]]
+        if at then
+          group.amounts[at] = group.amounts[at] + tonumber(amount)
+        else
+          at = #group.ids + 1
+          group.ids[at], group.amounts[at], group.index[ids[n]] = ids[n], tonumber(amount), at
+        end
+      end
+    end
+  end
+  for _, key in ipairs(rankings) do
+    local group = by_ranking[key]
+    local scores = redis.call('ZMSCORE', key, unpack(group.ids))
+    local kept, gone = {}, {}
+    for i = 1, #group.ids do
+      if scores[i] then
+        local rest = tonumber(scores[i]) - group.amounts[i]
+        if rest <= 0 then
+          gone[#gone + 1] = group.ids[i]
+        else
+          kept[#kept + 1] = rest
+          kept[#kept + 1] = group.ids[i]
+        end
+      end
+    end
+    if #kept > 0 then
+      redis.call('ZADD', key, 'XX', unpack(kept))
+    end
+    if #gone > 0 then
+      redis.call('ZREM', key, unpack(gone))
+    end
+  end
+end
+
 -- Settle members[first..last] (at most SLICE of them).
 local function settle_slice(first, last)
   local syncing_keys, database_keys = {}, {}
   for n = first, last do
-    -- A member is "{type}:{id}": its keys replace the first colon ("{type}:syncing:{id}").
-    syncing_keys[#syncing_keys + 1] = prefix .. string.gsub(members[n], ':', ':syncing:', 1)
-    database_keys[#database_keys + 1] = prefix .. string.gsub(members[n], ':', ':dbviews:', 1)
+    syncing_keys[#syncing_keys + 1] = syncing_key(types[n], ids[n])
+    database_keys[#database_keys + 1] = database_key(types[n], ids[n])
   end
   local syncing = redis.call('MGET', unpack(syncing_keys))
   local cached = redis.call('MGET', unpack(database_keys))
@@ -71,21 +152,7 @@ local function settle_slice(first, last)
   if #left > 0 then
     redis.call('MSET', unpack(left))
   end
-  local days = redis.call('HMGET', KEYS[5], unpack(members, first, last))
-  for i = 1, #days do
-    local member = members[first + i - 1]
-    local colon = string.find(member, ':', 1, true)
-    local ranking = prefix .. 'viewmw:top:' .. string.sub(member, 1, colon - 1) .. ':'
-    local id = string.sub(member, colon + 1)
-    for field, amount in string.gmatch(days[i] or '', '([^=,]+)=(%-?%d+)') do
-      if amount ~= '0' and not string.find(field, ':', 1, true) then
-        local key = ranking .. field
-        if tonumber(redis.call('ZINCRBY', key, -tonumber(amount), id)) <= 0 then
-          redis.call('ZREM', key, id)
-        end
-      end
-    end
-  end
+  unrank(first, last)
   redis.call('HDEL', KEYS[5], unpack(members, first, last))
   redis.call('HDEL', KEYS[2], unpack(members, first, last))
 end

@@ -1,4 +1,4 @@
--- Move up to ARGV[4] contents from pending into the unsettled batch, atomically.
+-- Move up to ARGV[3] contents from pending into the unsettled batch, atomically.
 -- Found through the run's share of the dirty set, so a snapshot costs O(pending), not
 -- O(keyspace): the set is walked with SSCAN from the caller's cursor and each member taken is
 -- removed from it (SREM), which costs far less than SPOP's random picks in a large set. A
@@ -19,14 +19,17 @@
 -- so per-day amounts are conserved exactly as the totals are. Pending views without a day (kept
 -- by a version before the history) are given the fallback day. A content with nothing pending
 -- but a days hash (crawler views, or viewers that were all blocked) is moved with an amount of 0.
+-- A content's keys are named by the caller's templates (viewmw.keys.KeySchema), filled with
+-- string.format(template, type, id): no key layout is written here.
 -- KEYS: 1 sync lock, 2 batch hash, 3 this batch's items, 4 the run's contents (taken from the
 --       dirty set when the run began), 5 sync epoch, 6 dirty set, 7 this batch's days
--- ARGV: 1 lock token, 2 batch id, 3 key prefix, 4 chunk size (most contents taken), 5 fence,
---       6 SSCAN cursor ("0" to start), 7 fallback day (YYYY-MM-DD), then refused types
+-- ARGV: 1 lock token, 2 batch id, 3 chunk size (most contents taken), 4 fence,
+--       5 SSCAN cursor ("0" to start), 6 fallback day (YYYY-MM-DD), 7 pending template,
+--       8 syncing template, 9 days template, then refused types
 -- Returns {contents moved, views moved, run's contents left, next cursor, contents taken from
 -- the run's set} or {-1}
 if redis.call('GET', KEYS[1]) ~= ARGV[1] or redis.call('HGET', KEYS[2], 'id') ~= ARGV[2]
-    or redis.call('HGET', KEYS[2], 'fence') ~= ARGV[5] or redis.call('HGET', KEYS[2], 'sealed') then
+    or redis.call('HGET', KEYS[2], 'fence') ~= ARGV[4] or redis.call('HGET', KEYS[2], 'sealed') then
   return {-1}
 end
 -- Keys per command: well below Lua's stack limit for unpack().
@@ -58,19 +61,40 @@ local function hset_pairs(key, flat)
 end
 
 local refused = {}
-for i = 8, #ARGV do
+for i = 10, #ARGV do
   refused[ARGV[i]] = true
 end
-local prefix = ARGV[3]
-local limit = tonumber(ARGV[4])
-local page = redis.call('SSCAN', KEYS[4], ARGV[6], 'COUNT', limit)
+local limit = tonumber(ARGV[3])
+-- Fills a (type, id) template (or (type, day)) as string.format would, one concatenation per
+-- key: per type, the template is formatted twice with a one-byte second value ('\1', '\2'),
+-- and the texts before and after the place where the two differ are kept.
+local function key_maker(template)
+  local parts = {}
+  return function(content_type, second)
+    local part = parts[content_type]
+    if not part then
+      local one = string.format(template, content_type, '\1')
+      local two = string.format(template, content_type, '\2')
+      local at = 1
+      while string.byte(one, at) == string.byte(two, at) do
+        at = at + 1
+      end
+      part = {string.sub(one, 1, at - 1), string.sub(one, at + 1)}
+      parts[content_type] = part
+    end
+    return part[1] .. second .. part[2]
+  end
+end
+local pending_key, syncing_key = key_maker(ARGV[7]), key_maker(ARGV[8])
+local days_key = key_maker(ARGV[9])
+local page = redis.call('SSCAN', KEYS[4], ARGV[5], 'COUNT', limit)
 local cursor, members, seen = page[1], {}, {}
 for _, member in ipairs(page[2]) do
   if not seen[member] then
     if #members == limit then
       -- SSCAN returned more than asked (a small set comes whole): the rest is taken by the next
       -- call, which walks the same part of the set again from the same cursor.
-      cursor = ARGV[6]
+      cursor = ARGV[5]
       break
     end
     seen[member] = true
@@ -80,35 +104,36 @@ end
 for start = 1, #members, SLICE do
   redis.call('SREM', KEYS[4], unpack(members, start, math.min(start + SLICE - 1, #members)))
 end
--- A member is "{type}:{id}": its keys replace the first colon ("{type}:views:{id}").
-local function key_of(member, kind)
-  return prefix .. string.gsub(member, ':', kind, 1)
-end
-local function type_of(member)
-  return string.sub(member, 1, string.find(member, ':', 1, true) - 1)
-end
-
+-- A member is "{type}:{id}" (a type has no colon; an id may not either, but the type ends at
+-- the first one).
+local types, ids = {}, {}
 local pending_keys = {}
 for n, member in ipairs(members) do
-  pending_keys[n] = key_of(member, ':views:')
+  local colon = string.find(member, ':', 1, true)
+  types[n], ids[n] = string.sub(member, 1, colon - 1), string.sub(member, colon + 1)
+  pending_keys[n] = pending_key(types[n], ids[n])
 end
 local amounts = read_all('MGET', nil, pending_keys)
+
+local function has_days(i)
+  return redis.call('EXISTS', days_key(types[i], ids[i])) == 1
+end
 
 local any_refused = next(refused) ~= nil
 local moved, moved_pending, syncing_keys = {}, {}, {}
 local contents, views = 0, 0
 for i = 1, #members do
   local amount = amounts[i]
-  if any_refused and refused[type_of(members[i])] then
-    if amount > 0 or redis.call('EXISTS', key_of(members[i], ':days:')) == 1 then
+  if any_refused and refused[types[i]] then
+    if amount > 0 or has_days(i) then
       redis.call('SADD', KEYS[6], members[i])
     end
-  elseif amount > 0 or redis.call('EXISTS', key_of(members[i], ':days:')) == 1 then
+  elseif amount > 0 or has_days(i) then
     contents = contents + 1
     views = views + amount
     moved[contents] = i
     moved_pending[contents] = pending_keys[i]
-    syncing_keys[contents] = key_of(members[i], ':syncing:')
+    syncing_keys[contents] = syncing_key(types[i], ids[i])
   end
 end
 if contents == 0 then
@@ -153,10 +178,10 @@ hset_pairs(KEYS[3], new_items)
 -- The per-day amounts: each days hash is appended to what the batch holds for its content
 -- (nothing, unless a retried snapshot took it before), then deleted. A field may appear more
 -- than once in the encoding: every reader adds its amounts up.
-local fallback_day = ARGV[7]
+local fallback_day = ARGV[6]
 local days_keys, batch_days = {}, {}
 for n = 1, contents do
-  days_keys[n] = key_of(moved_members[n], ':days:')
+  days_keys[n] = days_key(types[moved[n]], ids[moved[n]])
 end
 for start = 1, contents, SLICE do
   local last = math.min(start + SLICE - 1, contents)
