@@ -6,6 +6,7 @@ redis-py's script objects run ``EVALSHA`` and reload the script transparently wh
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -13,11 +14,22 @@ from typing import Any
 
 from redis.commands.core import AsyncScript
 
+# A script line ``-- include: name`` is replaced by ``viewmw/lua/shared/name.lua``: Lua helpers
+# that several scripts need are written once.
+_INCLUDE = re.compile(r"^-- include: ([a-z_]+)$", re.MULTILINE)
+
+
+def _lua_file(*parts: str) -> str:
+    return resources.files("viewmw").joinpath("lua", *parts).read_text(encoding="utf-8")
+
 
 @cache
 def script_source(name: str) -> str:
-    """The text of ``viewmw/lua/{name}.lua``."""
-    return resources.files("viewmw").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+    """The text of ``viewmw/lua/{name}.lua``, its includes filled in."""
+    return _INCLUDE.sub(
+        lambda include: _lua_file("shared", f"{include[1]}.lua").rstrip("\n"),
+        _lua_file(f"{name}.lua"),
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,26 +26,7 @@ end
 redis.call('INCR', KEYS[3])
 local SLICE = 1000
 local limit = tonumber(ARGV[5])
--- Fills a (type, id) template (or (type, day)) as string.format would, one concatenation per
--- key: per type, the template is formatted twice with a one-byte second value ('\1', '\2'),
--- and the texts before and after the place where the two differ are kept.
-local function key_maker(template)
-  local parts = {}
-  return function(content_type, second)
-    local part = parts[content_type]
-    if not part then
-      local one = string.format(template, content_type, '\1')
-      local two = string.format(template, content_type, '\2')
-      local at = 1
-      while string.byte(one, at) == string.byte(two, at) do
-        at = at + 1
-      end
-      part = {string.sub(one, 1, at - 1), string.sub(one, at + 1)}
-      parts[content_type] = part
-    end
-    return part[1] .. second .. part[2]
-  end
-end
+-- include: key_maker
 local syncing_key, database_key = key_maker(ARGV[6]), key_maker(ARGV[7])
 local ranking_key = key_maker(ARGV[8])
 
