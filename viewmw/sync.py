@@ -36,6 +36,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from viewmw.calendar_day import local_date
 from viewmw.errors import LockLostError, SyncError
 from viewmw.keys import KeySchema
 from viewmw.mapping import mapping_conflicts
@@ -524,7 +525,7 @@ class ViewSync:
 
     def _today(self) -> str:
         """Today's name in the configured zone: the day given to pending views that have none."""
-        return datetime.fromtimestamp(self.clock(), self.settings.zone).date().isoformat()
+        return local_date(self.clock(), self.settings.zone).isoformat()
 
     async def _drop_empty_batch(self, lease: _Lease, batch: _Batch) -> None:
         keys = self.keys
@@ -546,7 +547,7 @@ class ViewSync:
         if await self.redis.exists(self.keys.sync_batch):
             logger.warning("cleanup skipped: a sync batch is unsettled")
             return 0
-        today = datetime.fromtimestamp(self.clock(), self.settings.zone).date().isoformat()
+        today = local_date(self.clock(), self.settings.zone).isoformat()
         removed = 0
         stale: list[str | bytes] = []
         async for key in self.redis.scan_iter(match=self.keys.daily_views_pattern, count=1000):
