@@ -341,9 +341,14 @@ async def test_a_worker_killed_in_the_middle_of_a_large_sync_loses_and_doubles_n
 
     async def settled() -> bool:
         # The contents the killed run had taken wait in the run's own set until a run ends them.
-        return not await real_redis.exists(KEYS.sync_batch) and not (
-            await real_redis.scard(KEYS.dirty) or await real_redis.scard(KEYS.draining)
-        )
+        # Read at one instant (MULTI), and only once the run let go of the lock: read one by one,
+        # the keys can show "no batch" between two batches and "nothing left" after the next
+        # batch took the rest.
+        async with real_redis.pipeline(transaction=True) as pipe:
+            pipe.exists(KEYS.sync_lock, KEYS.sync_batch)
+            pipe.scard(KEYS.dirty)
+            pipe.scard(KEYS.draining)
+            return not any(await pipe.execute())
 
     await wait_until(settled, "settled sync after the restart", second)
     counts = await article_counts(pg_store)
