@@ -337,8 +337,10 @@ TEMPLATE_PREFIXES = ["", "app1:", "100%:", "%s%d%%:"]
 
 async def test_templates_filled_in_lua_give_the_schema_keys(real_redis: aioredis.Redis) -> None:
     fill = real_redis.register_script("return string.format(ARGV[1], unpack(ARGV, 2))")
-    for prefix in TEMPLATE_PREFIXES:
-        keys = KeySchema(prefix)
+    schemas = [KeySchema(prefix) for prefix in TEMPLATE_PREFIXES]
+    # A content shard's schema (Redis Cluster) fills its templates with its tag in place.
+    schemas += [KeySchema(prefix, 5, 128) for prefix in TEMPLATE_PREFIXES]
+    for keys in schemas:
         expected = {
             keys.pending_template: (keys.pending, ("story", "7")),
             keys.syncing_template: (keys.syncing, ("story", "7")),
@@ -347,7 +349,12 @@ async def test_templates_filled_in_lua_give_the_schema_keys(real_redis: aioredis
             keys.ranking_template: (keys.ranking, ("story", "2026-11-30")),
             keys.sync_batch_items_template: (keys.sync_batch_items, ("b%s1",)),
             keys.sync_batch_days_template: (keys.sync_batch_days, ("b1",)),
+            # Filled as (type, day, id): the order in which the key names them.
+            keys.uniques_template: (
+                lambda t, day, i, keys=keys: keys.uniques(t, i, day),
+                ("story", "2026-11-30", "7"),
+            ),
         }
         for template, (build, args) in expected.items():
             filled = await fill(args=[template, *args])
-            assert filled.decode() == build(*args), (prefix, template)
+            assert filled.decode() == build(*args), (keys, template)

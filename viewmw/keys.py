@@ -8,7 +8,8 @@ viewmw adds stay out of that pattern.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, field
 
 from viewmw.errors import InvalidKeyError
 
@@ -74,47 +75,84 @@ def validate_viewer(viewer: object) -> str:
     return viewer
 
 
+def viewer_shard(viewer: str, shards: int) -> int:
+    """The viewer shard of ``viewer`` among ``shards``: a stable hash (CRC-32), the same in every
+    process and version, never Python's salted ``hash()``."""
+    return zlib.crc32(viewer.encode()) % shards
+
+
+def content_shard(content_type: str, content_id: str, shards: int) -> int:
+    """The content shard of one content among ``shards`` (CRC-32 of its member name)."""
+    return zlib.crc32(f"{content_type}:{content_id}".encode()) % shards
+
+
 @dataclass(frozen=True, slots=True)
 class KeySchema:
     """Builds every Redis key viewmw uses, under an optional prefix.
 
+    On a single Redis ``shard`` is ``None`` and every key has the name it always had. On a Redis
+    Cluster each content belongs to one of ``shards`` content shards (see
+    :class:`viewmw.shards.ContentShards`), and the schema of shard ``N`` puts the hash tag
+    ``{c:N}`` into every key about its contents and into its own copy of the keys that are global
+    on a single Redis (dirty set, epoch, batch, rankings), so that one script call on them stays
+    in one slot. The daily counter of a viewer carries the viewer's shard ``{v:M}`` instead, and
+    the sync lock and its fence counter share the tag ``{sync}`` (docs/keys.md, *Redis Cluster*).
+
     The methods do not validate; :class:`viewmw.tracker.ViewTracker` validates names once per call
-    before it builds keys.
+    before it builds keys. No valid name holds ``{`` or ``}``, so no name can move a key to
+    another slot.
     """
 
     prefix: str = ""
+    shard: int | None = None
+    shards: int = 1
+    # The shard's tag where a key names one content (or event, or batch): before its id; and at
+    # the end of a key that a single Redis holds once. Both empty on a single Redis. Computed
+    # once: a session key is built on every request.
+    _at: str = field(init=False, repr=False, compare=False)
+    _of_shard: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        tagged = self.shard is not None
+        object.__setattr__(self, "_at", f"{{c:{self.shard}}}:" if tagged else "")
+        object.__setattr__(self, "_of_shard", f":{{c:{self.shard}}}" if tagged else "")
 
     # Keys of the original service.
     def pending(self, content_type: str, content_id: str) -> str:
         """Views counted in Redis and not yet moved into a sync batch (a counter)."""
-        return f"{self.prefix}{content_type}:views:{content_id}"
+        return f"{self.prefix}{content_type}:views:{self._at}{content_id}"
 
     def session(self, viewer: str, content_type: str, content_id: str) -> str:
         """One hash per (viewer, content): session count and start, last counted view, its day."""
-        return f"{self.prefix}viewed:{viewer}:{content_type}:{content_id}"
+        return f"{self.prefix}viewed:{viewer}:{content_type}:{self._at}{content_id}"
 
     def daily_views(self, viewer: str, day: str) -> str:
-        """Views counted for ``viewer`` on calendar ``day`` (``YYYY-MM-DD``), all content."""
-        return f"{self.prefix}daily_views:{viewer}:{day}"
+        """Views counted for ``viewer`` on calendar ``day`` (``YYYY-MM-DD``), all content.
+
+        On a cluster the key is in the viewer's shard, whatever the schema's content shard.
+        """
+        if self.shard is None:
+            return f"{self.prefix}daily_views:{viewer}:{day}"
+        return f"{self.prefix}daily_views:{{v:{viewer_shard(viewer, self.shards)}}}:{viewer}:{day}"
 
     # Keys added by viewmw.
     def syncing(self, content_type: str, content_id: str) -> str:
         """Views moved out of pending into the unsettled sync batch."""
-        return f"{self.prefix}{content_type}:syncing:{content_id}"
+        return f"{self.prefix}{content_type}:syncing:{self._at}{content_id}"
 
     def database_count(self, content_type: str, content_id: str) -> str:
         """Cached database count, so the hot path needs no SQL."""
-        return f"{self.prefix}{content_type}:dbviews:{content_id}"
+        return f"{self.prefix}{content_type}:dbviews:{self._at}{content_id}"
 
     @property
     def dirty(self) -> str:
         """Set of ``{type}:{id}`` members that have pending views."""
-        return f"{self.prefix}viewmw:dirty"
+        return f"{self.prefix}viewmw:dirty{self._of_shard}"
 
     @property
     def draining(self) -> str:
         """Contents a running sync took from the dirty set and has not snapshotted yet."""
-        return f"{self.prefix}viewmw:dirty:sync"
+        return f"{self.prefix}viewmw:dirty:sync{self._of_shard}"
 
     @property
     def epoch(self) -> str:
@@ -123,27 +161,32 @@ class KeySchema:
         A cache fill carries the epoch it started under and is dropped if it changed meanwhile, so
         a database count read before a sync can never be cached over what the sync settled.
         """
-        return f"{self.prefix}viewmw:epoch"
+        return f"{self.prefix}viewmw:epoch{self._of_shard}"
+
+    @property
+    def _sync(self) -> str:
+        """Where the sync lock and its fence counter are named: one slot for both on a cluster."""
+        return "sync:" if self.shard is None else "{sync}:"
 
     @property
     def sync_lock(self) -> str:
         """One sync at a time: holds the owner's token, with an expiry that the owner renews."""
-        return f"{self.prefix}viewmw:sync:lock"
+        return f"{self.prefix}viewmw:{self._sync}lock"
 
     @property
     def sync_batch(self) -> str:
         """The unsettled batch: a hash with its id and when it started."""
-        return f"{self.prefix}viewmw:sync:batch"
+        return f"{self.prefix}viewmw:sync:batch{self._of_shard}"
 
     @property
     def sync_fence(self) -> str:
         """Fencing tokens: a counter taken with the sync lock, larger for every later holder."""
-        return f"{self.prefix}viewmw:sync:fence"
+        return f"{self.prefix}viewmw:{self._sync}fence"
 
     def sync_batch_items(self, batch_id: str) -> str:
         """Amounts moved by one batch: a hash ``{type}:{id}`` -> views, keyed by its batch id so
         that no sync can ever read another batch's items."""
-        return f"{self.prefix}viewmw:sync:batch:{batch_id}:items"
+        return f"{self.prefix}viewmw:sync:batch:{self._at}{batch_id}:items"
 
     @property
     def legacy_sync_batch_items(self) -> str:
@@ -153,35 +196,35 @@ class KeySchema:
     def sync_batch_days(self, batch_id: str) -> str:
         """Per-day amounts moved by one batch: a hash ``{type}:{id}`` -> the content's days hash
         fields and amounts, encoded ``field=amount,field=amount`` (see docs/history.md)."""
-        return f"{self.prefix}viewmw:sync:batch:{batch_id}:days"
+        return f"{self.prefix}viewmw:sync:batch:{self._at}{batch_id}:days"
 
     # Keys of the per-day history (see docs/history.md).
     def days(self, content_type: str, content_id: str) -> str:
         """Pending views per calendar day of one content: a hash ``YYYY-MM-DD`` -> views (their
         sum is always the pending counter) and ``YYYY-MM-DD:c`` -> crawler views."""
-        return f"{self.prefix}{content_type}:days:{content_id}"
+        return f"{self.prefix}{content_type}:days:{self._at}{content_id}"
 
     def uniques(self, content_type: str, content_id: str, day: str) -> str:
         """HyperLogLog of the viewers who offered a view of one content on ``day``. The day
         comes first, so that no id (``views``) puts the key under ``*:views:*``."""
-        return f"{self.prefix}{content_type}:uniq:{day}:{content_id}"
+        return f"{self.prefix}{content_type}:uniq:{day}:{self._at}{content_id}"
 
     def ranking(self, content_type: str, day: str) -> str:
         """Views of ``day`` not yet settled into the history, per content id of one type (a
         sorted set): the real-time part of :meth:`viewmw.analytics.ViewStats.top`."""
-        return f"{self.prefix}viewmw:top:{content_type}:{day}"
+        return f"{self.prefix}viewmw:top:{content_type}:{day}{self._of_shard}"
 
     def blocked(self, day: str) -> str:
         """Views blocked on ``day``, per reason (a hash)."""
-        return f"{self.prefix}viewmw:blocked:{day}"
+        return f"{self.prefix}viewmw:blocked:{day}{self._of_shard}"
 
     def scratch(self, token: str) -> str:
         """A short-lived key a read script fills and deletes in the same call."""
-        return f"{self.prefix}viewmw:scratch:{token}"
+        return f"{self.prefix}viewmw:scratch:{self._at}{token}"
 
     def replay_marker(self, event_id: str) -> str:
         """Set when an outage event is replayed, so that it is decided once (with a TTL)."""
-        return f"{self.prefix}viewmw:replayed:{event_id}"
+        return f"{self.prefix}viewmw:replayed:{self._at}{event_id}"
 
     @property
     def mapping(self) -> str:
@@ -193,7 +236,7 @@ class KeySchema:
     # ``string.format``, so each key's layout is still written only in the methods above.
     @property
     def _escaped(self) -> KeySchema:
-        return KeySchema(self.prefix.replace("%", "%%"))
+        return KeySchema(self.prefix.replace("%", "%%"), self.shard, self.shards)
 
     @property
     def pending_template(self) -> str:

@@ -53,6 +53,8 @@ class Scripts:
     count_viewers: AsyncScript
     read_ranking: AsyncScript
     read_viewers: AsyncScript
+    reserve_daily: AsyncScript
+    release_daily: AsyncScript
 
     @classmethod
     def register(cls, client: Any) -> Scripts:

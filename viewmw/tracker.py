@@ -68,7 +68,7 @@ _REASON_CODES = frozenset({0, *_REASONS})
 
 
 _ViewCall = tuple[tuple[str, ...], tuple[Any, ...], str | None]
-"""One view in a ``record_views`` call: its nine keys, its twelve arguments, its replay marker."""
+"""One view in a ``record_views`` call: its nine keys, its thirteen arguments, its replay marker."""
 
 _ViewReply = tuple[int, int, int, int, int | None, int, str]
 """counted (1, 0, or -1: replayed before), reason code, pending, syncing, cached database count
@@ -331,6 +331,7 @@ class ViewTracker:
                 viewer,
                 int(crawler),
                 day.end - now + self._day_keys_seconds,
+                "",  # the daily counter is one of this call's keys (a single Redis)
             ),
             replay_marker,
         )

@@ -20,9 +20,14 @@
 -- ARGV: 1 session limit (0 = off), 2 session seconds, 3 daily limit (0 = off),
 --       4 one view per day (0/1), 5 cooldown seconds (0 = off), 6 replay marker TTL,
 --       7 unique viewers (0/1),
---       then per view 12 values: now, start of its day, end of its day (local midnights),
+--       then per view 13 values: now, start of its day, end of its day (local midnights),
 --       session hash TTL, daily counter TTL, dirty member, marked (0/1), day name (YYYY-MM-DD),
---       content id, viewer, crawler (0/1), TTL of the day's keys (seconds).
+--       content id, viewer, crawler (0/1), TTL of the day's keys (seconds), daily quota.
+-- The daily quota is "" on a single Redis: the daily counter is a key of this call, checked and
+-- counted here. On a Redis Cluster the counter is in the viewer's slot, not the content's, and
+-- the view comes with reserve_daily.lua's answer instead: "r" reserved (the limit lets it pass;
+-- nothing to count here) or "f" full (blocked by the daily limit, if no earlier rule blocks it);
+-- its daily counter key is then any key of this call's slot, never touched.
 -- Returns {epoch, batch id or "", then per view: counted, reason, pending, syncing,
 --          cached database count or -1}; counted is -1 for a replayed view already decided.
 -- Reasons, in the order they are checked: 1 cooldown, 2 viewed today, 3 session limit, 4 daily limit.
@@ -34,13 +39,14 @@ local daily_limit = tonumber(ARGV[3])
 local one_per_day = ARGV[4] == '1'
 local cooldown = tonumber(ARGV[5])
 local uniques = ARGV[7] == '1'
-local views_in_batch = (#ARGV - 7) / 12
+local views_in_batch = (#ARGV - 7) / 13
 local next_marker = 4 + 9 * views_in_batch
 local reason_names = {'cooldown', 'viewed_today', 'session_limit', 'daily_limit'}
 local out = {0, ''}
 
 for v = 0, views_in_batch - 1 do
-  local k, a = 3 + 9 * v, 7 + 12 * v
+  local k, a = 3 + 9 * v, 7 + 13 * v
+  local quota = ARGV[a + 13]
   local counted, reason = 0, 0
   if ARGV[a + 7] == '1' then
     if not redis.call('SET', KEYS[next_marker], '1', 'NX', 'EX', ARGV[6]) then
@@ -67,13 +73,14 @@ for v = 0, views_in_batch - 1 do
       reason = 2
     elseif session_limit > 0 and views >= session_limit then
       reason = 3
-    elseif daily_limit > 0 and (tonumber(redis.call('GET', KEYS[k + 5])) or 0) >= daily_limit then
+    elseif daily_limit > 0 and (quota == 'f' or quota == ''
+        and (tonumber(redis.call('GET', KEYS[k + 5])) or 0) >= daily_limit) then
       reason = 4
     else
       counted = 1
       redis.call('HSET', KEYS[k + 4], 'n', views + 1, 's', start, 'l', math.max(now, last or now))
       redis.call('EXPIRE', KEYS[k + 4], ARGV[a + 4])
-      if daily_limit > 0 then
+      if daily_limit > 0 and quota == '' then
         redis.call('INCR', KEYS[k + 5])
         redis.call('EXPIRE', KEYS[k + 5], ARGV[a + 5])
       end

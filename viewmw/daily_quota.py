@@ -1,0 +1,120 @@
+"""The daily limit across slots: each view's place in its viewer's quota for the day, reserved
+before its content's rules are decided and given back if they block it (docs/keys.md, *The daily
+limit: the one rule across slots*).
+
+On a single Redis the daily counter is checked and counted in the same ``record_views`` call as
+every other rule, and this module is not used. On a Redis Cluster the counter is in the viewer's
+shard and the content's keys in the content's, so a view is decided in three calls, each atomic
+in its own slot: :meth:`DailyQuota.reserve`, then ``record_views`` with the answer, then
+:meth:`DailyQuota.release` for a reserved view that a content rule blocked. Every step is keyed
+by the view's id, so a retried or replayed step changes nothing more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+from viewmw.errors import MalformedReplyError
+from viewmw.keys import KeySchema, viewer_shard
+from viewmw.scripts import Scripts
+
+
+class Reservation(IntEnum):
+    """A view's answer from :meth:`DailyQuota.reserve`."""
+
+    RESERVED = 1
+    """The view has a place: the daily limit lets it pass (``record_views`` quota ``"r"``)."""
+    FULL = 0
+    """No place left: the daily limit blocks it unless an earlier rule does (quota ``"f"``)."""
+    RELEASED = -1
+    """The view had a place and gave it back: it was decided and blocked before (a replay)."""
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaClaim:
+    """One view's claim on its viewer's quota for a calendar day.
+
+    Attributes:
+        viewer: the viewer (``user:…`` or ``anon:…``).
+        day: the view's calendar day, ``YYYY-MM-DD``.
+        view_id: the view's own id (a replayed view keeps it): what makes every step idempotent.
+        ttl: seconds the day's hash is kept (the rest of the day and a grace period).
+    """
+
+    viewer: str
+    day: str
+    view_id: str
+    ttl: int
+
+
+class DailyQuota:
+    """Reserves and releases places in viewers' daily quotas, one script call per viewer shard.
+
+    Args:
+        redis: a ``redis.asyncio`` client, or a ``RedisCluster`` one (each call goes to the node
+            of its shard; calls for several shards run concurrently).
+        keys: any content shard's key schema (its prefix and shard count name the keys).
+        scripts: the scripts registered on ``redis`` (registered here when not given).
+    """
+
+    def __init__(self, redis: Any, keys: KeySchema, scripts: Scripts | None = None) -> None:
+        if keys.shard is None:
+            # On a single Redis the same name is the daily counter that record_views counts.
+            raise ValueError("a daily quota is kept only on a Redis Cluster (a sharded KeySchema)")
+        self.redis = redis
+        self.keys = keys
+        self.scripts = scripts or Scripts.register(redis)
+
+    async def reserve(self, claims: Sequence[QuotaClaim], limit: int) -> list[Reservation]:
+        """Reserve a place for each claim, in order, under a limit of ``limit`` views per
+        viewer and day; one answer per claim. A claim whose view id holds a place already gets
+        :attr:`Reservation.RESERVED` again and takes no second place."""
+        if limit < 1:
+            raise ValueError(f"the daily limit must be at least 1, not {limit}")
+        answers: list[Reservation | None] = [None] * len(claims)
+        groups = self._by_shard(claims)
+        replies = await asyncio.gather(
+            *(self._call(self.scripts.reserve_daily, group, [limit], True) for group in groups)
+        )
+        for group, reply in zip(groups, replies, strict=True):
+            if not isinstance(reply, list) or len(reply) != len(group):
+                raise MalformedReplyError(f"unexpected reply from reserve_daily: {reply!r:.80}")
+            for (position, _), answer in zip(group, reply, strict=True):
+                answers[position] = Reservation(int(answer))
+        return [answer for answer in answers if answer is not None]
+
+    async def release(self, claims: Sequence[QuotaClaim]) -> int:
+        """Give back the place of each claim that still holds one; returns how many did."""
+        groups = self._by_shard(claims)
+        replies = await asyncio.gather(
+            *(self._call(self.scripts.release_daily, group, [], False) for group in groups)
+        )
+        return sum(int(reply) for reply in replies)
+
+    def _by_shard(self, claims: Sequence[QuotaClaim]) -> list[list[tuple[int, QuotaClaim]]]:
+        """The claims (with their positions) grouped by viewer shard: one slot per group."""
+        groups: dict[int, list[tuple[int, QuotaClaim]]] = {}
+        for position, claim in enumerate(claims):
+            shard = viewer_shard(claim.viewer, self.keys.shards)
+            groups.setdefault(shard, []).append((position, claim))
+        return list(groups.values())
+
+    async def _call(
+        self, script: Any, group: list[tuple[int, QuotaClaim]], head: list[Any], with_ttl: bool
+    ) -> Any:
+        keys: list[str] = []
+        index: dict[str, int] = {}
+        args: list[Any] = list(head)
+        for _, claim in group:
+            key = self.keys.daily_views(claim.viewer, claim.day)
+            if key not in index:
+                keys.append(key)
+                index[key] = len(keys)
+            args += [index[key], claim.view_id]
+            if with_ttl:
+                args.append(claim.ttl)
+        return await script(keys=keys, args=args)
