@@ -246,6 +246,9 @@ BAD_ENVIRONMENT = [
     ("VIEWMW_UNIQUE_VIEWERS", "sometimes"),
     ("VIEWMW_HISTORY_RETENTION_DAYS", "0"),
     ("VIEWMW_HISTORY_RETENTION_DAYS", "a week"),
+    ("VIEWMW_CLUSTER_SHARDS", "0"),
+    ("VIEWMW_CLUSTER_SHARDS", "16385"),
+    ("VIEWMW_CLUSTER_SHARDS", "many"),
 ]
 
 
@@ -514,3 +517,19 @@ def test_a_cluster_url_comes_from_the_environment() -> None:
     with pytest.raises(ConfigurationError) as error:
         Settings.from_env({"VIEWMW_REDIS_URL": "redis+cluster://a:7000/1"})
     assert error.value.setting == "VIEWMW_REDIS_URL"
+
+
+def test_the_content_shards_follow_the_redis_url() -> None:
+    # A single Redis: one shard whose keys keep their usual names, whatever cluster_shards says.
+    single = Settings(redis_url="redis://cache:6379/0", cluster_shards=64).content_shards()
+    assert (single.count, single.of("story", "7").pending("story", "7")) == (None, "story:views:7")
+    # A cluster: 128 shards by default, or as many as configured.
+    cluster = Settings.from_env(
+        {"VIEWMW_REDIS_URL": "redis+cluster://a:7000", "VIEWMW_KEY_PREFIX": "app:"}
+    ).content_shards()
+    assert cluster.count == 128
+    assert cluster.of("story", "42").pending("story", "42") == "app:story:views:{c:37}:42"
+    configured = Settings.from_env(
+        {"VIEWMW_REDIS_URL": "redis+cluster://a:7000", "VIEWMW_CLUSTER_SHARDS": "16"}
+    ).content_shards()
+    assert configured.count == 16

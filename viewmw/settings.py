@@ -23,6 +23,7 @@ from sqlalchemy.exc import ArgumentError
 from starlette.config import Config, Environ
 
 from viewmw.errors import ConfigurationError
+from viewmw.shards import DEFAULT_CLUSTER_SHARDS, MAX_CLUSTER_SHARDS, ContentShards
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///viewmw.sqlite3"
 """The embedded database: only when Redis is embedded too (no ``redis_url``), as in the example."""
@@ -129,6 +130,9 @@ class Settings:
         history_retention_days: days the per-day Redis keys (viewers, rankings, blocked counts)
             live past their day. A sync must run within it for rankings and unique viewers to
             be complete.
+        cluster_shards: content shards on a Redis Cluster (read only with a ``redis+cluster://``
+            URL): how many slots each content type's keys spread over (docs/keys.md). Changing
+            it moves every content to another shard: it is a migration, never a restart.
     """
 
     limits: Limits = field(default_factory=Limits)
@@ -147,6 +151,7 @@ class Settings:
     broker_namespace: str = ""
     unique_viewers: bool = True
     history_retention_days: int = 8
+    cluster_shards: int = DEFAULT_CLUSTER_SHARDS
 
     def __post_init__(self) -> None:
         try:
@@ -174,6 +179,9 @@ class Settings:
         _check_count("history_retention_days", self.history_retention_days, allow_none=False)
         if self.history_retention_days < 1:
             raise ConfigurationError("history_retention_days", "must be at least 1")
+        _check_count("cluster_shards", self.cluster_shards, allow_none=False)
+        if not 1 <= self.cluster_shards <= MAX_CLUSTER_SHARDS:
+            raise ConfigurationError("cluster_shards", f"must be 1 to {MAX_CLUSTER_SHARDS}")
         if self.secret is not None and len(self.secret) < 16:
             raise ConfigurationError("secret", "must be at least 16 characters long")
         tables = _check_content_tables(self.content_tables)
@@ -195,6 +203,12 @@ class Settings:
             raise ConfigurationError(
                 "broker_namespace", "must be 1-100 letters, digits, '.', '_', ':' or '-'"
             )
+
+    def content_shards(self) -> ContentShards:
+        """The content shards of the configured Redis: :attr:`cluster_shards` of them on a
+        cluster, one untagged shard (every key with its usual name) on a single Redis."""
+        count = self.cluster_shards if self.redis_cluster is not None else None
+        return ContentShards(self.key_prefix, count)
 
     @property
     def redis_cluster(self) -> RedisClusterURL | None:
@@ -520,6 +534,13 @@ ENVIRONMENT: tuple[EnvironmentVariable, ...] = (
         "history_retention_days",
         _int,
         "Days the per-day Redis keys (viewers, rankings, blocked counts) live past their day.",
+    ),
+    EnvironmentVariable(
+        "VIEWMW_CLUSTER_SHARDS",
+        "settings",
+        "cluster_shards",
+        _int,
+        "Content shards on a Redis Cluster (redis+cluster:// only); changing it is a migration.",
     ),
     # Read by the worker (viewmw.jobs) only; checked further in viewmw.jobs.settings.
     EnvironmentVariable(

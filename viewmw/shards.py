@@ -14,6 +14,9 @@ DEFAULT_CLUSTER_SHARDS = 128
 """Shards of a cluster when none is configured: spread evenly over a few primaries (docs/keys.md,
 *How many shards*), and few enough that a call per shard stays cheap for a sync or a top-n read."""
 
+MAX_CLUSTER_SHARDS = 16384
+"""A cluster's hash slots: more shards could not spread any further."""
+
 
 class ContentShards:
     """The key schema of every content shard, and which shard a content belongs to.
@@ -25,8 +28,8 @@ class ContentShards:
     """
 
     def __init__(self, prefix: str = "", count: int | None = None) -> None:
-        if count is not None and not 1 <= count <= 16384:
-            raise ValueError(f"a cluster has 1 to 16384 content shards, not {count}")
+        if count is not None and not 1 <= count <= MAX_CLUSTER_SHARDS:
+            raise ValueError(f"a cluster has 1 to {MAX_CLUSTER_SHARDS} content shards, not {count}")
         self.count = count
         if count is None:
             self.schemas: tuple[KeySchema, ...] = (KeySchema(prefix),)
