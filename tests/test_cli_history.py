@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import UTC, datetime
 
 import pytest
 
 from tests.test_cli import environment, record, services
 from viewmw import Settings
+from viewmw.calendar_day import local_date
 from viewmw.cli import EXIT_OK, main
 
 __all__ = ["environment", "services"]  # fixtures, imported to be used here
@@ -17,8 +17,10 @@ __all__ = ["environment", "services"]  # fixtures, imported to be used here
 VIEWS = {("story", "1"): 3, ("story", "2"): 5, ("story", "3"): 1}
 
 
-def today() -> str:
-    return datetime.fromtimestamp(time.time(), UTC).date().isoformat()
+def today(settings: Settings) -> str:
+    """Today in the command's time zone (the services' ``VIEWMW_TIMEZONE``, not UTC: the two
+    differ for an hour or two around midnight)."""
+    return local_date(time.time(), settings.zone).isoformat()
 
 
 @pytest.mark.parametrize("synced", [False, True], ids=["pending", "synced"])
@@ -42,7 +44,7 @@ def test_top_and_views_as_json(
     assert main(["views", "story", "2", "--period", "30d", "--by-day", "--json"]) == EXIT_OK
     days = json.loads(capsys.readouterr().out)
     assert len(days) == 30 and days[-1] == {
-        "day": today(),
+        "day": today(services),
         "views": 5,
         "unique_viewers": 5,
         "crawler_views": 0,
@@ -50,7 +52,7 @@ def test_top_and_views_as_json(
     assert sum(day["views"] for day in days) == 5
     assert main(["views", "story", "2", "--period", "all", "--json"]) == EXIT_OK
     (total,) = json.loads(capsys.readouterr().out)
-    assert (total["views"], total["unique_viewers"], total["last"]) == (5, 5, today())
+    assert (total["views"], total["unique_viewers"], total["last"]) == (5, 5, today(services))
 
 
 def test_tables(services: Settings, capsys: pytest.CaptureFixture[str]) -> None:
@@ -61,7 +63,7 @@ def test_tables(services: Settings, capsys: pytest.CaptureFixture[str]) -> None:
     assert "│ 1 │ 2  │     5 │" in out and "│ 3 │ 3  │     1 │" in out
     assert main(["views", "story", "1", "--by-day", "--period", "today"]) == EXIT_OK
     out = capsys.readouterr().out
-    assert today() in out and "unique viewers" in out
+    assert today(services) in out and "unique viewers" in out
 
 
 @pytest.mark.parametrize("period", ["yesterday", "0d", "2026-12-01..2026-11-01", "7"])
