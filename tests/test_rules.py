@@ -1,7 +1,8 @@
 """The abuse rules: each alone, all together, their order, calendar days, and what a block costs.
 
 Time only moves through the injected :class:`FakeClock`; nothing sleeps. Each test runs on the
-real Redis and again on fakeredis (the embedded stand-in) unless it says otherwise.
+real Redis, on fakeredis (the embedded stand-in) and on a real local Redis Cluster (keys spread
+over content shards, the daily limit reserved in the viewer's shard) unless it says otherwise.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from tests.support import NOON_UTC, FakeClock
-from viewmw import BlockReason, Limits, Settings, Store, ViewTracker
+from viewmw import BlockReason, KeySchema, Limits, Settings, Store, ViewTracker
 
 COOLDOWN = BlockReason.COOLDOWN
 VIEWED_TODAY = BlockReason.VIEWED_TODAY
@@ -42,13 +44,38 @@ def only(**rules: Any) -> Limits:
 MakeTracker = Callable[..., ViewTracker]
 
 
-@pytest.fixture(params=["redis", "fakeredis"])
+@pytest.fixture(params=["redis", "fakeredis", "cluster"])
 def any_redis(request: pytest.FixtureRequest) -> aioredis.Redis:
     """conftest's ``any_redis``, as a plain fixture: the async one in conftest cannot set up an
     async fixture from inside the running loop (``Runner.run() cannot be called from a running
-    event loop``). Remove this once conftest's is a plain ``def``."""
-    name = "real_redis" if request.param == "redis" else "fake_redis"
-    return request.getfixturevalue(name)  # type: ignore[no-any-return]
+    event loop``). Remove this once conftest's is a plain ``def``. ``cluster`` is a client of
+    the local Redis Cluster, every primary flushed (typed as a Redis: it answers the same
+    commands, a key's slot aside)."""
+    name = {"redis": "real_redis", "fakeredis": "fake_redis", "cluster": "cluster_redis"}
+    return request.getfixturevalue(name[request.param])  # type: ignore[no-any-return]
+
+
+def _redis_url(redis: Any) -> str | None:
+    """The cluster URL a tracker on ``redis`` needs to shard its keys (``None``: one Redis)."""
+    if not isinstance(redis, RedisCluster):
+        return None
+    nodes = ",".join(f"{node.host}:{node.port}" for node in redis.get_primaries())
+    return f"redis+cluster://{nodes}"
+
+
+def keys_of(redis: Any, kind: str = "story", content_id: str | int = 7) -> KeySchema:
+    """The key schema of one content's keys on ``redis`` (its shard's, on a cluster)."""
+    url = _redis_url(redis)
+    return Settings(redis_url=url).content_shards().of(kind, str(content_id))
+
+
+async def daily_views(redis: Any, viewer: str, day: str) -> int | None:
+    """A viewer's counted views of a day as the daily limit holds them: the counter on a single
+    Redis, the places held in the viewer's quota on a cluster (``None``: nothing held)."""
+    keys = keys_of(redis)
+    key = keys.daily_views(viewer, day)
+    value = await (redis.get(key) if keys.shard is None else redis.hget(key, "n"))
+    return None if value is None else int(value)
 
 
 @pytest.fixture
@@ -56,7 +83,9 @@ def make_tracker(any_redis: aioredis.Redis, clock: FakeClock) -> MakeTracker:
     """Trackers sharing one Redis and one clock, with any limits and time zone; no database."""
 
     def make(limits: Limits | None = None, timezone: str = "UTC") -> ViewTracker:
-        settings = Settings(limits=limits or Limits(), timezone=timezone)
+        settings = Settings(
+            limits=limits or Limits(), timezone=timezone, redis_url=_redis_url(any_redis)
+        )
         return ViewTracker(any_redis, None, settings, clock=clock)
 
     return make
@@ -72,7 +101,9 @@ async def outcome(
 
 
 async def pending(redis: aioredis.Redis, content_id: str | int = 7, kind: str = "story") -> int:
-    return int(await redis.get(f"{kind}:views:{content_id}") or 0)
+    return int(
+        await redis.get(keys_of(redis, kind, content_id).pending(kind, str(content_id))) or 0
+    )
 
 
 def at(year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: float = 0) -> float:
@@ -226,7 +257,7 @@ async def test_daily_limit_is_100_distinct_contents_per_viewer_across_types(
     assert await outcome(tracker, content_id=100) == DAILY_LIMIT  # the 101st distinct content
     assert await outcome(tracker, content_id=100, kind="task") == DAILY_LIMIT
     assert await pending(any_redis, 100) == 0
-    assert int(await any_redis.get("daily_views:user:1:2025-11-24")) == 100
+    assert await daily_views(any_redis, "user:1", "2025-11-24") == 100
     assert await outcome(tracker, content_id=100, viewer="user:2") == COUNTED  # per viewer
 
 
@@ -348,7 +379,7 @@ async def test_all_rules_off_counts_every_view(
         assert await outcome(tracker, content_id=f"c{n}") == COUNTED
     assert await pending(any_redis) == 150
     # No daily counter is kept while the daily limit is off.
-    assert await any_redis.get("daily_views:user:1:2025-11-24") is None
+    assert await daily_views(any_redis, "user:1", "2025-11-24") is None
 
 
 # Order -------------------------------------------------------------------------------------------
@@ -427,7 +458,7 @@ TTL_MARK_MS = 7_777_777_000  # far above any TTL viewmw sets, so a refreshed TTL
 
 # The per-day history records every view offered (its viewer, why it was blocked) and, so that
 # the day's viewers reach the history, marks the content for the sync: none of that is rule state.
-_HISTORY_KEY = re.compile(rb"(.*:uniq:.*|.*:days:.*|viewmw:blocked:.*|viewmw:dirty)")
+_HISTORY_KEY = re.compile(rb"(.*:uniq:.*|.*:days:.*|viewmw:blocked:.*|viewmw:dirty(:\{c:\d+\})?)")
 
 
 async def redis_state(redis: aioredis.Redis) -> dict[bytes, tuple[bytes, Any, bool]]:
@@ -442,6 +473,11 @@ async def redis_state(redis: aioredis.Redis) -> dict[bytes, tuple[bytes, Any, bo
             value = await redis.get(key)
         elif kind == b"hash":
             value = await redis.hgetall(key)
+            if key.startswith(b"daily_views:{v:"):
+                # A viewer's quota on a cluster: its places held are the rule's state; it also
+                # remembers each view it answered (so a replay is answered alike), and a blocked
+                # view's place, reserved and given back, leaves such a record.
+                value = value.get(b"n")
         elif kind == b"set":
             value = await redis.smembers(key)
         elif kind == b"zset":
@@ -482,19 +518,23 @@ async def test_a_blocked_view_writes_nothing(
     assert await outcome(tracker) == COUNTED
     assert await outcome(tracker, content_id=8, viewer="user:2") == COUNTED
     clock.advance(1)
+    await tracker.drain()  # on a cluster: the daily places given back after the replies
     before = await redis_state(any_redis)
+    keys = keys_of(any_redis)
     assert {key for key, (_, _, has_ttl) in before.items() if has_ttl} >= {
-        b"viewed:user:1:story:7",
-        b"daily_views:user:1:2025-11-24",
+        keys.session("user:1", "story", "7").encode(),
+        keys.daily_views("user:1", "2025-11-24").encode(),
     }
     await mark_ttls(any_redis)
 
     blocked_id = 9 if reason == DAILY_LIMIT else 7  # the daily limit blocks any new content
     result = await tracker.track_view("story", blocked_id, "user:1")
+    await tracker.drain()
 
     assert (result.counted, result.reason) == (False, reason)
     assert result.count is not None and result.count.total == (0 if blocked_id == 9 else 1)
     assert await redis_state(any_redis) == before
     await assert_ttls_untouched(any_redis)
-    assert await any_redis.hgetall("viewmw:blocked:2025-11-24") == {reason.value.encode(): b"1"}
-    assert int(await any_redis.get(f"story:views:{blocked_id}") or 0) == (blocked_id == 7)
+    blocked = keys_of(any_redis, "story", blocked_id).blocked("2025-11-24")
+    assert await any_redis.hgetall(blocked) == {reason.value.encode(): b"1"}
+    assert await pending(any_redis, blocked_id) == (blocked_id == 7)

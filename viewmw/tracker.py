@@ -29,6 +29,7 @@ from viewmw.pipeline import Batcher, LateReply, ScriptCall, script_pipeline
 from viewmw.script_connection import ScriptConnection
 from viewmw.scripts import Scripts
 from viewmw.settings import Settings
+from viewmw.sharded_recording import ShardedRecording
 from viewmw.store import Store
 
 if TYPE_CHECKING:
@@ -128,6 +129,10 @@ class ViewTracker:
         script_connection: a dedicated connection to the same Redis that carries the
             ``record_views`` calls (see :mod:`viewmw.script_connection`); ``None`` sends them
             through ``redis``. The caller owns it and closes it.
+
+    With a ``redis+cluster://`` URL in ``settings``, ``redis`` is a ``RedisCluster`` client: the
+    keys are spread over content shards, each batch of views is decided by one call per shard
+    (see :mod:`viewmw.sharded_recording`), and counts are read per shard.
     """
 
     def __init__(
@@ -144,7 +149,10 @@ class ViewTracker:
         self.script_connection = script_connection
         self.store = store
         self.settings = settings or Settings()
-        self.keys = KeySchema(self.settings.key_prefix)
+        self.shards = self.settings.content_shards()
+        # A single Redis' keys (on a cluster: shard 0's, for what has no content).
+        self.keys = self.shards.schemas[0]
+        self._clustered = self.shards.clustered
         self.clock = clock
         self.scripts = Scripts.register(redis)
         self._zone = self.settings.zone
@@ -163,8 +171,20 @@ class ViewTracker:
         self._reads: Batcher[ScriptCall, Any] | None = None
         if pipelining:
             self._views = Batcher(self._send_views, deadline=deadline)
-            self._reads = Batcher(script_pipeline(redis), deadline=deadline)
+            if not self._clustered:  # a cluster pipeline refuses EVALSHA
+                self._reads = Batcher(script_pipeline(redis), deadline=deadline)
         self._limit_args = _limit_args(self.settings)
+        self._sharded: ShardedRecording | None = None
+        if self._clustered:
+            if script_connection is not None:
+                raise ValueError("a script connection reaches one Redis, not a cluster")
+            self._sharded = ShardedRecording(
+                redis,
+                self.scripts,
+                self.shards,
+                self._limit_args,
+                self.settings.limits.max_daily_views_per_user or None,
+            )
         self._known_counts: dict[str, int] = {}
         # "type:id" -> (day, the content's keys for that day), see _remember_content_keys.
         self._content_keys: dict[str, tuple[str, ...]] = {}
@@ -181,6 +201,8 @@ class ViewTracker:
         for batcher in (self._views, self._reads):
             if batcher is not None:
                 await batcher.drain()
+        if self._sharded is not None:
+            await self._sharded.drain()
         while self._fill_tasks:
             await asyncio.gather(*self._fill_tasks, return_exceptions=True)
 
@@ -232,6 +254,8 @@ class ViewTracker:
                     (reply,) = await self._send_views([call])
             except TimeoutError:
                 raise LateReply from None
+            if isinstance(reply, BaseException):  # its shard failed (a cluster)
+                raise reply
         return await self._result(content_type, content_id, reply)
 
     async def _result(self, content_type: str, content_id: str, reply: _ViewReply) -> TrackResult:
@@ -241,7 +265,11 @@ class ViewTracker:
         if cached is not None:
             return TrackResult(counted == 1, reason, ViewCount(cached, pending, syncing))
         count = await self._complete(
-            content_type, {content_id: _RawCounts(pending, syncing, None)}, epoch, batch_id
+            content_type,
+            {content_id: _RawCounts(pending, syncing, None)},
+            epoch,
+            batch_id,
+            self.shards.of(content_type, content_id),
         )
         return TrackResult(counted == 1, reason, count[content_id])
 
@@ -300,7 +328,7 @@ class ViewTracker:
         A crawler view is only counted apart, per day; it passes no viewer."""
         now = math.floor(at)
         day = self._calendar_day(now)
-        keys = self.keys
+        keys = self.shards.of(content_type, content_id) if self._clustered else self.keys
         member = f"{content_type}:{content_id}"
         content_keys = self._content_keys.get(member)
         if content_keys is None or content_keys[0] != day.name:
@@ -312,7 +340,10 @@ class ViewTracker:
                 syncing,
                 database_count,
                 days if crawler else keys.session(viewer, content_type, content_id),
-                days if crawler else keys.daily_views(viewer, day.name),
+                # On a cluster the daily counter is in the viewer's slot: the view comes with a
+                # reservation's answer instead (viewmw.sharded_recording), and this place holds
+                # a key of its own slot that the script never touches.
+                days if crawler or self._clustered else keys.daily_views(viewer, day.name),
                 days,
                 uniques,
                 ranking,
@@ -341,7 +372,7 @@ class ViewTracker:
     ) -> tuple[str, ...]:
         """The keys of one content's views on ``day`` (its name first), built once and kept
         for the next views of that content: popular contents are viewed again and again."""
-        keys = self.keys
+        keys = self.shards.of(content_type, content_id)
         content_keys = (
             day,
             keys.pending(content_type, content_id),
@@ -377,7 +408,20 @@ class ViewTracker:
         return await self._decide(content_type, content_id, call)
 
     async def _send_views(self, calls: list[_ViewCall]) -> list[_ViewReply]:
-        """Decide a batch of views in one ``record_views`` call; one reply per view, in order."""
+        """Decide a batch of views in one ``record_views`` call; one reply per view, in order.
+
+        On a cluster, one call per content shard: a view whose shard failed gets the exception
+        as its reply (the views of other shards were decided).
+        """
+        if self._sharded is not None:
+            replies = await self._sharded.send(calls, _view_replies)
+            decided = [
+                (call, reply)
+                for call, reply in zip(calls, replies, strict=True)
+                if not isinstance(reply, BaseException)
+            ]
+            self._learn_counts([call for call, _ in decided], [reply for _, reply in decided])
+            return replies
         keys = self.keys
         call_keys: list[str] = [keys.dirty, keys.epoch, keys.sync_batch]
         args: list[Any] = list(self._limit_args)
@@ -392,6 +436,11 @@ class ViewTracker:
         else:
             reply = await self.scripts.record_views(keys=call_keys, args=args)
         replies = _view_replies(reply, len(calls))
+        self._learn_counts(calls, replies)
+        return replies
+
+    def _learn_counts(self, calls: list[_ViewCall], replies: list[_ViewReply]) -> None:
+        """Count the decided views in the metrics and remember their contents' counts."""
         self.metrics.views_decided(replies)
         known = self._known_counts
         if len(known) > KNOWN_COUNTS:
@@ -401,7 +450,6 @@ class ViewTracker:
         ):
             if cached is not None or self.store is None:  # no store: the database part is 0
                 known[view_args[5]] = (cached or 0) + pending + syncing
-        return replies
 
     async def replay(self, events: Sequence[OutboxEvent]) -> list[bool | None]:
         """Offer views kept during an outage, with their original times, in one script call.
@@ -411,17 +459,23 @@ class ViewTracker:
         event) is decided once. Returns, per event, whether it counted, or ``None`` when it was
         decided by an earlier replay.
         """
-        calls = [
-            self._view_call(
-                validate_content_type(event.content_type),
-                validate_content_id(event.content_id),
-                validate_viewer(event.viewer),
-                event.viewed_at,
-                self.keys.replay_marker(event.event_id),
+        calls = []
+        for event in events:
+            content_type = validate_content_type(event.content_type)
+            content_id = validate_content_id(event.content_id)
+            calls.append(
+                self._view_call(
+                    content_type,
+                    content_id,
+                    validate_viewer(event.viewer),
+                    event.viewed_at,
+                    self.shards.of(content_type, content_id).replay_marker(event.event_id),
+                )
             )
-            for event in events
-        ]
         replies = await self._send_views(calls)
+        for reply in replies:
+            if isinstance(reply, BaseException):  # a shard failed: the batch is replayed again
+                raise reply
         return [None if reply[0] == -1 else reply[0] == 1 for reply in replies]
 
     def _calendar_day(self, now: int) -> CalendarDay:
@@ -467,15 +521,34 @@ class ViewTracker:
         ids = list(dict.fromkeys(validate_content_id(i) for i in content_ids))
         if not ids:
             return {}
-        raw, epoch, batch_id = await self._read_raw(content_type, ids)
-        return await self._complete(content_type, raw, epoch, batch_id)
+        if not self._clustered:
+            return await self._details(content_type, ids, self.keys)
+        # One read per content shard (each with its own epoch and batch), concurrently.
+        by_shard: dict[int, list[str]] = {}
+        for content_id in ids:
+            by_shard.setdefault(self.shards.index(content_type, content_id), []).append(content_id)
+        parts = await asyncio.gather(
+            *(
+                self._details(content_type, shard_ids, self.shards.schemas[shard])
+                for shard, shard_ids in by_shard.items()
+            )
+        )
+        merged = {key: value for part in parts for key, value in part.items()}
+        return {content_id: merged[content_id] for content_id in ids}
+
+    async def _details(
+        self, content_type: str, ids: list[str], keys: KeySchema
+    ) -> dict[str, ViewCount | None]:
+        """:meth:`get_view_count_details` for ids of one shard (``keys``)."""
+        raw, epoch, batch_id = await self._read_raw(content_type, ids, keys)
+        return await self._complete(content_type, raw, epoch, batch_id, keys)
 
     async def _read_raw(
-        self, content_type: str, ids: list[str]
+        self, content_type: str, ids: list[str], keys: KeySchema
     ) -> tuple[dict[str, _RawCounts], int, str]:
-        """What Redis holds for ``ids``, the sync epoch and the unsettled batch, in one call."""
-        keys = self.keys
-        per_content = self._parts_keys(content_type, ids)
+        """What Redis holds for ``ids`` (all of the shard of ``keys``), the shard's sync epoch
+        and its unsettled batch, in one call."""
+        per_content = self._parts_keys(content_type, ids, keys)
         reply = await self._run(
             self.scripts.read_counts, [keys.epoch, keys.sync_batch, *per_content], []
         )
@@ -489,9 +562,9 @@ class ViewTracker:
         }
         return raw, int(reply[0]), _text(reply[1])
 
-    def _parts_keys(self, content_type: str, ids: list[str]) -> list[str]:
+    @staticmethod
+    def _parts_keys(content_type: str, ids: list[str], keys: KeySchema) -> list[str]:
         """Pending, syncing and cached database count keys of each id, in that order."""
-        keys = self.keys
         return [
             key
             for content_id in ids
@@ -506,7 +579,8 @@ class ViewTracker:
         """Views in Redis not yet in the database (pending + syncing)."""
         content_type = validate_content_type(content_type)
         content_id = validate_content_id(content_id)
-        raw, _, _ = await self._read_raw(content_type, [content_id])
+        keys = self.shards.of(content_type, content_id)
+        raw, _, _ = await self._read_raw(content_type, [content_id], keys)
         return raw[content_id].pending + raw[content_id].syncing
 
     async def get_database_view_count(self, content_type: str, content_id: str | int) -> int:
@@ -518,7 +592,12 @@ class ViewTracker:
         return await self.store.read_count(content_type, content_id)
 
     async def _complete(
-        self, content_type: str, raw: dict[str, _RawCounts], epoch: int, batch_id: str
+        self,
+        content_type: str,
+        raw: dict[str, _RawCounts],
+        epoch: int,
+        batch_id: str,
+        keys: KeySchema,
     ) -> dict[str, ViewCount | None]:
         """Fill in database counts missing from the Redis cache; never raises (a count that
         cannot be completed now is ``None``: the view it comes with is recorded all the same)."""
@@ -542,7 +621,7 @@ class ViewTracker:
         try:
             if leader is not None:
                 await asyncio.shield(leader)
-                raw, _, _ = await self._read_raw(content_type, missing)
+                raw, _, _ = await self._read_raw(content_type, missing, keys)
                 for content_id, parts in raw.items():
                     if parts.database is not None:
                         result[content_id] = ViewCount(parts.database, parts.pending, parts.syncing)
@@ -550,7 +629,7 @@ class ViewTracker:
             if key is not None:
                 self._fills[key] = asyncio.get_running_loop().create_future()
             try:
-                await self._fill_missing(content_type, missing, raw, epoch, batch_id, result)
+                await self._fill_missing(content_type, missing, raw, epoch, batch_id, keys, result)
             finally:
                 if key is not None:
                     self._fills.pop(key).set_result(None)
@@ -565,6 +644,7 @@ class ViewTracker:
         raw: dict[str, _RawCounts],
         epoch: int,
         batch_id: str,
+        keys: KeySchema,
         result: dict[str, ViewCount | None],
     ) -> None:
         """Read missing database counts into ``result`` and the Redis cache (a few attempts)."""
@@ -573,7 +653,7 @@ class ViewTracker:
             # all while the database is failing (the count is left out instead).
             if not self.database_breaker.allow():
                 return
-            fill = self._start_fill(content_type, missing, raw, epoch, batch_id)
+            fill = self._start_fill(content_type, missing, raw, epoch, batch_id, keys)
             if fill is None:
                 return  # the database is busy with reads already: the count is left out
             try:
@@ -591,7 +671,7 @@ class ViewTracker:
             if not missing:
                 return
             # A sync moved views while the database was read: read Redis again and retry.
-            raw, epoch, batch_id = await self._read_raw(content_type, missing)
+            raw, epoch, batch_id = await self._read_raw(content_type, missing, keys)
             for content_id, parts in raw.items():
                 if parts.database is not None:
                     result[content_id] = ViewCount(parts.database, parts.pending, parts.syncing)
@@ -606,6 +686,7 @@ class ViewTracker:
         raw: dict[str, _RawCounts],
         epoch: int,
         batch_id: str,
+        keys: KeySchema,
     ) -> asyncio.Task[dict[str, ViewCount]] | None:
         """Start reading missing database counts into the cache, unless
         ``MAX_FILLS_IN_FLIGHT`` reads are running already."""
@@ -613,7 +694,7 @@ class ViewTracker:
             self.database_breaker.inconclusive()  # allowed, but not tried
             return None
         task = asyncio.create_task(
-            self._bounded_fill(content_type, missing, raw, epoch, batch_id),
+            self._bounded_fill(content_type, missing, raw, epoch, batch_id, keys),
             name=f"viewmw: read {content_type} counts",
         )
         self._fill_tasks.add(task)
@@ -627,10 +708,11 @@ class ViewTracker:
         raw: dict[str, _RawCounts],
         epoch: int,
         batch_id: str,
+        keys: KeySchema,
     ) -> dict[str, ViewCount]:
         # Past the background deadline the database is failing, not merely slow for a request.
         async with asyncio.timeout(self.settings.database_timeout):
-            filled = await self._fill_cache(content_type, missing, raw, epoch, batch_id)
+            filled = await self._fill_cache(content_type, missing, raw, epoch, batch_id, keys)
         for content_id, count in filled.items():  # the deferred mode shows these next
             self._known_counts[f"{content_type}:{content_id}"] = count.total
         return filled
@@ -655,6 +737,7 @@ class ViewTracker:
         raw: dict[str, _RawCounts],
         epoch: int,
         batch_id: str,
+        keys: KeySchema,
     ) -> dict[str, ViewCount]:
         """Read missing database counts and cache them, unless a sync moved views meanwhile.
 
@@ -669,8 +752,7 @@ class ViewTracker:
             content_id: max(0, counts[content_id] - (raw[content_id].syncing if committed else 0))
             for content_id in missing
         }
-        keys = self.keys
-        per_content = self._parts_keys(content_type, missing)
+        per_content = self._parts_keys(content_type, missing, keys)
         reply = await self.scripts.fill_cache(
             keys=[keys.epoch, *per_content],
             args=[epoch, DATABASE_COUNT_TTL_SECONDS, *(bases[c] for c in missing)],
@@ -693,12 +775,18 @@ class ViewTracker:
         The epoch moves in the same transaction, so no cache fill that read the database before
         can store its older value afterwards.
         """
-        keys = [self.keys.database_count(t, i) for t, i in contents]
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.incr(self.keys.epoch)
-            for start in range(0, len(keys), 1000):
-                pipe.delete(*keys[start : start + 1000])
-            await pipe.execute()
+        by_shard: dict[int, list[str]] = {}
+        for content_type, content_id in contents:
+            shard = self.shards.index(content_type, content_id)
+            by_shard.setdefault(shard, []).append(
+                self.shards.schemas[shard].database_count(content_type, content_id)
+            )
+        for shard, keys in by_shard.items():  # one transaction per shard: each is one slot
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.incr(self.shards.schemas[shard].epoch)
+                for start in range(0, len(keys), 1000):
+                    pipe.delete(*keys[start : start + 1000])
+                await pipe.execute()
 
     def calendar_day_name(self) -> str:
         """Today's date (``YYYY-MM-DD``) in the configured zone, by the tracker's clock."""

@@ -23,7 +23,7 @@ for a = 2, #ARGV, 3 do
   elseif (tonumber(redis.call('HGET', key, 'n')) or 0) < limit then
     redis.call('HINCRBY', key, 'n', 1)
     redis.call('HSET', key, id, 'r')
-    redis.call('EXPIRE', key, ARGV[a + 2])
+    redis.call('EXPIRE', key, ARGV[a + 2], 'NX') -- once: every view of the day ends it alike
     out[#out + 1] = 1
   else
     out[#out + 1] = 0

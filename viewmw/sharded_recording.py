@@ -1,0 +1,174 @@
+"""Recording views on a Redis Cluster: one ``record_views`` call per content shard.
+
+A batch of views (one event-loop turn's) is split by content shard: every key one call touches
+is in its shard's slot (docs/keys.md, *Redis Cluster*). With the daily limit on, each view first
+reserves its place in its viewer's quota (:mod:`viewmw.daily_quota`), the shards' calls then
+decide the views with those answers, and the places of views a content rule blocked are given
+back after the replies have gone to their requests.
+
+A shard whose node fails fails only its own views: each view's reply is its own, so a view
+counted on a healthy node is never sent to the outage path (where a replay would count it again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from viewmw.daily_quota import DailyQuota, QuotaClaim, Reservation
+from viewmw.keys import KeySchema
+from viewmw.scripts import Scripts
+from viewmw.shards import ContentShards
+
+logger = logging.getLogger("viewmw")
+
+ViewCall = tuple[tuple[str, ...], tuple[Any, ...], str | None]
+"""One view's keys, arguments and replay marker, as the tracker builds them for ``record_views``
+(see :mod:`viewmw.tracker`); on a cluster its daily counter's place holds a key of its slot and
+its last argument (the quota) is filled here."""
+
+# Positions in a view's record_views arguments (see record_views.lua).
+_DAILY_TTL, _MEMBER, _DAY, _VIEWER, _CRAWLER = 4, 5, 7, 9, 10
+# Reason codes of views a content rule blocked (cooldown, viewed today, session limit).
+_CONTENT_RULES = frozenset({1, 2, 3})
+
+
+class ShardedRecording:
+    """Sends batches of views to a Redis Cluster, a call per content shard, concurrently.
+
+    Args:
+        redis: a ``redis.asyncio.cluster.RedisCluster`` client (with retries off: a script that
+            timed out may have run).
+        scripts: the scripts registered on ``redis``.
+        shards: the deployment's content shards.
+        limit_args: the arguments every ``record_views`` call starts with.
+        daily_limit: views per viewer per day, or ``None`` when the daily limit is off.
+    """
+
+    def __init__(
+        self,
+        redis: Any,
+        scripts: Scripts,
+        shards: ContentShards,
+        limit_args: Sequence[Any],
+        daily_limit: int | None,
+    ) -> None:
+        self.scripts = scripts
+        self.shards = shards
+        self.limit_args = list(limit_args)
+        self.daily_limit = daily_limit
+        self.quota = DailyQuota(redis, shards.schemas[0], scripts) if daily_limit else None
+        self._releases: set[asyncio.Task[None]] = set()
+
+    async def send(
+        self, calls: list[ViewCall], parse: Callable[[Any, int], list[Any]]
+    ) -> list[Any]:
+        """Decide ``calls``; per view, its parsed reply, or the exception its shard's call (or
+        its reservation) raised. ``parse`` splits one call's reply into a reply per view."""
+        replies: list[Any] = [None] * len(calls)
+        claims: list[QuotaClaim | None] = [None] * len(calls)
+        answers: list[Reservation | None] = [None] * len(calls)
+        if self.quota is not None:
+            try:
+                claims, answers = await self._reserve(calls)
+            except Exception as exc:  # no view was decided: every one takes the outage path
+                return [exc] * len(calls)
+        groups: dict[int, list[int]] = {}
+        for position, (_, view_args, _) in enumerate(calls):
+            shard = self.shards.index(*KeySchema.split_member(view_args[_MEMBER]))
+            groups.setdefault(shard, []).append(position)
+        outcomes = await asyncio.gather(
+            *(
+                self._decide(shard, calls, positions, answers)
+                for shard, positions in groups.items()
+            ),
+            return_exceptions=True,
+        )
+        for positions, outcome in zip(groups.values(), outcomes, strict=True):
+            shard_replies = (
+                [outcome] * len(positions)
+                if isinstance(outcome, BaseException)
+                else parse(outcome, len(positions))
+            )
+            for position, reply in zip(positions, shard_replies, strict=True):
+                replies[position] = reply
+        self._release_blocked(claims, answers, replies)
+        return replies
+
+    async def _reserve(
+        self, calls: list[ViewCall]
+    ) -> tuple[list[QuotaClaim | None], list[Reservation | None]]:
+        """Reserve the daily place of every viewer's view (crawler views have none)."""
+        assert self.quota is not None and self.daily_limit is not None
+        claims: list[QuotaClaim | None] = []
+        for _, view_args, marker in calls:
+            if view_args[_CRAWLER]:
+                claims.append(None)
+                continue
+            # A replayed view is known by its marker, so its replays share one place.
+            view_id = marker if marker is not None else uuid.uuid4().hex
+            ttl = int(view_args[_DAILY_TTL])
+            claims.append(QuotaClaim(view_args[_VIEWER], view_args[_DAY], view_id, ttl))
+        wanted = [claim for claim in claims if claim is not None]
+        reserved = iter(await self.quota.reserve(wanted, self.daily_limit) if wanted else [])
+        answers = [None if claim is None else next(reserved) for claim in claims]
+        return claims, answers
+
+    async def _decide(
+        self,
+        shard: int,
+        calls: list[ViewCall],
+        positions: list[int],
+        answers: list[Reservation | None],
+    ) -> Any:
+        """One ``record_views`` call for the views of one shard."""
+        keys = self.shards.schemas[shard]
+        call_keys: list[str] = [keys.dirty, keys.epoch, keys.sync_batch]
+        args: list[Any] = list(self.limit_args)
+        markers: list[str] = []
+        for position in positions:
+            view_keys, view_args, marker = calls[position]
+            call_keys += view_keys
+            answer = answers[position]
+            quota = "" if answer is None else "r" if answer is Reservation.RESERVED else "f"
+            args += (*view_args[:-1], quota)
+            if marker is not None:
+                markers.append(marker)
+        return await self.scripts.record_views(keys=call_keys + markers, args=args)
+
+    def _release_blocked(
+        self,
+        claims: list[QuotaClaim | None],
+        answers: list[Reservation | None],
+        replies: list[Any],
+    ) -> None:
+        """Give back, without making anyone wait, the places of views a content rule blocked."""
+        if self.quota is None:
+            return
+        blocked = [
+            claim
+            for claim, answer, reply in zip(claims, answers, replies, strict=True)
+            if claim is not None
+            and answer is Reservation.RESERVED
+            and not isinstance(reply, BaseException)
+            and reply[1] in _CONTENT_RULES
+        ]
+        if blocked:
+            task = asyncio.get_running_loop().create_task(self._release(blocked))
+            self._releases.add(task)
+            task.add_done_callback(self._releases.discard)
+
+    async def _release(self, claims: list[QuotaClaim]) -> None:
+        assert self.quota is not None
+        try:
+            await self.quota.release(claims)
+        except Exception:  # the places stay taken: the limit errs on the strict side
+            logger.warning("giving back %d daily places failed", len(claims), exc_info=True)
+
+    async def drain(self) -> None:
+        """Wait until every release started so far has ended."""
+        while self._releases:
+            await asyncio.gather(*self._releases, return_exceptions=True)
