@@ -183,6 +183,13 @@ class KeySchema:
         """Fencing tokens: a counter taken with the sync lock, larger for every later holder."""
         return f"{self.prefix}viewmw:{self._sync}fence"
 
+    @property
+    def sync_fence_floor(self) -> str:
+        """On a cluster, the newest fence that has acted on this shard's batch: the sync lock is
+        in another slot, so the batch scripts refuse an older fence by this key instead (see
+        ``lua/shared/holds_sync.lua``). Not used on a single Redis, where they check the lock."""
+        return f"{self.prefix}viewmw:sync:floor{self._of_shard}"
+
     def sync_batch_items(self, batch_id: str) -> str:
         """Amounts moved by one batch: a hash ``{type}:{id}`` -> views, keyed by its batch id so
         that no sync can ever read another batch's items."""

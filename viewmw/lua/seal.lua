@@ -6,10 +6,11 @@
 -- so the sync that left it can no longer touch it.
 -- A batch left by a version that kept every batch's items in one shared hash gets its items
 -- moved under its own id.
--- KEYS: 1 sync lock, 2 batch hash, 3 this batch's items, 4 the former shared items hash.
+-- KEYS: 1 sync lock (on a cluster: the shard's fence floor, see holds_sync), 2 batch hash, 3 this batch's items, 4 the former shared items hash.
 -- ARGV: 1 lock token, 2 batch id, 3 fence.
 -- Returns 1, or -1 if the caller does not hold the lock or the batch is not the unsettled one.
-if redis.call('GET', KEYS[1]) ~= ARGV[1] or redis.call('HGET', KEYS[2], 'id') ~= ARGV[2] then
+-- include: holds_sync
+if not holds_sync(KEYS[1], ARGV[1], ARGV[3]) or redis.call('HGET', KEYS[2], 'id') ~= ARGV[2] then
   return -1
 end
 if redis.call('EXISTS', KEYS[4]) == 1 and redis.call('EXISTS', KEYS[3]) == 0 then

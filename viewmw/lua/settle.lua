@@ -15,11 +15,12 @@
 -- ranking (expired with it) is left out.
 -- A content's keys are named by the caller's templates (viewmw.keys.KeySchema), filled with
 -- string.format(template, type, id) or (type, day): no key layout is written here.
--- KEYS: 1 batch hash, 2 this batch's items, 3 sync epoch, 4 sync lock, 5 this batch's days
+-- KEYS: 1 batch hash, 2 this batch's items, 3 sync epoch, 4 sync lock (on a cluster: the shard's fence floor), 5 this batch's days
 -- ARGV: 1 batch id, 2 lock token, 3 fence, 4 HSCAN cursor ("0" to start), 5 most items to
 --       settle, 6 syncing template, 7 database count template, 8 ranking template
 -- Returns {items settled, items left, next cursor} or {-1} if the caller does not own the batch.
-if redis.call('GET', KEYS[4]) ~= ARGV[2] or redis.call('HGET', KEYS[1], 'id') ~= ARGV[1]
+-- include: holds_sync
+if not holds_sync(KEYS[4], ARGV[2], ARGV[3]) or redis.call('HGET', KEYS[1], 'id') ~= ARGV[1]
     or redis.call('HGET', KEYS[1], 'fence') ~= ARGV[3] then
   return {-1}
 end

@@ -21,14 +21,15 @@
 -- but a days hash (crawler views, or viewers that were all blocked) is moved with an amount of 0.
 -- A content's keys are named by the caller's templates (viewmw.keys.KeySchema), filled with
 -- string.format(template, type, id): no key layout is written here.
--- KEYS: 1 sync lock, 2 batch hash, 3 this batch's items, 4 the run's contents (taken from the
+-- KEYS: 1 sync lock (on a cluster: the shard's fence floor, see holds_sync), 2 batch hash, 3 this batch's items, 4 the run's contents (taken from the
 --       dirty set when the run began), 5 sync epoch, 6 dirty set, 7 this batch's days
 -- ARGV: 1 lock token, 2 batch id, 3 chunk size (most contents taken), 4 fence,
 --       5 SSCAN cursor ("0" to start), 6 fallback day (YYYY-MM-DD), 7 pending template,
 --       8 syncing template, 9 days template, then refused types
 -- Returns {contents moved, views moved, run's contents left, next cursor, contents taken from
 -- the run's set} or {-1}
-if redis.call('GET', KEYS[1]) ~= ARGV[1] or redis.call('HGET', KEYS[2], 'id') ~= ARGV[2]
+-- include: holds_sync
+if not holds_sync(KEYS[1], ARGV[1], ARGV[4]) or redis.call('HGET', KEYS[2], 'id') ~= ARGV[2]
     or redis.call('HGET', KEYS[2], 'fence') ~= ARGV[4] or redis.call('HGET', KEYS[2], 'sealed') then
   return {-1}
 end
