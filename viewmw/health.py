@@ -22,7 +22,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.types import Receive, Scope, Send
 
-from viewmw.keys import KeySchema
+from viewmw.operator_stats import pending_contents
 from viewmw.outage.outbox import Outbox
 from viewmw.settings import Settings
 from viewmw.store import Store
@@ -100,8 +100,6 @@ async def check_health(
     Never raises for a server that is down: that check says so and is not ok.
     """
     limits = thresholds or HealthThresholds()
-    keys = KeySchema(settings.key_prefix)
-
     async def redis_answers() -> Check:
         await redis.ping()
         return Check(REDIS, True, "answers PING")
@@ -113,7 +111,7 @@ async def check_health(
 
     async def backlog() -> Check:
         # The contents a sync will move: the dirty set and those a running sync took from it.
-        pending = int(await redis.scard(keys.dirty)) + int(await redis.scard(keys.draining))
+        pending = await pending_contents(redis, settings)
         ok = pending <= limits.max_pending_contents
         return Check(
             BACKLOG,

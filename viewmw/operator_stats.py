@@ -35,8 +35,7 @@ async def abuse_stats(
         "pending_view_keys": await _count_keys(redis, keys.pending_pattern),
         "session_keys": await _count_keys(redis, keys.session_pattern),
         "daily_limit_keys": await _count_keys(redis, keys.daily_views_pattern),
-        "dirty_contents": int(await redis.scard(keys.dirty))
-        + int(await redis.scard(keys.draining)),
+        "dirty_contents": await pending_contents(redis, settings),
         "last_syncs": await store.last_batches(5) if store else [],
     }
 
@@ -49,6 +48,16 @@ async def operator_stats(redis: Redis, settings: Settings, store: Store) -> dict
     unmatched_contents, unmatched_views = await store.unmatched_totals()
     stats.update(unmatched_contents=unmatched_contents, unmatched_views=unmatched_views)
     return stats
+
+
+async def pending_contents(redis: Redis, settings: Settings) -> int:
+    """The contents the next sync will move: each content shard's dirty set and those a running
+    sync took from it (one set of each on a single Redis; read in one pipeline either way)."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for keys in settings.content_shards().schemas:
+            pipe.scard(keys.dirty)
+            pipe.scard(keys.draining)
+        return sum(int(size) for size in await pipe.execute())
 
 
 async def _count_keys(redis: Redis, pattern: str) -> int:
