@@ -120,7 +120,8 @@ class ViewTracker:
     """Records views under the abuse rules and reads combined counts.
 
     Args:
-        redis: a ``redis.asyncio`` client (``decode_responses`` may be on or off).
+        redis: a ``redis.asyncio`` client (``decode_responses`` may be on or off); a
+            ``RedisCluster`` one when ``settings`` name a cluster.
         store: the database side; ``None`` treats every database count as 0 (Redis-only use).
         settings: limits, time zone and key prefix.
         clock: returns the current time in seconds since the epoch; inject one in tests.

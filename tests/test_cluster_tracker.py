@@ -1,0 +1,160 @@
+"""The tracker on a real local Redis Cluster (tests/cluster_support.py): views of many content
+shards decided concurrently and conserved, counts read across shards, replays decided once, and a
+dead primary failing only the views of the shards it serves."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import Counter
+from typing import Any, cast
+
+import pytest
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisError
+
+from tests.cluster_support import LocalCluster, local_cluster
+from tests.support import FakeClock
+from viewmw import Limits, Settings, TrackResult, ViewTracker
+from viewmw.assembly import connect_redis_cluster
+from viewmw.outage.outbox import OutboxEvent
+
+DAY = "2025-11-24"  # FakeClock's day
+
+
+def _settings(cluster: LocalCluster, **limits: Any) -> Settings:
+    # A generous deadline: a busy machine must not turn these replies into late ones (their
+    # own tests are elsewhere), and a cluster client's first call learns the nodes.
+    return Settings(redis_url=cluster.url, limits=Limits(**limits), redis_timeout=10.0)
+
+
+def _tracker(redis: RedisCluster, settings: Settings, clock: FakeClock) -> ViewTracker:
+    # The tracker is typed for a single Redis' client; a cluster's answers the commands it uses.
+    return ViewTracker(cast(Redis, redis), None, settings, clock=clock)
+
+
+async def _pending(redis: RedisCluster, tracker: ViewTracker, content_id: str) -> int:
+    key = tracker.shards.of("story", content_id).pending("story", content_id)
+    return int(await redis.get(key) or 0)
+
+
+async def test_concurrent_views_over_many_shards_are_conserved_and_limited(
+    redis_cluster: LocalCluster, cluster_redis: RedisCluster, clock: FakeClock
+) -> None:
+    settings = _settings(
+        redis_cluster,
+        max_daily_views_per_user=5,
+        view_cooldown_seconds=None,
+        max_views_per_session=2,
+        one_view_per_day=False,
+    )
+    tracker = _tracker(cluster_redis, settings, clock)
+    random.seed(7)
+    offers = [(f"user:{random.randrange(12)}", str(random.randrange(60))) for _ in range(600)]
+    try:
+        results = await asyncio.gather(
+            *(tracker.track_view("story", content, viewer) for viewer, content in offers)
+        )
+        await tracker.drain()
+    finally:
+        await tracker.drain()
+    assert len({tracker.shards.index("story", content) for _, content in offers}) > 20
+
+    counted = Counter(content for (_, content), r in zip(offers, results, strict=True) if r.counted)
+    by_viewer = Counter(viewer for (viewer, _), r in zip(offers, results, strict=True) if r.counted)
+    # Every counted view is pending in its shard, and nothing else is.
+    for content in {content for _, content in offers}:
+        assert await _pending(cluster_redis, tracker, content) == counted[content]
+    # The daily limit held for every viewer, and the quota holds exactly the views counted (the
+    # places of views a content rule blocked were all given back).
+    keys = tracker.shards.schemas[0]
+    for viewer in {viewer for viewer, _ in offers}:
+        assert by_viewer[viewer] <= 5
+        held = int(await cluster_redis.hget(keys.daily_views(viewer, DAY), "n") or 0)
+        assert held == by_viewer[viewer]
+    # Counts read across every shard at once agree, in the order asked.
+    ids = [str(n) for n in range(60)]
+    counts = await tracker.get_view_counts("story", ids)
+    assert list(counts) == ids
+    assert counts == {content: counted[content] for content in ids}
+
+
+async def test_a_replayed_event_is_decided_once_on_a_cluster(
+    redis_cluster: LocalCluster, cluster_redis: RedisCluster, clock: FakeClock
+) -> None:
+    tracker = _tracker(cluster_redis, _settings(redis_cluster), clock)
+    events = [OutboxEvent.new("story", str(n), f"anon:v{n}", clock() - 60) for n in range(30)]
+    assert await tracker.replay(events) == [True] * 30
+    assert await tracker.replay(events) == [None] * 30  # a replayer that died and ran again
+    assert await tracker.get_view_counts("story", [str(n) for n in range(30)]) == {
+        str(n): 1 for n in range(30)
+    }
+    await tracker.drain()
+
+
+async def test_a_dead_primary_fails_only_the_views_of_its_shards(clock: FakeClock) -> None:
+    with local_cluster(persistent=True) as cluster:
+        settings = _settings(cluster, view_cooldown_seconds=None)
+        redis = connect_redis_cluster(settings)
+        tracker = _tracker(redis, settings, clock)
+        try:
+            ids = [str(n) for n in range(40)]
+            first = await _offer(tracker, ids, "user:1")
+            assert all(isinstance(r, TrackResult) and r.counted for r in first)
+            dead = cluster.nodes[0]
+            on_dead = {
+                content_id
+                for content_id in ids
+                if cluster.node_for_slot(
+                    redis.keyslot(tracker.shards.of("story", content_id).epoch)
+                )
+                is dead
+            }
+            # user:2's daily places must be on a live node, or every one of its views fails.
+            viewer = next(
+                f"user:{n}"
+                for n in range(2, 100)
+                if cluster.node_for_slot(
+                    redis.keyslot(tracker.shards.schemas[0].daily_views(f"user:{n}", DAY))
+                )
+                is not dead
+            )
+            assert 0 < len(on_dead) < len(ids)
+            cluster.kill(dead)
+
+            outcomes = await _offer(tracker, ids, viewer)
+            for content_id, outcome in zip(ids, outcomes, strict=True):
+                if content_id in on_dead:
+                    assert isinstance(outcome, RedisError), (content_id, outcome)
+                else:
+                    assert isinstance(outcome, TrackResult) and outcome.counted
+
+            cluster.restart(dead)
+            await tracker.drain()
+            # The views of live shards were counted once; the dead node's got none.
+            counts = await _counts_when_back(tracker, ids)
+            assert counts == {i: 1 if i in on_dead else 2 for i in ids}
+        finally:
+            await tracker.drain()
+            await redis.aclose()
+
+
+async def _offer(
+    tracker: ViewTracker, ids: list[str], viewer: str
+) -> list[TrackResult | BaseException]:
+    return await asyncio.gather(
+        *(tracker.track_view("story", content_id, viewer) for content_id in ids),
+        return_exceptions=True,
+    )
+
+
+async def _counts_when_back(tracker: ViewTracker, ids: list[str]) -> dict[str, int]:
+    """Counts once the restarted node answers again (its first command on a pooled connection
+    may fail: the client never resends)."""
+    for _attempt in range(20):
+        try:
+            return await tracker.get_view_counts("story", ids)
+        except RedisError:
+            await asyncio.sleep(0.1)
+    pytest.fail("the restarted primary did not answer again")
