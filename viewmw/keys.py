@@ -198,7 +198,7 @@ class KeySchema:
     @property
     def legacy_sync_batch_items(self) -> str:
         """Where versions before fencing kept the unsettled batch's items (moved on recovery)."""
-        return f"{self.prefix}viewmw:sync:batch:items"
+        return f"{self.prefix}viewmw:sync:batch:{self._at}items"  # never exists on a cluster
 
     def sync_batch_days(self, batch_id: str) -> str:
         """Per-day amounts moved by one batch: a hash ``{type}:{id}`` -> the content's days hash

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import time
 import uuid
@@ -145,7 +146,9 @@ class ViewSync:
         self.redis = redis
         self.store = store
         self.settings = settings or Settings()
-        self.keys = KeySchema(self.settings.key_prefix)
+        self.shards = self.settings.content_shards()
+        # The keys this instance syncs: a single Redis' (on a cluster, see _shard_syncs).
+        self.keys = self.shards.schemas[0]
         self.scripts = Scripts.register(redis)
         self.batch_contents = batch_contents
         self.chunk_contents = chunk_contents
@@ -174,19 +177,26 @@ class ViewSync:
                 report.already_running = True
                 return report
             await self._step("locked")
-            unsettled = await self._current_batch()
-            total = await self._take_dirty()
-            if unsettled is None and total == 0 and not force:
+            shards = self._shard_syncs()
+            unsettled = [await shard._current_batch() for shard in shards]
+            totals = [await shard._take_dirty() for shard in shards]
+            total = sum(totals)
+            if all(batch is None for batch in unsettled) and total == 0 and not force:
                 report.duration = time.monotonic() - started
                 return report
             lease = await self._fenced(lease)
             refused = await self._refused_types(report)
-            if unsettled is not None:
-                await self._recover(lease, unsettled, report)
-            walk = _Walk()
-            while await self._sync_one_batch(lease, report, refused, walk):
-                if progress:
-                    progress(report.contents, total)
+            # Every shard's unsettled batch is finished before any shard opens a new one.
+            for shard, batch in zip(shards, unsettled, strict=True):
+                if batch is not None:
+                    await shard._recover(shard._shard_lease(lease), batch, report)
+            for shard, shard_total in zip(shards, totals, strict=True):
+                if not shard_total and self.shards.clustered:
+                    continue  # a cluster's idle shards open no batch
+                walk, shard_lease = _Walk(), shard._shard_lease(lease)
+                while await shard._sync_one_batch(shard_lease, report, refused, walk):
+                    if progress:
+                        progress(report.contents, total)
             report.cleaned_keys = await self.cleanup()
         report.duration = time.monotonic() - started
         logger.info(
@@ -200,6 +210,31 @@ class ViewSync:
             report.duration,
         )
         return report
+
+    # Shards -------------------------------------------------------------------------------------
+
+    def _shard_syncs(self) -> list[ViewSync]:
+        """Who syncs each content shard: this instance on a single Redis; on a Redis Cluster a
+        copy per shard, bound to its keys (every batch step is one call in the shard's slot)."""
+        if not self.shards.clustered:
+            return [self]
+        syncs = []
+        for keys in self.shards.schemas:
+            shard = copy.copy(self)
+            shard.keys = keys
+            syncs.append(shard)
+        return syncs
+
+    def _shard_lease(self, lease: _Lease) -> _Lease:
+        """The lease as this instance's batch scripts check it: the lock's token on a single
+        Redis; on a cluster, where the lock is in another slot, no token (the shard's fence
+        floor decides, see lua/shared/holds_sync.lua)."""
+        return lease if not self.shards.clustered else _Lease("", lease.fence)
+
+    @property
+    def _guard(self) -> str:
+        """The key the batch scripts check ownership by: the lock, or the shard's fence floor."""
+        return self.keys.sync_fence_floor if self.shards.clustered else self.keys.sync_lock
 
     # Lock and fence -----------------------------------------------------------------------------
 
@@ -316,7 +351,7 @@ class ViewSync:
         """
         batch = _Batch(uuid.uuid4().hex, datetime.fromtimestamp(self.clock(), UTC))
         opened = await self.scripts.open_batch(
-            keys=[self.keys.sync_lock, self.keys.sync_batch],
+            keys=[self._guard, self.keys.sync_batch],
             args=[lease.token, batch.batch_id, batch.started_at.isoformat(), lease.fence],
         )
         if int(opened) == -1:
@@ -341,7 +376,7 @@ class ViewSync:
         keys = self.keys
         reply = await self.scripts.snapshot(
             keys=[
-                keys.sync_lock,
+                self._guard,
                 keys.sync_batch,
                 keys.sync_batch_items(batch.batch_id),
                 keys.draining,
@@ -372,7 +407,7 @@ class ViewSync:
         keys = self.keys
         reply = await self.scripts.seal(
             keys=[
-                keys.sync_lock,
+                self._guard,
                 keys.sync_batch,
                 keys.sync_batch_items(batch.batch_id),
                 keys.legacy_sync_batch_items,
@@ -433,7 +468,7 @@ class ViewSync:
                     keys.sync_batch,
                     keys.sync_batch_items(batch.batch_id),
                     keys.epoch,
-                    keys.sync_lock,
+                    self._guard,
                     keys.sync_batch_days(batch.batch_id),
                 ],
                 args=[
@@ -474,7 +509,7 @@ class ViewSync:
         while True:
             reply = await self.scripts.read_batch(
                 keys=[
-                    keys.sync_lock,
+                    self._guard,
                     keys.sync_batch,
                     keys.sync_batch_items(batch.batch_id),
                     keys.sync_batch_days(batch.batch_id),
@@ -530,7 +565,7 @@ class ViewSync:
     async def _drop_empty_batch(self, lease: _Lease, batch: _Batch) -> None:
         keys = self.keys
         dropped = await self.scripts.drop_batch(
-            keys=[keys.sync_lock, keys.sync_batch, keys.sync_batch_items(batch.batch_id)],
+            keys=[self._guard, keys.sync_batch, keys.sync_batch_items(batch.batch_id)],
             args=[lease.token, batch.batch_id, lease.fence],
         )
         if int(dropped) < 0:
@@ -544,7 +579,11 @@ class ViewSync:
         Runs only when no batch is unsettled, so no tracking key disappears before the views it
         admitted are in the database. TTLs remain the backstop for anything missed.
         """
-        if await self.redis.exists(self.keys.sync_batch):
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for keys in self.shards.schemas:
+                pipe.exists(keys.sync_batch)
+            unsettled = sum(await pipe.execute())
+        if unsettled:
             logger.warning("cleanup skipped: a sync batch is unsettled")
             return 0
         today = local_date(self.clock(), self.settings.zone).isoformat()
