@@ -157,6 +157,10 @@ class World:
         self.store = store
         self.clock = clock
         self.settings = settings
+        # On a Redis Cluster (a redis+cluster:// URL in the settings) each content's keys are in
+        # its shard, and each shard has its own batch; on a single Redis there is one shard.
+        self.shards = settings.content_shards()
+        self.keys = self.shards.schemas[0]
         self.tracker = ViewTracker(redis, store, settings, clock=clock)
         self.accepted: Counter[tuple[str, str]] = Counter()
         self.tasks: list[asyncio.Task[Any]] = []
@@ -223,8 +227,9 @@ class World:
 
     async def parts(self, content: tuple[str, str]) -> tuple[int, int, int | None]:
         """Pending, syncing and the cached database count (``None`` when not cached)."""
+        keys = self.shards.of(*content)  # the three are in one slot, even on a cluster
         pending, syncing, cached = await self.redis.mget(
-            KEYS.pending(*content), KEYS.syncing(*content), KEYS.database_count(*content)
+            keys.pending(*content), keys.syncing(*content), keys.database_count(*content)
         )
         return int(pending or 0), int(syncing or 0), None if cached is None else int(cached)
 
@@ -234,18 +239,19 @@ class World:
             for content in self.contents()
         }
 
-    async def batch(self) -> tuple[str, dict[str, int]]:
-        """The unsettled batch's id ("" if none) and its items."""
-        batch_id = text_of(await self.redis.hget(KEYS.sync_batch, "id"))
-        items = await self.redis.hgetall(KEYS.sync_batch_items(batch_id)) if batch_id else {}
+    async def batch(self, keys: KeySchema | None = None) -> tuple[str, dict[str, int]]:
+        """The unsettled batch's id ("" if none) and its items (of one shard's keys; on a
+        single Redis, the one batch)."""
+        keys = keys or self.keys
+        batch_id = text_of(await self.redis.hget(keys.sync_batch, "id"))
+        items = await self.redis.hgetall(keys.sync_batch_items(batch_id)) if batch_id else {}
         return batch_id, {text_of(k): int(v) for k, v in items.items()}
 
     async def redis_state(self) -> dict[str, Any]:
         """Everything Redis holds about counts that a sync may move."""
-        batch_id, items = await self.batch()
+        batches = [await self.batch(keys) for keys in self.shards.schemas]
         return {
-            "batch": batch_id,
-            "items": items,
+            "batches": [batch for batch in batches if batch[0] or batch[1]],
             "parts": {content: (await self.parts(content))[:2] for content in self.contents()},
         }
 
@@ -262,12 +268,16 @@ class World:
         the ledger. Whenever the database count is cached in Redis, the cache holds the database
         count as of the last settle, so cache + pending + syncing = accepted at every instant.
         """
-        batch_id, items = await self.batch()
-        committed = bool(batch_id) and await self.store.is_committed(batch_id)
-        assert batch_id or not items, "batch items without a batch"
         members = {KEYS.member(*content) for content in self.contents()}
-        assert set(items) <= members, f"batch items of unknown contents: {set(items) - members}"
+        batches: dict[int, tuple[str, dict[str, int], bool]] = {}
+        for shard, keys in enumerate(self.shards.schemas):
+            batch_id, items = await self.batch(keys)
+            assert batch_id or not items, "batch items without a batch"
+            assert set(items) <= members, f"batch items of unknown contents: {set(items) - members}"
+            committed = bool(batch_id) and await self.store.is_committed(batch_id)
+            batches[shard] = (batch_id, items, committed)
         for content in self.contents():
+            batch_id, items, committed = batches[self.shards.index(*content)]
             database = await self.tracker.get_database_view_count(*content)
             pending, syncing, cached = await self.parts(content)
             assert syncing == items.get(KEYS.member(*content), 0), (content, syncing, items)
@@ -286,10 +296,11 @@ class World:
     async def check_settled(self) -> None:
         """After a complete sync: everything is in the database, once."""
         await self.check_conservation()
-        assert not await self.redis.exists(KEYS.sync_batch), "a sync batch was left behind"
+        for keys in self.shards.schemas:
+            assert not await self.redis.exists(keys.sync_batch), "a sync batch was left behind"
+            assert await self.redis.scard(keys.dirty) == 0
         leftover = [key async for key in self.redis.scan_iter(match=KEYS.sync_batch_items("*"))]
         assert not leftover, f"batch items were left behind: {leftover}"
-        assert await self.redis.scard(KEYS.dirty) == 0
         for content in self.contents():
             database = await self.tracker.get_database_view_count(*content)
             pending, syncing, cached = await self.parts(content)
@@ -317,6 +328,34 @@ async def world(
     backends: tuple[aioredis.Redis, Store], settings: Settings, clock: FakeClock
 ) -> AsyncIterator[World]:
     world = World(*backends, clock, settings)
+    yield world
+    await world.bury()
+
+
+@pytest.fixture(
+    params=["redis-postgresql", "redis-sqlite", "fakeredis-sqlite", "cluster-postgresql"]
+)
+def any_backends(request: pytest.FixtureRequest) -> tuple[aioredis.Redis, Store, str | None]:
+    """:func:`backends`, and a real local Redis Cluster with PostgreSQL; with the cluster's URL
+    (``None`` for a single Redis), which the settings need to shard the keys."""
+    redis_name, database = request.param.split("-")
+    store = request.getfixturevalue("pg_store" if database == "postgresql" else "sqlite_store")
+    if redis_name == "cluster":
+        url = request.getfixturevalue("redis_cluster").url
+        return request.getfixturevalue("cluster_redis"), store, url
+    redis = request.getfixturevalue("real_redis" if redis_name == "redis" else "fake_redis")
+    return redis, store, None
+
+
+@pytest.fixture
+async def any_world(
+    any_backends: tuple[aioredis.Redis, Store, str | None], settings: Settings, clock: FakeClock
+) -> AsyncIterator[World]:
+    """A :class:`World` on every backend of :func:`any_backends`."""
+    redis, store, cluster_url = any_backends
+    if cluster_url is not None:
+        settings = settings.replace(redis_url=cluster_url)
+    world = World(redis, store, clock, settings)
     yield world
     await world.bury()
 

@@ -6,7 +6,9 @@ For every step boundary a sync reaches (``locked``, the first and a middle ``sna
 then, and after views keep arriving, every content's views are conserved; a fresh sync then
 completes everything exactly once; and the dead sync, should it ever wake up, changes nothing.
 
-Runs on the real Redis with PostgreSQL and with SQLite, and on fakeredis with SQLite.
+Runs on the real Redis with PostgreSQL and with SQLite, and on fakeredis with SQLite; the fault at
+every step also on a real local Redis Cluster with PostgreSQL, where the sync recovers and syncs
+each content shard under the one lock.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from tests.test_sync import (
     Hook,
     InjectedCrash,
     World,
+    any_backends,
+    any_world,
     backends,
     settled_world,
     world,
@@ -32,7 +36,7 @@ from tests.test_sync import (
 from viewmw import Store
 from viewmw.sync import LockLostError
 
-__all__ = ["backends", "world"]  # fixtures, imported to be used here
+__all__ = ["any_backends", "any_world", "backends", "world"]  # fixtures, imported to be used here
 
 BOUNDARIES = [
     pytest.param("locked", 1, id="locked"),
@@ -63,8 +67,9 @@ async def yesterday_and_today(world: World) -> tuple[str, list[str]]:
 @pytest.mark.parametrize("fault", ["exception", "death"])
 @pytest.mark.parametrize(("step", "nth"), BOUNDARIES)
 async def test_a_fault_at_any_step_loses_nothing_and_counts_nothing_twice(
-    world: World, step: str, nth: int, fault: str
+    any_world: World, step: str, nth: int, fault: str
 ) -> None:
+    world = any_world
     yesterday, _ = await yesterday_and_today(world)
     hook = Hook()
     crashed = world.sync(on_step=hook)
@@ -72,12 +77,12 @@ async def test_a_fault_at_any_step_loses_nothing_and_counts_nothing_twice(
         hook.crash_at(step, nth)
         with pytest.raises(InjectedCrash):
             await crashed.run()
-        assert not await world.redis.exists(KEYS.sync_lock), "the lock outlived the exception"
+        assert not await world.redis.exists(world.keys.sync_lock), "the lock outlived the exception"
     else:
         gate = hook.park_at(step, nth)
         dead = world.start(crashed.run())
         await gate.must_be_reached_by(dead)
-        await world.redis.delete(KEYS.sync_lock)  # stands in for the lock's expiry
+        await world.redis.delete(world.keys.sync_lock)  # stands in for the lock's expiry
     assert hook.seen[step] == nth
 
     await world.check_conservation()

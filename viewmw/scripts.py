@@ -55,6 +55,7 @@ class Scripts:
     read_viewers: AsyncScript
     reserve_daily: AsyncScript
     release_daily: AsyncScript
+    take_dirty: AsyncScript
 
     @classmethod
     def register(cls, client: Any) -> Scripts:

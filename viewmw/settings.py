@@ -34,10 +34,10 @@ _CLUSTER_NODE = re.compile(
     r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9._-]+))(?::(?P<port>\d{1,5}))?"
 )
 CLUSTER_NOT_SUPPORTED = (
-    "names a Redis Cluster, and Redis Cluster support is not complete: viewmw's scripts still "
-    "touch keys of several hash slots in one call, which a cluster refuses, so views could not "
-    "be counted. Use a single Redis (redis://host:port/db) for now; docs/keys.md ('Redis "
-    "Cluster') describes the layout that will run on a cluster"
+    "names a Redis Cluster, and Redis Cluster support is not complete: views are recorded and "
+    "synced on a cluster, but the period and trending reads, the stats page and the outage "
+    "path do not run there yet. Use a single Redis (redis://host:port/db) for now; docs/keys.md "
+    "('Redis Cluster') says what runs on a cluster and what is left"
 )
 """Why a tracker (or a command, or the worker) refuses a ``redis+cluster://`` URL at start-up."""
 _QUEUE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9._-]{0,99}")  # what Dramatiq accepts, bounded

@@ -336,11 +336,7 @@ class ViewSync:
         and wait for the next run, so a run always ends. A set left by a run that died is merged,
         not lost.
         """
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.sunionstore(self.keys.draining, [self.keys.draining, self.keys.dirty])
-            pipe.delete(self.keys.dirty)
-            total, _ = await pipe.execute()
-        return int(total)
+        return int(await self.scripts.take_dirty(keys=[self.keys.draining, self.keys.dirty]))
 
     async def _sync_one_batch(
         self, lease: _Lease, report: SyncReport, refused: list[str], walk: _Walk
