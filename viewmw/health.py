@@ -100,6 +100,7 @@ async def check_health(
     Never raises for a server that is down: that check says so and is not ok.
     """
     limits = thresholds or HealthThresholds()
+
     async def redis_answers() -> Check:
         await redis.ping()
         return Check(REDIS, True, "answers PING")
