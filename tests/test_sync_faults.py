@@ -227,7 +227,8 @@ async def test_a_refused_commit_leaves_redis_untouched_for_the_retry(world: Worl
             await world.sync(on_step=hook).run()
         after = await world.redis_state()
         assert after == at_commit[0]  # exactly as the snapshot left it
-        assert sum(after["items"].values()) == 30 and len(after["items"]) == 10
+        ((_, items),) = after["batches"]  # one Redis, one batch
+        assert sum(items.values()) == 30 and len(items) == 10
         assert all(pending == 0 for pending, _ in after["parts"].values())
         assert await world.db_counts() == database
         assert await world.ledger() == ledger
