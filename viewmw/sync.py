@@ -19,6 +19,10 @@ Protocol (see docs/sync.md):
 5. Cleanup: previous days' daily counters are deleted, only after every batch has settled.
 
 At every instant, for every content, database + pending + syncing equals the views accepted.
+
+On a Redis Cluster the lock is taken once, every content shard's unsettled batch is recovered,
+then steps 2-4 run shard by shard, each batch step one call in the shard's slot; the lock being
+in another slot, each call checks the shard's fence floor instead of the lock (docs/keys.md).
 """
 
 from __future__ import annotations
