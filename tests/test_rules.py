@@ -83,8 +83,13 @@ def make_tracker(any_redis: aioredis.Redis, clock: FakeClock) -> MakeTracker:
     """Trackers sharing one Redis and one clock, with any limits and time zone; no database."""
 
     def make(limits: Limits | None = None, timezone: str = "UTC") -> ViewTracker:
+        # A generous deadline (as conftest's settings): a busy machine must not turn a reply
+        # into a late one, least of all on a cluster, where a view takes two calls.
         settings = Settings(
-            limits=limits or Limits(), timezone=timezone, redis_url=_redis_url(any_redis)
+            limits=limits or Limits(),
+            timezone=timezone,
+            redis_url=_redis_url(any_redis),
+            redis_timeout=5.0,
         )
         return ViewTracker(any_redis, None, settings, clock=clock)
 
