@@ -26,7 +26,7 @@ from sqlalchemy import select
 from tests.conftest import stories
 from tests.support import FakeClock
 from viewmw import InvalidKeyError, KeySchema, Limits, Settings, Store, TrackResult, ViewTracker
-from viewmw.sync import SyncError, SyncReport, ViewSync
+from viewmw.sync import SyncError, SyncReport, ViewSync, _Ahead
 
 DAY = 86400
 KEYS = KeySchema()
@@ -455,6 +455,40 @@ async def test_a_recovered_batch_is_reported(world: World) -> None:
     # Committed by the crashed run: this one only settles it, so it adds no views.
     assert (report.recovered_batches, report.batches, report.views) == (1, 0, 0)
     await world.check_settled()
+
+
+async def test_rows_made_ahead_arrive_in_order_then_the_failure_then_nothing() -> None:
+    async def rows() -> AsyncIterator[int]:
+        yield 1
+        yield 2
+        raise InjectedCrash("the third row")
+
+    ahead = _Ahead(rows())
+    received = []
+    with pytest.raises(InjectedCrash):
+        async for row in ahead:
+            received.append(row)
+    assert received == [1, 2]
+    with pytest.raises(InjectedCrash):  # asked again, the end stays the end
+        await anext(ahead)
+    await ahead.aclose()
+
+
+async def test_closing_rows_made_ahead_stops_the_task_that_makes_them() -> None:
+    stopped = asyncio.Event()
+
+    async def rows() -> AsyncIterator[int]:
+        try:
+            yield 1
+            await asyncio.Event().wait()  # a read that never answers
+            yield 2
+        finally:
+            stopped.set()
+
+    ahead = _Ahead(rows())
+    assert await anext(ahead) == 1
+    await ahead.aclose()
+    assert stopped.is_set()
 
 
 async def test_a_failure_making_the_history_rows_rolls_the_added_totals_back(
