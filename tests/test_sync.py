@@ -26,7 +26,7 @@ from sqlalchemy import select
 from tests.conftest import stories
 from tests.support import FakeClock
 from viewmw import InvalidKeyError, KeySchema, Limits, Settings, Store, TrackResult, ViewTracker
-from viewmw.sync import SyncError, SyncReport, ViewSync
+from viewmw.sync import SyncError, SyncReport, ViewSync, _Ahead
 
 DAY = 86400
 KEYS = KeySchema()
@@ -43,6 +43,10 @@ STEP_POINTS = [
     ("settle", 2),
     ("cleanup", 1),
 ]
+# With "history", inside the database transaction (the batch's history rows are made while it
+# runs): a sync may raise there, but is not stopped there for good (tests/test_sync_faults.py
+# says why).
+RAISE_POINTS = [*STEP_POINTS, ("history", 1)]
 STORY_IDS = ["1", "2", "3", "4", "5"]
 TASK_IDS = ["t1", "t2", "t3", "t4", "t5"]
 # Ten contents of two kinds, interleaved so that every chunk of three mixes them.
@@ -489,6 +493,71 @@ async def test_a_recovered_batch_is_reported(world: World) -> None:
 
     # Committed by the crashed run: this one only settles it, so it adds no views.
     assert (report.recovered_batches, report.batches, report.views) == (1, 0, 0)
+    await world.check_settled()
+
+
+async def test_rows_made_ahead_arrive_in_order_then_the_failure_then_nothing() -> None:
+    async def rows() -> AsyncIterator[int]:
+        yield 1
+        yield 2
+        raise InjectedCrash("the third row")
+
+    ahead = _Ahead(rows())
+    received = []
+    with pytest.raises(InjectedCrash):
+        async for row in ahead:
+            received.append(row)
+    assert received == [1, 2]
+    with pytest.raises(InjectedCrash):  # asked again, the end stays the end
+        await anext(ahead)
+    await ahead.aclose()
+
+
+async def test_closing_rows_made_ahead_stops_the_task_that_makes_them() -> None:
+    stopped = asyncio.Event()
+
+    async def rows() -> AsyncIterator[int]:
+        try:
+            yield 1
+            await asyncio.Event().wait()  # a read that never answers
+            yield 2
+        finally:
+            stopped.set()
+
+    ahead = _Ahead(rows())
+    assert await anext(ahead) == 1
+    await ahead.aclose()
+    assert stopped.is_set()
+
+
+async def test_a_failure_making_the_history_rows_rolls_the_added_totals_back(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The history rows are made while the transaction adds the totals: a failure to make them
+    reaches the transaction after the totals went in, and takes them out again."""
+    await world.seed()
+    await world.traffic(range(2))
+    database = await world.db_counts()
+    totals_added: list[str] = []
+    add_totals = world.store._commit
+
+    async def recording(*args: Any, **kwargs: Any) -> Any:
+        unmatched = await add_totals(*args, **kwargs)
+        totals_added.append(args[1])  # the batch id
+        return unmatched
+
+    monkeypatch.setattr(world.store, "_commit", recording)
+    crashing = Hook()
+    crashing.crash_at("history")
+    with pytest.raises(InjectedCrash):
+        await world.sync(on_step=crashing).run()
+
+    assert len(totals_added) == 1
+    assert await world.db_counts() == database
+    assert await world.ledger() == []
+    await world.check_conservation()
+    report = await world.sync().run()
+    assert (report.recovered_batches, report.batches, report.views) == (1, 1, 20)
     await world.check_settled()
 
 

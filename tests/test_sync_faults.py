@@ -2,7 +2,8 @@
 
 For every step boundary a sync reaches (``locked``, the first and a middle ``snapshot`` chunk,
 ``sealed``, ``before_commit``, ``committed``, the first and a middle ``settle`` chunk,
-``cleanup``), the sync either raises there or stops there for good while its lock expires. Right
+``cleanup``), the sync either raises there or stops there for good while its lock expires (at
+``history``, inside the database transaction, it raises). Right
 then, and after views keep arriving, every content's views are conserved; a fresh sync then
 completes everything exactly once; and the dead sync, should it ever wake up, changes nothing.
 
@@ -49,6 +50,17 @@ BOUNDARIES = [
     pytest.param("settle", 2, id="mid-settle"),
     pytest.param("cleanup", 1, id="cleanup"),
 ]
+# "history" (before each chunk of the batch's history rows is made) falls inside the database
+# transaction: the rows are made while it adds the totals. A sync raises there, and the
+# transaction rolls back. It is not stopped there for good: its open transaction would keep the
+# locks that the next sync's commit waits for until the database ends it (the connection of a
+# dead process closes); that wait is the database's, not the protocol's.
+RAISES_ONLY = [pytest.param("history", 1, id="history")]
+FAULTS = [
+    pytest.param(fault, *point.values, id=f"{point.id}-{fault}")
+    for point in BOUNDARIES
+    for fault in ("exception", "death")
+] + [pytest.param("exception", *point.values, id=f"{point.id}-exception") for point in RAISES_ONLY]
 
 
 async def yesterday_and_today(world: World) -> tuple[str, list[str]]:
@@ -64,8 +76,7 @@ async def yesterday_and_today(world: World) -> tuple[str, list[str]]:
     return yesterday, stale
 
 
-@pytest.mark.parametrize("fault", ["exception", "death"])
-@pytest.mark.parametrize(("step", "nth"), BOUNDARIES)
+@pytest.mark.parametrize(("fault", "step", "nth"), FAULTS)
 async def test_a_fault_at_any_step_loses_nothing_and_counts_nothing_twice(
     any_world: World, step: str, nth: int, fault: str
 ) -> None:

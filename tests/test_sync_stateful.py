@@ -29,6 +29,7 @@ from tests.test_sync import (
     CONTENTS,
     DAY,
     KEYS,
+    RAISE_POINTS,
     STEP_POINTS,
     STORY_IDS,
     TASK_IDS,
@@ -122,7 +123,7 @@ class SyncMachine(RuleBasedStateMachine):
             keys = self.run(world.daily_keys("*"))
             assert all(key.rsplit(":", 1)[-1] >= today for key in keys), keys
 
-    @rule(point=st.sampled_from(POINTS))
+    @rule(point=st.sampled_from(RAISE_POINTS))
     def sync_raises(self, point: tuple[str, int]) -> None:
         hook = Hook()
         hook.crash_at(*point)

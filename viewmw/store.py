@@ -8,9 +8,10 @@ holds viewmw's own tables so they can go into the user's Alembic migrations.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
+from operator import attrgetter
 from typing import Any
 
 from sqlalchemy import (
@@ -463,11 +464,13 @@ class Store:
         *,
         fence: int = 0,
         fence_scope: str = "",
-        days: Sequence[DayDelta] = (),
+        days: Sequence[DayDelta] | AsyncIterable[Sequence[DayDelta]] = (),
     ) -> CommitResult:
         """Add every delta and record ``batch_id`` in the ledger, in one transaction.
 
-        ``days`` go into the per-day history (``viewmw_daily_views``) in the same transaction.
+        ``days`` go into the per-day history (``viewmw_daily_views``) in the same transaction:
+        rows, or chunks of rows that are still being made (taken one by one after the totals are
+        added; a failure to make one rolls the transaction back).
 
         Returns a false result without changing anything if the ledger already holds the batch.
         Deltas of contents whose row does not exist in a mapped table are added to
@@ -485,7 +488,11 @@ class Store:
                 if fence:
                     await self._check_fence(connection, fence, fence_scope)
                 unmatched = await self._commit(connection, batch_id, started_at, deltas, by_type)
-                await self._add_days(connection, days)
+                if isinstance(days, AsyncIterable):
+                    async for chunk in days:
+                        await self._add_days(connection, chunk)
+                else:
+                    await self._add_days(connection, days)
         except _AlreadyCommitted:
             return CommitResult(False)
         except IntegrityError:
@@ -549,7 +556,7 @@ class Store:
 
     async def _add_days(self, connection: AsyncConnection, days: Sequence[DayDelta]) -> None:
         """Add per-day amounts to the history (one upsert per chunk of rows)."""
-        ordered = sorted(days, key=lambda d: (d.content_type, d.content_id, d.day))
+        ordered = sorted(days, key=attrgetter("content_type", "content_id", "day"))
         if self.dialect == "postgresql":
             # Straight into the statement's columns: no per-row dict for a million rows.
             for start in range(0, len(ordered), _DAY_CHUNK_ROWS_POSTGRESQL):
@@ -626,8 +633,12 @@ class Store:
         if self.dialect == "postgresql":
             # An accepted id's text is its column's canonical text (see viewmw.ids).
             accepted = [(c, d) for c, d in chunk if target.db_id(c) is not None]
-            updated = await self._update_mapped_postgresql(connection, target, accepted)
-            return [content_id for content_id, _ in chunk if content_id not in updated]
+            missing = await self._update_mapped_postgresql(connection, target, accepted)
+            if len(accepted) < len(chunk):  # ids that no row of the column can have
+                missing |= {c for c, _ in chunk}.difference(c for c, _ in accepted)
+            if not missing:
+                return []
+            return [content_id for content_id, _ in chunk if content_id in missing]
         pairs = [(db_id, d) for c, d in chunk if (db_id := target.db_id(c)) is not None]
         found: set[str] = set()
         if pairs:
@@ -648,19 +659,22 @@ class Store:
     async def _update_mapped_postgresql(
         self, connection: AsyncConnection, target: CountTarget, pairs: list[tuple[str, int]]
     ) -> set[str]:
-        """One set-based statement per chunk of (content id, delta); returns the ids of the rows
-        it updated. Ids and deltas travel as comma-separated text (as the history rows do):
-        accepted ids hold no comma."""
+        """One set-based statement per chunk of (content id, delta); returns the ids that have
+        no row. Ids and deltas travel as comma-separated text (as the history rows do): accepted
+        ids hold no comma. The server finds the ids it did not update itself: only those come
+        back, not a row per id."""
         if not pairs:
             return set()
         quote = self.engine.dialect.identifier_preparer.quote
         table = self.engine.dialect.identifier_preparer.format_table(target.table)
         id_name, count_name = quote(target.id_column.name), quote(target.count_column.name)
         statement = text(
-            f"UPDATE {table} AS t SET {count_name} = t.{count_name} + d.delta "
-            f"FROM unnest(CAST(string_to_array(:ids, ',') AS {target.ids.sql_type}[]), "
-            f"CAST(string_to_array(:deltas, ',') AS bigint[])) AS d(id, delta) "
-            f"WHERE t.{id_name} = d.id RETURNING t.{id_name}"
+            f"WITH d AS MATERIALIZED (SELECT * FROM unnest(string_to_array(:ids, ','), "
+            f"CAST(string_to_array(:ids, ',') AS {target.ids.sql_type}[]), "
+            f"CAST(string_to_array(:deltas, ',') AS bigint[])) AS d(name, id, delta)), "
+            f"u AS (UPDATE {table} AS t SET {count_name} = t.{count_name} + d.delta FROM d "
+            f"WHERE t.{id_name} = d.id RETURNING t.{id_name} AS id) "
+            f"SELECT d.name FROM d WHERE NOT EXISTS (SELECT FROM u WHERE u.id = d.id)"
         ).bindparams(bindparam("ids"), bindparam("deltas"))
         result = await connection.execute(
             statement,
@@ -669,7 +683,7 @@ class Store:
                 "deltas": ",".join([str(d) for _, d in pairs]),
             },
         )
-        return {target.ids.text(row_id) for row_id in result.scalars()}
+        return set(result.scalars())
 
     async def _keep_unmatched(
         self, connection: AsyncConnection, rows: list[dict[str, Any]]

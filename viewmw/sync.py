@@ -14,7 +14,8 @@ Protocol (see docs/sync.md):
    Content types that the app counts in another table than this sync would (see
    :mod:`viewmw.mapping`) are refused: their views stay pending.
 3. Commit: one database transaction records the batch id in the ledger and adds every delta in
-   bulk. A batch id already in the ledger means the batch is in: skip to settle.
+   bulk. A batch id already in the ledger means the batch is in: skip to settle. The batch's
+   history rows are made while the transaction runs, and upserted in it as they come.
 4. Settle: syncing -> cached database count, per content, atomically; then the batch is deleted.
 5. Cleanup: previous days' daily counters are deleted, only after every batch has settled.
 
@@ -37,7 +38,8 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
-from typing import Any
+from operator import itemgetter
+from typing import Any, Generic, TypeVar
 
 from redis.asyncio import Redis
 
@@ -116,6 +118,47 @@ class _Walk:
 # Items per read of a sealed batch: one script call per page keeps Redis responsive.
 _PAGE = 5000
 
+_T = TypeVar("_T")
+_END = object()
+
+
+class _Ahead(Generic[_T]):
+    """An async iterator's items, made by a task of its own as fast as it can.
+
+    The consumer gets them in order; while it waits (for the database), the task runs. A failure
+    of the task reaches the consumer after the items made before it. :meth:`aclose` stops the
+    task when the consumer stops early.
+    """
+
+    def __init__(self, source: AsyncIterator[_T]) -> None:
+        self._made: asyncio.Queue[object] = asyncio.Queue()
+        self._task = asyncio.create_task(self._make(source))
+
+    async def _make(self, source: AsyncIterator[_T]) -> None:
+        try:
+            async for item in source:
+                self._made.put_nowait(item)
+        finally:
+            self._made.put_nowait(_END)
+
+    def __aiter__(self) -> _Ahead[_T]:
+        return self
+
+    async def __anext__(self) -> _T:
+        item = await self._made.get()
+        if item is _END:
+            self._made.put_nowait(_END)  # the end stays the end
+            await self._task  # raises the task's failure, if any
+            raise StopAsyncIteration
+        return item  # type: ignore[return-value]  # only _make puts items
+
+    async def aclose(self) -> None:
+        """Stop making items, and wait until the task has ended."""
+        self._task.cancel()
+        await asyncio.wait([self._task])
+        if not self._task.cancelled():
+            self._task.exception()  # seen by the consumer, or not needed by it: not an error
+
 
 class ViewSync:
     """Runs the guarded sync and the cleanup.
@@ -129,7 +172,9 @@ class ViewSync:
         chunk_contents: contents per snapshot or settle script call.
         lock_seconds: lock expiry; the lock is renewed every third of it while the sync runs.
         on_step: awaited at every step boundary with its name (``locked``, ``snapshot``,
-            ``sealed``, ``before_commit``, ``committed``, ``settle``, ``cleanup``).
+            ``sealed``, ``before_commit``, ``committed``, ``settle``, ``cleanup``; and
+            ``history`` before each chunk of a batch's history rows is made, which happens
+            while the batch's transaction runs).
         clock: seconds since the epoch; decides which calendar days are over.
     """
 
@@ -431,16 +476,23 @@ class ViewSync:
             return False
         # A content may be in the batch with no views, for its crawler views or viewers only.
         deltas = _in_id_order({c: amount for c, (amount, _) in items.items() if amount})
-        days = await self._day_deltas(items)
         await self._step("before_commit")
-        committed_now = await self.store.commit_batch(
-            batch.batch_id,
-            batch.started_at,
-            deltas,
-            fence=lease.fence,
-            fence_scope=self.keys.prefix,
-            days=days,
-        )
+        # The history rows are made (each day's viewers read from Redis) by a task of their own
+        # while the transaction adds the totals and then upserts the rows made so far: this
+        # process and the database work at the same time. Rows made after a failure, or for a
+        # batch the ledger already holds, are never used: the transaction is rolled back.
+        days = _Ahead(self._day_deltas(items))
+        try:
+            committed_now = await self.store.commit_batch(
+                batch.batch_id,
+                batch.started_at,
+                deltas,
+                fence=lease.fence,
+                fence_scope=self.keys.prefix,
+                days=days,
+            )
+        finally:
+            await days.aclose()
         await self._step("committed")
         await self._settle(lease, batch)
         if committed_now:
@@ -528,35 +580,47 @@ class ViewSync:
             if _text(cursor) == "0":
                 return items
 
-    async def _day_deltas(self, items: Mapping[tuple[str, str], tuple[int, str]]) -> list[DayDelta]:
+    async def _day_deltas(
+        self, items: Mapping[tuple[str, str], tuple[int, str]]
+    ) -> AsyncIterator[list[DayDelta]]:
         """The batch's per-day amounts as history rows, with each day's distinct viewers as
-        Redis counts them now (and the HyperLogLog itself, so that days merge later)."""
-        rows = [
-            (content_type, content_id, day, views, crawler)
-            for (content_type, content_id), (_, encoded) in items.items()
-            for day, (views, crawler) in decode_days(encoded).items()
-        ]
+        Redis counts them now (and the HyperLogLog itself, so that days merge later).
+
+        Made a chunk of ``_PAGE`` contents at a time, in the history table's key order (content
+        type, then id as text): the store's upsert of each chunk then walks its index in order.
+        """
         dates: dict[str, date] = {}  # a batch holds a few days: parse each once
-        for _, _, day, _, _ in rows:
-            if day not in dates:
-                dates[day] = date.fromisoformat(day)
-        if not self.settings.unique_viewers:
-            return [DayDelta(t, i, dates[day], v, c) for t, i, day, v, c in rows]
-        deltas: list[DayDelta] = []
-        for start in range(0, len(rows), _PAGE):
-            chunk = rows[start : start + _PAGE]
-            reply = await self.scripts.read_viewers(
-                keys=[self.keys.uniques(t, i, day) for t, i, day, _, _ in chunk]
-            )
-            for (t, i, day, v, c), estimate, sketch in zip(
-                chunk, reply[::2], reply[1::2], strict=True
-            ):
-                if not int(estimate):  # past its retention: the history keeps what it has
-                    deltas.append(DayDelta(t, i, dates[day], v, c))
-                    continue
-                raw = sketch if isinstance(sketch, bytes) and sketch else None
-                deltas.append(DayDelta(t, i, dates[day], v, c, int(estimate), raw))
-        return deltas
+        # Two stable sorts on plain text cost less than one on (type, id) tuples.
+        contents = sorted(items, key=itemgetter(1))
+        contents.sort(key=itemgetter(0))
+        for start in range(0, len(contents), _PAGE):
+            await self._step("history")
+            rows = [
+                (content_type, content_id, day, views, crawler)
+                for content_type, content_id in contents[start : start + _PAGE]
+                for day, (views, crawler) in decode_days(items[content_type, content_id][1]).items()
+            ]
+            for _, _, day, _, _ in rows:
+                if day not in dates:
+                    dates[day] = date.fromisoformat(day)
+            if not self.settings.unique_viewers:
+                yield [DayDelta(t, i, dates[day], v, c) for t, i, day, v, c in rows]
+                continue
+            deltas: list[DayDelta] = []
+            for first in range(0, len(rows), _PAGE):
+                chunk = rows[first : first + _PAGE]
+                reply = await self.scripts.read_viewers(
+                    keys=[self.keys.uniques(t, i, day) for t, i, day, _, _ in chunk]
+                )
+                for (t, i, day, v, c), estimate, sketch in zip(
+                    chunk, reply[::2], reply[1::2], strict=True
+                ):
+                    if not int(estimate):  # past its retention: the history keeps what it has
+                        deltas.append(DayDelta(t, i, dates[day], v, c))
+                        continue
+                    raw = sketch if isinstance(sketch, bytes) and sketch else None
+                    deltas.append(DayDelta(t, i, dates[day], v, c, int(estimate), raw))
+            yield deltas
 
     def _today(self) -> str:
         """Today's name in the configured zone: the day given to pending views that have none."""
