@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -38,7 +38,9 @@ def classify(exc: BaseException) -> FailureKind:
         return FailureKind.REDIS
     if isinstance(exc, TimeoutError):
         return FailureKind.LATE
-    if isinstance(exc, RedisError | MalformedReplyError | ConnectionError):
+    # A cluster client's own refusals (no node serves a slot, the cluster cannot be mapped) are
+    # not RedisErrors in redis-py, but they say the same thing: Redis cannot take the call.
+    if isinstance(exc, RedisError | RedisClusterException | MalformedReplyError | ConnectionError):
         return FailureKind.REDIS
     if isinstance(exc, SQLAlchemyError):
         return FailureKind.DATABASE

@@ -1,0 +1,115 @@
+"""A primary of a real local Redis Cluster killed with SIGKILL and restarted, under the outage
+path (tests/cluster_support.py, viewmw.outage): the views its shards could not take are either
+refused as unknown (before the breaker opens) or kept in the outbox, and after the restart the
+replay and a sync on the cluster bring the database to exactly the views counted and kept."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import cast
+
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import ClusterDownError, RedisError, SlotNotCoveredError
+
+from tests.cluster_support import local_cluster
+from tests.support import FakeClock
+from viewmw import Limits, Settings, Store, ViewSync, ViewTracker
+from viewmw.assembly import connect_redis_cluster
+from viewmw.failures import FailureKind, classify
+from viewmw.outage.breaker import CircuitBreaker
+from viewmw.outage.failover import ResilientTracker
+from viewmw.outage.outbox import Outbox
+from viewmw.outage.probe import RedisProbe
+from viewmw.outage.replayer import Replayer, ReplayReport
+
+# Every rule off: each view offered is counted once decided, so the expected counts are exact.
+EVERY_VIEW = Limits(
+    max_views_per_session=None,
+    max_daily_views_per_user=None,
+    one_view_per_day=False,
+    view_cooldown_seconds=None,
+)
+
+
+def test_a_cluster_clients_own_refusals_are_redis_failures() -> None:
+    # Not RedisErrors in redis-py, but the breaker must count them, not raise them to a page.
+    assert classify(SlotNotCoveredError("slot 42 is not covered")) is FailureKind.REDIS
+    assert classify(ClusterDownError("CLUSTERDOWN")) is FailureKind.REDIS
+
+
+async def test_a_killed_primary_loses_nothing_the_outage_path_kept(
+    pg_store: Store, clock: FakeClock
+) -> None:
+    with local_cluster(persistent=True) as cluster:
+        settings = Settings(
+            redis_url=cluster.url,
+            limits=EVERY_VIEW,
+            redis_timeout=5.0,
+            database_request_timeout=5.0,
+        )
+        redis = connect_redis_cluster(settings)
+        tracker = ViewTracker(cast(Redis, redis), pg_store, settings, clock=clock)
+        outbox = Outbox(pg_store.engine)
+        breaker_clock = FakeClock(now=0.0)
+        resilient = ResilientTracker(
+            tracker,
+            outbox,
+            breaker=CircuitBreaker(failure_threshold=3, clock=breaker_clock),
+            probe=RedisProbe(None),
+        )
+        expected: Counter[str] = Counter()
+        try:
+            ids = [str(n) for n in range(40)]
+            for content_id in ids:
+                assert (await resilient.track_view("story", content_id, "user:1")).counted
+                expected[content_id] += 1
+            dead = cluster.nodes[0]
+            on_dead = [
+                i
+                for i in ids
+                if cluster.node_for_slot(redis.keyslot(tracker.shards.of("story", i).epoch)) is dead
+            ]
+            on_live = [i for i in ids if i not in on_dead]
+            assert on_dead and on_live
+            cluster.kill(dead)
+
+            # Views of the dead node's shards fail until the breaker opens; from then on every
+            # view is kept in the outbox (one breaker for the whole cluster, for now).
+            unknown = 0
+            for content_id in on_dead + on_live:
+                result = await resilient.track_view("story", content_id, "user:2")
+                if result.counted or result.queued:
+                    expected[content_id] += 1
+                else:
+                    unknown += 1
+                    assert content_id in on_dead
+            assert unknown == 3  # the failures in a row that opened the breaker
+            assert not resilient.breaker.is_closed
+
+            cluster.restart(dead)
+            report = await _replay_when_back(Replayer(tracker, outbox))
+            assert report.counted == len(ids) - unknown
+            assert await outbox.oldest(10) == []
+            await tracker.drain()
+
+            sync = await ViewSync(cast(Redis, redis), pg_store, settings, clock=clock).run()
+            assert sync.views == sum(expected.values())
+            assert await tracker.get_view_counts("story", ids) == {i: expected[i] for i in ids}
+            for content_id in ids:
+                assert await pg_store.read_count("story", content_id) == expected[content_id]
+        finally:
+            await resilient.aclose()
+            await tracker.drain()
+            await redis.aclose()
+
+
+async def _replay_when_back(replayer: Replayer) -> ReplayReport:
+    """Replay once the restarted primary answers (a pooled connection's first command to it
+    may fail, and the client never resends; each retry is idempotent through the markers)."""
+    for _attempt in range(50):
+        try:
+            return await replayer.replay()
+        except RedisError:
+            continue
+    pytest.fail("the restarted primary did not take the replay")
