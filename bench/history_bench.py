@@ -109,7 +109,9 @@ async def _sketches(redis: aioredis.Redis) -> dict[str, bytes]:
     for viewers in SKETCH_VIEWERS:
         key = f"bench:sketch:{viewers}"
         await redis.pfadd(key, *(f"user:{n}" for n in range(viewers)))
-        sketches[f"sketch_{viewers}"] = bytes(await redis.get(key))
+        sketch = await redis.get(key)
+        assert isinstance(sketch, bytes), "the bench's client returns raw bytes"
+        sketches[f"sketch_{viewers}"] = sketch
         await redis.delete(key)
     return sketches
 
