@@ -10,7 +10,13 @@ from typing import cast
 
 import pytest
 from redis.asyncio import Redis
-from redis.exceptions import ClusterDownError, RedisError, SlotNotCoveredError
+from redis.exceptions import (
+    ClusterCrossSlotError,
+    ClusterDownError,
+    RedisClusterException,
+    RedisError,
+    SlotNotCoveredError,
+)
 
 from tests.cluster_support import local_cluster
 from tests.support import FakeClock
@@ -36,6 +42,16 @@ def test_a_cluster_clients_own_refusals_are_redis_failures() -> None:
     # Not RedisErrors in redis-py, but the breaker must count them, not raise them to a page.
     assert classify(SlotNotCoveredError("slot 42 is not covered")) is FailureKind.REDIS
     assert classify(ClusterDownError("CLUSTERDOWN")) is FailureKind.REDIS
+    unreachable = "Redis Cluster cannot be connected. Please provide at least one reachable node"
+    assert classify(RedisClusterException(unreachable)) is FailureKind.REDIS
+
+
+def test_keys_of_several_slots_in_one_call_surface_as_a_bug() -> None:
+    # A call the client refuses to route is viewmw's mistake, not an outage: it must not open
+    # the breaker and send every view to the outbox.
+    routing = RedisClusterException("EVALSHA - all keys must map to the same key slot")
+    assert classify(routing) is FailureKind.UNEXPECTED
+    assert classify(ClusterCrossSlotError("CROSSSLOT Keys in request")) is FailureKind.UNEXPECTED
 
 
 async def test_a_killed_primary_loses_nothing_the_outage_path_kept(

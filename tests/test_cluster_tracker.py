@@ -12,12 +12,15 @@ from typing import Any, cast
 import pytest
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from tests.cluster_support import LocalCluster, local_cluster
 from tests.support import FakeClock
 from viewmw import Limits, Settings, TrackResult, ViewTracker
 from viewmw.assembly import connect_redis_cluster
+from viewmw.errors import MalformedReplyError
+from viewmw.keys import viewer_shard
 from viewmw.outage.outbox import OutboxEvent
 
 DAY = "2025-11-24"  # FakeClock's day
@@ -138,6 +141,115 @@ async def test_a_dead_primary_fails_only_the_views_of_its_shards(clock: FakeCloc
         finally:
             await tracker.drain()
             await redis.aclose()
+
+
+async def test_a_shard_whose_reply_cannot_be_read_fails_only_its_own_views(
+    redis_cluster: LocalCluster,
+    cluster_redis: RedisCluster,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    tracker = _tracker(cluster_redis, _settings(redis_cluster, view_cooldown_seconds=None), clock)
+    ids = [str(n) for n in range(40)]
+    broken = tracker.shards.of("story", "0").epoch  # the second key of its shard's calls
+    evalsha = cluster_redis.evalsha
+
+    async def garbled(sha: str, numkeys: int, *keys_and_args: Any) -> Any:
+        reply = await evalsha(sha, numkeys, *keys_and_args)  # the script ran: views counted
+        if sha == tracker.scripts.record_views.sha and keys_and_args[1] == broken:
+            return ["not", "a", "reply"]
+        return reply
+
+    monkeypatch.setattr(cluster_redis, "evalsha", garbled)
+    try:
+        outcomes = await _offer(tracker, ids, "user:1")
+    finally:
+        await tracker.drain()
+    on_broken = {i for i in ids if tracker.shards.of("story", i).epoch == broken}
+    assert 0 < len(on_broken) < len(ids)
+    for content_id, outcome in zip(ids, outcomes, strict=True):
+        if content_id in on_broken:
+            assert isinstance(outcome, MalformedReplyError), (content_id, outcome)
+        else:  # decided on their own shards, whatever another shard answered
+            assert isinstance(outcome, TrackResult) and outcome.counted, (content_id, outcome)
+
+
+async def test_a_viewer_shard_that_cannot_reserve_fails_only_its_viewers_views(
+    redis_cluster: LocalCluster,
+    cluster_redis: RedisCluster,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = _settings(redis_cluster, view_cooldown_seconds=None, max_daily_views_per_user=50)
+    tracker = _tracker(cluster_redis, settings, clock)
+    shards = tracker.shards.schemas[0].shards
+    viewers = [f"user:{n}" for n in range(1, 40)]
+    failing = viewer_shard(viewers[0], shards)
+    daily_key_of_failing = tracker.shards.schemas[0].daily_views(viewers[0], DAY)
+    assert any(viewer_shard(viewer, shards) != failing for viewer in viewers)
+    evalsha = cluster_redis.evalsha
+
+    async def refusing(sha: str, numkeys: int, *keys_and_args: Any) -> Any:
+        if sha == tracker.scripts.reserve_daily.sha and (
+            cluster_redis.keyslot(keys_and_args[0]) == cluster_redis.keyslot(daily_key_of_failing)
+        ):
+            raise RedisConnectionError("the node of this viewer shard is gone")
+        return await evalsha(sha, numkeys, *keys_and_args)
+
+    monkeypatch.setattr(cluster_redis, "evalsha", refusing)
+    try:
+        outcomes = await asyncio.gather(
+            *(tracker.track_view("story", "7", viewer) for viewer in viewers),
+            return_exceptions=True,
+        )
+    finally:
+        await tracker.drain()
+    failed = {viewer for viewer in viewers if viewer_shard(viewer, shards) == failing}
+    for viewer, outcome in zip(viewers, outcomes, strict=True):
+        if viewer in failed:
+            assert isinstance(outcome, RedisConnectionError), (viewer, outcome)
+        else:
+            assert isinstance(outcome, TrackResult) and outcome.counted, (viewer, outcome)
+    # A view whose place could not be reserved was not decided, so it is not pending either.
+    assert await _pending(cluster_redis, tracker, "7") == len(viewers) - len(failed)
+
+
+async def test_a_view_sent_alone_is_decided_whole_after_its_request_stopped_waiting(
+    redis_cluster: LocalCluster,
+    cluster_redis: RedisCluster,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The deadline passes between the reservation of the daily place and the decision: the
+    # view must still be decided, and a place a content rule blocked given back.
+    settings = Settings(
+        redis_url=redis_cluster.url,
+        limits=Limits(view_cooldown_seconds=None, max_daily_views_per_user=5),
+        redis_timeout=0.05,
+    )
+    tracker = ViewTracker(cast(Redis, cluster_redis), None, settings, clock=clock, pipelining=False)
+    stopped_waiting = asyncio.Event()
+    evalsha = cluster_redis.evalsha
+
+    async def decided_late(sha: str, numkeys: int, *keys_and_args: Any) -> Any:
+        if sha == tracker.scripts.record_views.sha:
+            await stopped_waiting.wait()
+        return await evalsha(sha, numkeys, *keys_and_args)
+
+    monkeypatch.setattr(cluster_redis, "evalsha", decided_late)
+    held_key = tracker.shards.schemas[0].daily_views("user:1", DAY)
+    try:
+        for _view in range(2):  # counted, then blocked by "one view per content per day"
+            with pytest.raises(TimeoutError):
+                await tracker.track_view("story", "7", "user:1")
+            stopped_waiting.set()
+            await tracker.drain()
+            stopped_waiting.clear()
+    finally:
+        stopped_waiting.set()
+        await tracker.drain()
+    assert await _pending(cluster_redis, tracker, "7") == 1
+    assert int(await cluster_redis.hget(held_key, "n") or 0) == 1
 
 
 async def _offer(

@@ -331,6 +331,22 @@ async def test_an_epoch_bump_during_a_fill_is_retried_not_cached(
     assert await redis.mget("story:dbviews:7", "story:dbviews:8") == [b"10", b"10"]
 
 
+async def test_invalidating_drops_cached_counts_and_moves_the_epoch_even_for_none(
+    tracker: ViewTracker, store: Store
+) -> None:
+    redis = tracker.redis
+    for content_id in (7, 8):
+        await set_db_count(store, "story", content_id, 10)
+    assert await tracker.get_view_counts("story", [7, 8]) == {"7": 10, "8": 10}
+    epoch = int(await redis.get("viewmw:epoch") or 0)
+
+    await tracker.invalidate_database_counts([("story", "7")])
+    assert await redis.mget("story:dbviews:7", "story:dbviews:8") == [None, b"10"]
+    # With no content named, the database still changed: no fill begun before may be stored.
+    await tracker.invalidate_database_counts([])
+    assert int(await redis.get("viewmw:epoch") or 0) == epoch + 2
+
+
 # Statistics -------------------------------------------------------------------------------------
 
 

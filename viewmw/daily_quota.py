@@ -72,20 +72,47 @@ class DailyQuota:
     async def reserve(self, claims: Sequence[QuotaClaim], limit: int) -> list[Reservation]:
         """Reserve a place for each claim, in order, under a limit of ``limit`` views per
         viewer and day; one answer per claim. A claim whose view id holds a place already gets
-        :attr:`Reservation.RESERVED` again and takes no second place."""
+        :attr:`Reservation.RESERVED` again and takes no second place. Raises the first error
+        of any viewer shard's call (:meth:`reserve_each` keeps them apart)."""
+        answers = await self.reserve_each(claims, limit)
+        for answer in answers:
+            if isinstance(answer, Exception):
+                raise answer
+        return [answer for answer in answers if isinstance(answer, Reservation)]
+
+    async def reserve_each(
+        self, claims: Sequence[QuotaClaim], limit: int
+    ) -> list[Reservation | Exception]:
+        """As :meth:`reserve`, but per claim its answer or the exception its viewer shard's
+        call raised: a node that fails fails only the claims of its own viewers."""
         if limit < 1:
             raise ValueError(f"the daily limit must be at least 1, not {limit}")
-        answers: list[Reservation | None] = [None] * len(claims)
         groups = self._by_shard(claims)
         replies = await asyncio.gather(
-            *(self._call(self.scripts.reserve_daily, group, [limit], True) for group in groups)
+            *(self._call(self.scripts.reserve_daily, group, [limit], True) for group in groups),
+            return_exceptions=True,
         )
+        answers: list[Reservation | Exception] = [MalformedReplyError("no reply")] * len(claims)
         for group, reply in zip(groups, replies, strict=True):
-            if not isinstance(reply, list) or len(reply) != len(group):
-                raise MalformedReplyError(f"unexpected reply from reserve_daily: {reply!r:.80}")
-            for (position, _), answer in zip(group, reply, strict=True):
-                answers[position] = Reservation(int(answer))
-        return [answer for answer in answers if answer is not None]
+            for (position, _), answer in zip(group, self._answers(reply, len(group)), strict=True):
+                answers[position] = answer
+        return answers
+
+    @staticmethod
+    def _answers(reply: Any, count: int) -> list[Reservation | Exception]:
+        """One group's reply as an answer per claim (its error, shared, if it failed)."""
+        if isinstance(reply, BaseException):
+            if not isinstance(reply, Exception):  # a cancellation ends the whole batch
+                raise reply
+            return [reply] * count
+        if not isinstance(reply, list) or len(reply) != count:
+            error = MalformedReplyError(f"unexpected reply from reserve_daily: {reply!r:.80}")
+            return [error] * count
+        try:
+            return [Reservation(int(answer)) for answer in reply]
+        except (TypeError, ValueError):
+            error = MalformedReplyError(f"unexpected reply from reserve_daily: {reply!r:.80}")
+            return [error] * count
 
     async def release(self, claims: Sequence[QuotaClaim]) -> int:
         """Give back the place of each claim that still holds one; returns how many did."""

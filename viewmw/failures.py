@@ -9,7 +9,12 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import (
+    ClusterCrossSlotError,
+    RedisClusterException,
+    RedisError,
+    SlotNotCoveredError,
+)
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -38,12 +43,36 @@ def classify(exc: BaseException) -> FailureKind:
         return FailureKind.REDIS
     if isinstance(exc, TimeoutError):
         return FailureKind.LATE
-    # A cluster client's own refusals (no node serves a slot, the cluster cannot be mapped) are
-    # not RedisErrors in redis-py, but they say the same thing: Redis cannot take the call.
-    if isinstance(exc, RedisError | RedisClusterException | MalformedReplyError | ConnectionError):
+    if _is_cluster_refusal(exc):
+        return FailureKind.REDIS
+    if isinstance(exc, ClusterCrossSlotError | RedisClusterException):
+        # Keys of several slots in one call, a command the client cannot route: a bug in the
+        # caller, which must surface instead of opening the breaker.
+        return FailureKind.UNEXPECTED
+    if isinstance(exc, RedisError | MalformedReplyError | ConnectionError):
         return FailureKind.REDIS
     if isinstance(exc, SQLAlchemyError):
         return FailureKind.DATABASE
     if isinstance(exc, OSError):
         return FailureKind.REDIS
     return FailureKind.UNEXPECTED
+
+
+# What redis-py's cluster client says when no node can take a call: they are not RedisErrors,
+# but they mean what a refused connection means.
+_CLUSTER_REFUSALS = (
+    "cannot be connected",
+    "slots are not covered",
+    "could not agree on a valid slots cache",
+    "no targets were found",
+)
+
+
+def _is_cluster_refusal(exc: BaseException) -> bool:
+    """Whether ``exc`` is a cluster client's refusal because nodes are down or unmapped."""
+    if isinstance(exc, SlotNotCoveredError):
+        return True
+    if type(exc) is not RedisClusterException:
+        return False
+    message = str(exc).lower()
+    return any(refusal in message for refusal in _CLUSTER_REFUSALS)

@@ -56,6 +56,7 @@ class Scripts:
     reserve_daily: AsyncScript
     release_daily: AsyncScript
     take_dirty: AsyncScript
+    claim_shard: AsyncScript
 
     @classmethod
     def register(cls, client: Any) -> Scripts:

@@ -26,9 +26,9 @@ from viewmw.shards import ContentShards
 logger = logging.getLogger("viewmw")
 
 ViewCall = tuple[tuple[str, ...], tuple[Any, ...], str | None]
-"""One view's keys, arguments and replay marker, as the tracker builds them for ``record_views``
-(see :mod:`viewmw.tracker`); on a cluster its daily counter's place holds a key of its slot and
-its last argument (the quota) is filled here."""
+"""One view in a ``record_views`` call: its nine keys, its thirteen arguments and its replay
+marker, as the tracker builds them (see :mod:`viewmw.tracker`). On a cluster its daily counter's
+place holds a key of its slot and its last argument (the quota) is filled here."""
 
 # Positions in a view's record_views arguments (see record_views.lua).
 _DAILY_TTL, _MEMBER, _DAY, _VIEWER, _CRAWLER = 4, 5, 7, 9, 10
@@ -72,14 +72,17 @@ class ShardedRecording:
         claims: list[QuotaClaim | None] = [None] * len(calls)
         answers: list[Reservation | None] = [None] * len(calls)
         if self.quota is not None:
-            try:
-                claims, answers = await self._reserve(calls)
-            except Exception as exc:  # no view was decided: every one takes the outage path
-                return [exc] * len(calls)
+            claims, reserved = await self._reserve(calls)
+            for position, answer in enumerate(reserved):
+                if isinstance(answer, Exception):  # not decided: the view takes the outage path
+                    replies[position] = answer
+                else:
+                    answers[position] = answer
         groups: dict[int, list[int]] = {}
         for position, (_, view_args, _) in enumerate(calls):
-            shard = self.shards.index(*KeySchema.split_member(view_args[_MEMBER]))
-            groups.setdefault(shard, []).append(position)
+            if replies[position] is None:
+                shard = self.shards.index(*KeySchema.split_member(view_args[_MEMBER]))
+                groups.setdefault(shard, []).append(position)
         outcomes = await asyncio.gather(
             *(
                 self._decide(shard, calls, positions, answers)
@@ -88,20 +91,18 @@ class ShardedRecording:
             return_exceptions=True,
         )
         for positions, outcome in zip(groups.values(), outcomes, strict=True):
-            shard_replies = (
-                [outcome] * len(positions)
-                if isinstance(outcome, BaseException)
-                else parse(outcome, len(positions))
-            )
-            for position, reply in zip(positions, shard_replies, strict=True):
+            for position, reply in zip(
+                positions, _per_view(outcome, parse, positions), strict=True
+            ):
                 replies[position] = reply
         self._release_blocked(claims, answers, replies)
         return replies
 
     async def _reserve(
         self, calls: list[ViewCall]
-    ) -> tuple[list[QuotaClaim | None], list[Reservation | None]]:
-        """Reserve the daily place of every viewer's view (crawler views have none)."""
+    ) -> tuple[list[QuotaClaim | None], list[Reservation | Exception | None]]:
+        """Reserve the daily place of every viewer's view (crawler views have none); per view,
+        its answer or the error of its viewer shard's call."""
         assert self.quota is not None and self.daily_limit is not None
         claims: list[QuotaClaim | None] = []
         for _, view_args, marker in calls:
@@ -113,7 +114,7 @@ class ShardedRecording:
             ttl = int(view_args[_DAILY_TTL])
             claims.append(QuotaClaim(view_args[_VIEWER], view_args[_DAY], view_id, ttl))
         wanted = [claim for claim in claims if claim is not None]
-        reserved = iter(await self.quota.reserve(wanted, self.daily_limit) if wanted else [])
+        reserved = iter(await self.quota.reserve_each(wanted, self.daily_limit) if wanted else [])
         answers = [None if claim is None else next(reserved) for claim in claims]
         return claims, answers
 
@@ -172,3 +173,18 @@ class ShardedRecording:
         """Wait until every release started so far has ended."""
         while self._releases:
             await asyncio.gather(*self._releases, return_exceptions=True)
+
+
+def _per_view(
+    outcome: Any, parse: Callable[[Any, int], list[Any]], positions: list[int]
+) -> list[Any]:
+    """One shard call's outcome as a reply per view: its error, shared, when the call failed
+    or its reply could not be read (none of its views is known to be counted)."""
+    if isinstance(outcome, BaseException):
+        if not isinstance(outcome, Exception):  # a cancellation ends the whole batch
+            raise outcome
+        return [outcome] * len(positions)
+    try:
+        return parse(outcome, len(positions))
+    except Exception as exc:
+        return [exc] * len(positions)

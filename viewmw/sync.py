@@ -227,13 +227,17 @@ class ViewSync:
                 return report
             await self._step("locked")
             shards = self._shard_syncs()
-            unsettled = [await shard._current_batch() for shard in shards]
-            totals = [await shard._take_dirty() for shard in shards]
+            if self.shards.clustered:
+                lease = await self._fenced(lease)
+                lease, unsettled, totals = await self._claim_shards(lease, shards)
+            else:
+                unsettled, totals = [await self._current_batch()], [await self._take_dirty()]
             total = sum(totals)
             if all(batch is None for batch in unsettled) and total == 0 and not force:
                 report.duration = time.monotonic() - started
                 return report
-            lease = await self._fenced(lease)
+            if not self.shards.clustered:
+                lease = await self._fenced(lease)
             refused = await self._refused_types(report)
             # Every shard's unsettled batch is finished before any shard opens a new one.
             for shard, batch in zip(shards, unsettled, strict=True):
@@ -279,6 +283,32 @@ class ViewSync:
         Redis; on a cluster, where the lock is in another slot, no token (the shard's fence
         floor decides, see lua/shared/holds_sync.lua)."""
         return lease if not self.shards.clustered else _Lease("", lease.fence)
+
+    async def _claim_shards(
+        self, lease: _Lease, shards: list[ViewSync]
+    ) -> tuple[_Lease, list[_Batch | None], list[int]]:
+        """Claim every content shard of a cluster for this run, concurrently (lua/claim_shard.lua):
+        from then on no older sync acts on any of them, so the unsettled batches and dirty sets
+        read here stay as read. Returns the lease (its fence moved past a floor that was not
+        below it) and, per shard, its unsettled batch and how many contents the run has."""
+        for _attempt in range(2):
+            replies = await asyncio.gather(*(shard._claim(lease.fence) for shard in shards))
+            floors = [int(reply[1]) for reply in replies if not int(reply[0])]
+            if not floors:
+                batches = [_batch_of(_text(reply[1]), _text(reply[2])) for reply in replies]
+                return lease, batches, [int(reply[3]) for reply in replies]
+            # Redis lost the fence counter, and a shard kept the floor of a sync as new.
+            lease = await self._raise_fence(lease, max(floors))
+        raise LockLostError("a newer sync took this run's shards; nothing was done")
+
+    async def _claim(self, fence: int) -> list[Any]:
+        keys = self.keys
+        return list(
+            await self.scripts.claim_shard(
+                keys=[keys.sync_fence_floor, keys.sync_batch, keys.draining, keys.dirty],
+                args=[fence],
+            )
+        )
 
     @property
     def _guard(self) -> str:
@@ -345,6 +375,10 @@ class ViewSync:
         floor = await self.store.read_fence(self.keys.prefix)
         if lease.fence > floor:
             return lease
+        return await self._raise_fence(lease, floor)
+
+    async def _raise_fence(self, lease: _Lease, floor: int) -> _Lease:
+        """``lease`` with a fence above ``floor``, taken from the fence counter."""
         fence = int(
             await self.scripts.raise_fence(
                 keys=[self.keys.sync_lock, self.keys.sync_fence], args=[lease.token, floor]
@@ -352,7 +386,7 @@ class ViewSync:
         )
         if fence < 0:
             raise LockLostError("the sync lock expired before the first step; nothing was done")
-        logger.warning("the sync fence in Redis was behind the database's; moved to %d", fence)
+        logger.warning("the sync fence in Redis was behind %d; moved to %d", floor, fence)
         return _Lease(lease.token, fence)
 
     async def _refused_types(self, report: SyncReport) -> list[str]:
@@ -544,11 +578,7 @@ class ViewSync:
     async def _current_batch(self) -> _Batch | None:
         fields = await self.redis.hgetall(self.keys.sync_batch)
         values = {_text(k): _text(v) for k, v in fields.items()}
-        if "id" not in values:
-            return None
-        started = values.get("started")
-        started_at = datetime.fromisoformat(started) if started else datetime.now(UTC)
-        return _Batch(values["id"], started_at)
+        return _batch_of(values.get("id", ""), values.get("started", ""))
 
     async def _batch_items(
         self, lease: _Lease, batch: _Batch
@@ -667,6 +697,14 @@ class ViewSync:
             return 0
         await self._step("cleanup")
         return int(await self.redis.unlink(*keys))
+
+
+def _batch_of(batch_id: str, started: str) -> _Batch | None:
+    """The unsettled batch a batch hash's id and start describe (``None`` when there is none)."""
+    if not batch_id:
+        return None
+    started_at = datetime.fromisoformat(started) if started else datetime.now(UTC)
+    return _Batch(batch_id, started_at)
 
 
 def _warn_unmatched(batch_id: str, unmatched: Mapping[tuple[str, str], int]) -> None:

@@ -29,7 +29,7 @@ from viewmw.pipeline import Batcher, LateReply, ScriptCall, script_pipeline
 from viewmw.script_connection import ScriptConnection
 from viewmw.scripts import Scripts
 from viewmw.settings import Settings
-from viewmw.sharded_recording import ShardedRecording
+from viewmw.sharded_recording import ShardedRecording, ViewCall
 from viewmw.store import Store
 
 if TYPE_CHECKING:
@@ -67,9 +67,6 @@ _REASONS = {
 }
 _REASON_CODES = frozenset({0, *_REASONS})
 
-
-_ViewCall = tuple[tuple[str, ...], tuple[Any, ...], str | None]
-"""One view in a ``record_views`` call: its nine keys, its thirteen arguments, its replay marker."""
 
 _ViewReply = tuple[int, int, int, int, int | None, int, str]
 """counted (1, 0, or -1: replayed before), reason code, pending, syncing, cached database count
@@ -168,7 +165,7 @@ class ViewTracker:
         )
         self.metrics = recorder()
         deadline = self.settings.redis_timeout
-        self._views: Batcher[_ViewCall, _ViewReply] | None = None
+        self._views: Batcher[ViewCall, _ViewReply] | None = None
         self._reads: Batcher[ScriptCall, Any] | None = None
         if pipelining:
             self._views = Batcher(self._send_views, deadline=deadline)
@@ -191,6 +188,7 @@ class ViewTracker:
         self._content_keys: dict[str, tuple[str, ...]] = {}
         self._fills: dict[tuple[str, str], asyncio.Future[None]] = {}
         self._fill_tasks: set[asyncio.Task[dict[str, ViewCount]]] = set()
+        self._sends: set[asyncio.Future[list[_ViewReply]]] = set()
         limits = self.settings.limits
         self._session_seconds = max(limits.session_seconds, limits.view_cooldown_seconds or 0)
         self._day_keys_seconds = self.settings.history_retention_days * 86400
@@ -202,6 +200,8 @@ class ViewTracker:
         for batcher in (self._views, self._reads):
             if batcher is not None:
                 await batcher.drain()
+        while self._sends:
+            await asyncio.gather(*self._sends, return_exceptions=True)
         if self._sharded is not None:
             await self._sharded.drain()
         while self._fill_tasks:
@@ -245,19 +245,31 @@ class ViewTracker:
         call = self._view_call(content_type, content_id, viewer, self.clock())
         return await self._decide(content_type, content_id, call)
 
-    async def _decide(self, content_type: str, content_id: str, call: _ViewCall) -> TrackResult:
+    async def _decide(self, content_type: str, content_id: str, call: ViewCall) -> TrackResult:
         """Send one view of a content with the current batch (or alone); its outcome."""
         if self._views is not None:
             reply = await self._views.submit(call)
         else:
+            # Shielded: a request that stops waiting leaves its view to be decided whole (on a
+            # cluster, its daily place reserved and maybe given back) rather than cut between
+            # two calls; drain() waits for it.
+            send = asyncio.ensure_future(self._send_views([call]))
+            self._sends.add(send)
+            send.add_done_callback(self._sent)
             try:
                 async with asyncio.timeout(self.settings.redis_timeout):
-                    (reply,) = await self._send_views([call])
+                    (reply,) = await asyncio.shield(send)
             except TimeoutError:
                 raise LateReply from None
             if isinstance(reply, BaseException):  # its shard failed (a cluster)
                 raise reply
         return await self._result(content_type, content_id, reply)
+
+    def _sent(self, send: asyncio.Future[list[_ViewReply]]) -> None:
+        """A view sent alone has been decided: forget it, and retrieve an error nobody awaited
+        (its request stopped waiting)."""
+        self._sends.discard(send)
+        _consume(send)
 
     async def _result(self, content_type: str, content_id: str, reply: _ViewReply) -> TrackResult:
         """A view's outcome from its reply, its count completed from the database if needed."""
@@ -323,7 +335,7 @@ class ViewTracker:
         replay_marker: str | None = None,
         *,
         crawler: bool = False,
-    ) -> _ViewCall:
+    ) -> ViewCall:
         """One view's part of a ``record_views`` call, for a view offered at ``at`` (validated
         names). A replayed view also passes its marker, which makes its decision idempotent.
         A crawler view is only counted apart, per day; it passes no viewer."""
@@ -408,7 +420,7 @@ class ViewTracker:
         call = self._view_call(content_type, content_id, "", self.clock(), crawler=True)
         return await self._decide(content_type, content_id, call)
 
-    async def _send_views(self, calls: list[_ViewCall]) -> list[_ViewReply]:
+    async def _send_views(self, calls: list[ViewCall]) -> list[_ViewReply]:
         """Decide a batch of views in one ``record_views`` call; one reply per view, in order.
 
         On a cluster, one call per content shard: a view whose shard failed gets the exception
@@ -440,7 +452,7 @@ class ViewTracker:
         self._learn_counts(calls, replies)
         return replies
 
-    def _learn_counts(self, calls: list[_ViewCall], replies: list[_ViewReply]) -> None:
+    def _learn_counts(self, calls: list[ViewCall], replies: list[_ViewReply]) -> None:
         """Count the decided views in the metrics and remember their contents' counts."""
         self.metrics.views_decided(replies)
         known = self._known_counts
@@ -776,7 +788,9 @@ class ViewTracker:
         The epoch moves in the same transaction, so no cache fill that read the database before
         can store its older value afterwards.
         """
-        by_shard: dict[int, list[str]] = {}
+        # A single Redis' epoch moves even when no content is named: the caller says the
+        # database changed, so no fill begun before may store what it read.
+        by_shard: dict[int, list[str]] = {} if self._clustered else {0: []}
         for content_type, content_id in contents:
             shard = self.shards.index(content_type, content_id)
             by_shard.setdefault(shard, []).append(
