@@ -57,6 +57,7 @@ class Scripts:
     release_daily: AsyncScript
     take_dirty: AsyncScript
     claim_shard: AsyncScript
+    restore_daily: AsyncScript
 
     @classmethod
     def register(cls, client: Any) -> Scripts:

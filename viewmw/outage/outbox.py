@@ -239,6 +239,20 @@ class Outbox:
             for row in rows
         ]
 
+    async def contents_of(self, event_ids: Iterable[str]) -> dict[str, tuple[str, str]]:
+        """The content (type, id) of each of ``event_ids`` still waiting; the others are left out."""
+        ids = list(event_ids)
+        found: dict[str, tuple[str, str]] = {}
+        columns = (outbox_events.c.event_id, outbox_events.c.content_type)
+        async with self.engine.connect() as connection:
+            for start in range(0, len(ids), _WRITE_ROWS):
+                query = select(*columns, outbox_events.c.content_id).where(
+                    outbox_events.c.event_id.in_(ids[start : start + _WRITE_ROWS])
+                )
+                for row in (await connection.execute(query)).all():
+                    found[row.event_id] = (row.content_type, row.content_id)
+        return found
+
     async def remove(self, event_ids: Iterable[str]) -> None:
         """Delete replayed events."""
         ids = list(event_ids)

@@ -1,0 +1,221 @@
+"""Moving the rules' state from one Redis to another: a single Redis to a Redis Cluster, or a
+cluster to one with another number of content shards (docs/keys.md, *Moving a single-node
+deployment to a cluster*).
+
+Pending views are never copied: the sync moves them into the database from the old Redis, exactly
+once, before this runs. What is copied is what keeps viewers from being counted again after the
+move, each key under its name in the new layout, with the time it had left to live:
+
+- the (viewer, content) session hashes (``viewed:…``);
+- the viewers' daily counters of the days not over yet (a string on a single Redis, the quota
+  hash's ``n`` on a cluster);
+- the unique-viewer sketches (``…:uniq:…``), merged into the history at the next syncs;
+- the replay markers of outage events still waiting in the outbox (a marker's name does not say
+  its content, so the outbox is asked; a marker of an event no longer waiting protects nothing).
+
+A key the new Redis already has is left as it is (views counted there since the move stand), so
+running the copy twice copies nothing the second time. Sessions and sketches are copied with
+``DUMP``/``RESTORE``: both servers must run the same Redis major version (or the new one a later).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from redis.exceptions import ResponseError
+
+from viewmw.outage.outbox import Outbox
+from viewmw.scripts import Scripts
+from viewmw.shards import ContentShards
+
+_VIEWER = r"(?P<viewer>(?:user|anon):[A-Za-z0-9_-]{1,64})"
+_TYPE = r"(?P<type>[a-z][a-z0-9_]{0,31})"
+_ID = r"(?P<id>[A-Za-z0-9_-]{1,64})"
+_DAY = r"(?P<day>\d{4}-\d{2}-\d{2})"
+_CONTENT_TAG = r"(?:\{c:\d+\}:)?"  # a cluster's content shard tag, absent on a single Redis
+_SESSION = re.compile(rf"viewed:{_VIEWER}:{_TYPE}:{_CONTENT_TAG}{_ID}")
+_DAILY = re.compile(rf"daily_views:(?:\{{v:\d+\}}:)?{_VIEWER}:{_DAY}")
+_UNIQUES = re.compile(rf"{_TYPE}:uniq:{_DAY}:{_CONTENT_TAG}{_ID}")
+_MARKER = re.compile(rf"viewmw:replayed:{_CONTENT_TAG}(?P<event>[0-9a-f]{{32}})")
+_PAGE = 500  # keys per round trip
+_CONCURRENT = 50  # script calls in flight at once
+
+
+@dataclass
+class MigrationReport:
+    """What a copy did, per kind of key: copied, or left because the new Redis had it."""
+
+    sessions: int = 0
+    daily_counters: int = 0
+    sketches: int = 0
+    replay_markers: int = 0
+    already_there: int = 0
+    skipped_markers: int = 0
+    """Markers of events no longer in the outbox (or of every event, without an outbox)."""
+
+
+class KeyMigration:
+    """Copies the rules' state from ``source`` to ``target``.
+
+    Args:
+        source, target: ``redis.asyncio`` clients (``Redis`` or ``RedisCluster``).
+        source_shards, target_shards: the key layout of each (``Settings.content_shards()`` with
+            that side's URL): they name the same content's keys on each side.
+        outbox: the app's outbox, to find the content of waiting events' replay markers; without
+            one, no marker is copied.
+    """
+
+    def __init__(
+        self,
+        source: Any,
+        target: Any,
+        source_shards: ContentShards,
+        target_shards: ContentShards,
+        outbox: Outbox | None = None,
+    ) -> None:
+        self.source = source
+        self.target = target
+        self.prefix = source_shards.schemas[0].prefix
+        self.target_shards = target_shards
+        self.outbox = outbox
+        self.scripts = Scripts.register(target)
+
+    async def run(self) -> MigrationReport:
+        """Copy every session hash, daily counter, sketch and waiting event's marker."""
+        report = MigrationReport()
+        async for page in self._pages(f"{self.prefix}viewed:*"):
+            copied, there = await self._restore(self._renamed(page, _SESSION, self._session_key))
+            report.sessions += copied
+            report.already_there += there
+        async for page in self._pages(f"{self.prefix}*:uniq:*"):
+            copied, there = await self._restore(self._renamed(page, _UNIQUES, self._uniques_key))
+            report.sketches += copied
+            report.already_there += there
+        async for page in self._pages(f"{self.prefix}daily_views:*"):
+            await self._copy_daily(page, report)
+        async for page in self._pages(f"{self.prefix}viewmw:replayed:*"):
+            await self._copy_markers(page, report)
+        return report
+
+    # Naming keys on the target ------------------------------------------------------------------
+
+    def _session_key(self, match: re.Match[str]) -> str:
+        content_type, content_id = match["type"], match["id"]
+        keys = self.target_shards.of(content_type, content_id)
+        return keys.session(match["viewer"], content_type, content_id)
+
+    def _uniques_key(self, match: re.Match[str]) -> str:
+        content_type, content_id = match["type"], match["id"]
+        return self.target_shards.of(content_type, content_id).uniques(
+            content_type, content_id, match["day"]
+        )
+
+    # Copying ------------------------------------------------------------------------------------
+
+    async def _pages(self, pattern: str) -> AsyncIterator[list[str]]:
+        """The source's keys matching ``pattern`` (every primary of a cluster), a page at a time."""
+        page: list[str] = []
+        async for key in self.source.scan_iter(match=pattern, count=_PAGE):
+            page.append(key.decode() if isinstance(key, bytes) else key)
+            if len(page) == _PAGE:
+                yield page
+                page = []
+        if page:
+            yield page
+
+    def _parsed(self, key: str, pattern: re.Pattern[str]) -> re.Match[str] | None:
+        """``key`` taken apart by ``pattern`` (after the prefix), or ``None`` when it is not a
+        key of that kind (another app's key that the ``SCAN`` pattern also matched)."""
+        if not key.startswith(self.prefix):
+            return None
+        return pattern.fullmatch(key[len(self.prefix) :])
+
+    def _renamed(
+        self, page: list[str], shape: re.Pattern[str], target_key: Callable[[re.Match[str]], str]
+    ) -> list[tuple[str, str]]:
+        """The keys of ``page`` that have ``shape``, each with its name on the target."""
+        return [
+            (key, target_key(match))
+            for key in page
+            if (match := self._parsed(key, shape)) is not None
+        ]
+
+    async def _restore(self, pairs: list[tuple[str, str]]) -> tuple[int, int]:
+        """``DUMP`` each source key and ``RESTORE`` it under its target name with the time it
+        has left, never replacing; returns how many were copied and how many were there."""
+        if not pairs:
+            return 0, 0
+        async with self.source.pipeline(transaction=False) as pipe:
+            for key, _ in pairs:
+                pipe.dump(key)
+                pipe.pttl(key)
+            dumped = await pipe.execute()
+        async with self.target.pipeline(transaction=False) as pipe:
+            wanted = 0
+            for (_, name), payload, ttl in zip(pairs, dumped[::2], dumped[1::2], strict=True):
+                if payload is None or int(ttl) == -2:  # expired since the SCAN
+                    continue
+                pipe.restore(name, max(int(ttl), 0), payload)
+                wanted += 1
+            replies = await pipe.execute(raise_on_error=False) if wanted else []
+        there = 0
+        for reply in replies:
+            if isinstance(reply, ResponseError):
+                if "BUSYKEY" not in str(reply):
+                    raise reply
+                there += 1
+        return len(replies) - there, there
+
+    async def _copy_daily(self, page: list[str], report: MigrationReport) -> None:
+        parsed = [(key, match) for key in page if (match := self._parsed(key, _DAILY)) is not None]
+        if not parsed:
+            return
+        async with self.source.pipeline(transaction=False) as pipe:
+            for key, _ in parsed:
+                pipe.type(key)
+                pipe.pttl(key)
+            kinds_and_ttls = await pipe.execute()
+        async with self.source.pipeline(transaction=False) as pipe:
+            for (key, _), kind in zip(parsed, kinds_and_ttls[::2], strict=True):
+                if _text(kind) == "hash":
+                    pipe.hget(key, "n")
+                else:
+                    pipe.get(key)
+            counts = await pipe.execute()
+        shape = "hash" if self.target_shards.clustered else ""
+        any_keys = self.target_shards.schemas[0]  # a daily counter's name is the viewer's
+        calls = [
+            self.scripts.restore_daily(
+                keys=[any_keys.daily_views(match["viewer"], match["day"])],
+                args=[int(count), int(ttl), shape],
+            )
+            for (_, match), count, ttl in zip(parsed, counts, kinds_and_ttls[1::2], strict=True)
+            if count is not None and int(ttl) > 0  # not expired since the SCAN
+        ]
+        # Concurrently, a few at a time: a cluster pipeline takes no scripts.
+        for start in range(0, len(calls), _CONCURRENT):
+            copied = sum(map(int, await asyncio.gather(*calls[start : start + _CONCURRENT])))
+            report.daily_counters += copied
+            report.already_there += len(calls[start : start + _CONCURRENT]) - copied
+
+    async def _copy_markers(self, page: list[str], report: MigrationReport) -> None:
+        events = {
+            match["event"]: key for key in page if (match := self._parsed(key, _MARKER)) is not None
+        }
+        waiting = await self.outbox.contents_of(events) if self.outbox is not None else {}
+        report.skipped_markers += len(events) - len(waiting)
+        pairs = [
+            (events[event_id], self.target_shards.of(*content).replay_marker(event_id))
+            for event_id, content in waiting.items()
+        ]
+        copied, there = await self._restore(pairs)
+        report.replay_markers += copied
+        report.already_there += there
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
