@@ -8,7 +8,7 @@ over content shards, the daily limit reserved in the viewer's shard) unless it s
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,6 +18,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from tests.support import NOON_UTC, FakeClock
 from viewmw import BlockReason, KeySchema, Limits, Settings, Store, ViewTracker
+from viewmw.node_connections import NodeConnections
 
 COOLDOWN = BlockReason.COOLDOWN
 VIEWED_TODAY = BlockReason.VIEWED_TODAY
@@ -79,7 +80,21 @@ async def daily_views(redis: Any, viewer: str, day: str) -> int | None:
 
 
 @pytest.fixture
-def make_tracker(any_redis: aioredis.Redis, clock: FakeClock) -> MakeTracker:
+async def node_connections(any_redis: aioredis.Redis) -> AsyncIterator[NodeConnections | None]:
+    """On the cluster, the lean connections per primary that a tracker built from settings
+    sends its views on (viewmw.node_connections); ``None`` on a single Redis."""
+    if not isinstance(any_redis, RedisCluster):
+        yield None
+        return
+    connections = NodeConnections(any_redis)
+    yield connections
+    await connections.aclose()
+
+
+@pytest.fixture
+def make_tracker(
+    any_redis: aioredis.Redis, node_connections: NodeConnections | None, clock: FakeClock
+) -> MakeTracker:
     """Trackers sharing one Redis and one clock, with any limits and time zone; no database."""
 
     def make(limits: Limits | None = None, timezone: str = "UTC") -> ViewTracker:
@@ -91,7 +106,9 @@ def make_tracker(any_redis: aioredis.Redis, clock: FakeClock) -> MakeTracker:
             redis_url=_redis_url(any_redis),
             redis_timeout=5.0,
         )
-        return ViewTracker(any_redis, None, settings, clock=clock)
+        return ViewTracker(
+            any_redis, None, settings, clock=clock, script_connection=node_connections
+        )
 
     return make
 

@@ -26,6 +26,8 @@ from viewmw.handlers import RequestView, ViewCounter, track, view_counter, view_
 from viewmw.keys import KeySchema
 from viewmw.metrics import MetricsEndpoint
 from viewmw.middleware import ViewTrackingMiddleware
+from viewmw.migration import KeyMigration, MigrationReport
+from viewmw.node_connections import NodeConnections
 from viewmw.outage.breaker import CircuitBreaker
 from viewmw.outage.failover import ResilientTracker
 from viewmw.outage.outbox import Outbox, OutboxEvent
@@ -52,12 +54,15 @@ __all__ = [
     "DayCount",
     "DayDelta",
     "InvalidKeyError",
+    "KeyMigration",
     "KeySchema",
     "Limits",
     "LockLostError",
     "MalformedReplyError",
     "MetricsEndpoint",
     "MiddlewareMissingError",
+    "MigrationReport",
+    "NodeConnections",
     "Outbox",
     "OutboxEvent",
     "Period",

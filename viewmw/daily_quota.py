@@ -20,7 +20,7 @@ from typing import Any
 
 from viewmw.errors import MalformedReplyError
 from viewmw.keys import KeySchema, viewer_shard
-from viewmw.scripts import Scripts
+from viewmw.scripts import ScriptRunner, Scripts, run_on_client
 
 
 class Reservation(IntEnum):
@@ -59,15 +59,24 @@ class DailyQuota:
             of its shard; calls for several shards run concurrently).
         keys: any content shard's key schema (its prefix and shard count name the keys).
         scripts: the scripts registered on ``redis`` (registered here when not given).
+        run: how a script call is sent (through ``redis`` unless given; see
+            :mod:`viewmw.node_connections`).
     """
 
-    def __init__(self, redis: Any, keys: KeySchema, scripts: Scripts | None = None) -> None:
+    def __init__(
+        self,
+        redis: Any,
+        keys: KeySchema,
+        scripts: Scripts | None = None,
+        run: ScriptRunner = run_on_client,
+    ) -> None:
         if keys.shard is None:
             # On a single Redis the same name is the daily counter that record_views counts.
             raise ValueError("a daily quota is kept only on a Redis Cluster (a sharded KeySchema)")
         self.redis = redis
         self.keys = keys
         self.scripts = scripts or Scripts.register(redis)
+        self.run = run
 
     async def reserve(self, claims: Sequence[QuotaClaim], limit: int) -> list[Reservation]:
         """Reserve a place for each claim, in order, under a limit of ``limit`` views per
@@ -144,4 +153,4 @@ class DailyQuota:
             args += [index[key], claim.view_id]
             if with_ttl:
                 args.append(claim.ttl)
-        return await script(keys=keys, args=args)
+        return await self.run(script, keys, args)

@@ -7,6 +7,7 @@ redis-py's script objects run ``EVALSHA`` and reload the script transparently wh
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -30,6 +31,16 @@ def script_source(name: str) -> str:
         lambda include: _lua_file("shared", f"{include[1]}.lua").rstrip("\n"),
         _lua_file(f"{name}.lua"),
     )
+
+
+ScriptRunner = Callable[[AsyncScript, Sequence[Any], Sequence[Any]], Awaitable[Any]]
+"""Runs one script call: ``(script, keys, args) -> reply``. :func:`run_on_client` sends it through
+the client the script is registered on; a lean connection's ``run_script`` is another."""
+
+
+async def run_on_client(script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+    """``EVALSHA`` of ``script`` through the client it is registered on."""
+    return await script(keys=keys, args=args)
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ from typing import Any
 
 from viewmw.daily_quota import DailyQuota, QuotaClaim, Reservation
 from viewmw.keys import KeySchema
-from viewmw.scripts import Scripts
+from viewmw.scripts import ScriptRunner, Scripts, run_on_client
 from viewmw.shards import ContentShards
 
 logger = logging.getLogger("viewmw")
@@ -46,6 +46,9 @@ class ShardedRecording:
         shards: the deployment's content shards.
         limit_args: the arguments every ``record_views`` call starts with.
         daily_limit: views per viewer per day, or ``None`` when the daily limit is off.
+        run: how a script call is sent (through ``redis`` unless given: a
+            :class:`~viewmw.node_connections.NodeConnections`' ``run_script`` pipelines each
+            node's calls on one lean connection).
     """
 
     def __init__(
@@ -55,12 +58,14 @@ class ShardedRecording:
         shards: ContentShards,
         limit_args: Sequence[Any],
         daily_limit: int | None,
+        run: ScriptRunner = run_on_client,
     ) -> None:
         self.scripts = scripts
         self.shards = shards
         self.limit_args = list(limit_args)
         self.daily_limit = daily_limit
-        self.quota = DailyQuota(redis, shards.schemas[0], scripts) if daily_limit else None
+        self.run = run
+        self.quota = DailyQuota(redis, shards.schemas[0], scripts, run) if daily_limit else None
         self._releases: set[asyncio.Task[None]] = set()
 
     async def send(
@@ -138,7 +143,7 @@ class ShardedRecording:
             args += (*view_args[:-1], quota)
             if marker is not None:
                 markers.append(marker)
-        return await self.scripts.record_views(keys=call_keys + markers, args=args)
+        return await self.run(self.scripts.record_views, call_keys + markers, args)
 
     def _release_blocked(
         self,

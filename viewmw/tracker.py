@@ -24,10 +24,11 @@ from viewmw.errorlog import ErrorLog
 from viewmw.errors import InvalidKeyError, MalformedReplyError, ServiceUnavailableError
 from viewmw.keys import KeySchema, validate_content_id, validate_content_type, validate_viewer
 from viewmw.metrics.recording import recorder
+from viewmw.node_connections import NodeConnections
 from viewmw.outage.breaker import CircuitBreaker
 from viewmw.pipeline import Batcher, LateReply, ScriptCall, script_pipeline
 from viewmw.script_connection import ScriptConnection
-from viewmw.scripts import Scripts
+from viewmw.scripts import Scripts, run_on_client
 from viewmw.settings import Settings
 from viewmw.sharded_recording import ShardedRecording, ViewCall
 from viewmw.store import Store
@@ -125,8 +126,10 @@ class ViewTracker:
         pipelining: send the script calls of concurrent requests to Redis together in shared
             pipelines (see :mod:`viewmw.pipeline`); off sends each call on its own.
         script_connection: a dedicated connection to the same Redis that carries the
-            ``record_views`` calls (see :mod:`viewmw.script_connection`); ``None`` sends them
-            through ``redis``. The caller owns it and closes it.
+            ``record_views`` calls (see :mod:`viewmw.script_connection`); on a cluster, one per
+            primary (:class:`~viewmw.node_connections.NodeConnections`, which carries the
+            daily quota's calls too); ``None`` sends them through ``redis``. The caller owns it
+            and closes it.
 
     With a ``redis+cluster://`` URL in ``settings``, ``redis`` is a ``RedisCluster`` client: the
     keys are spread over content shards, each batch of views is decided by one call per shard
@@ -141,7 +144,7 @@ class ViewTracker:
         *,
         clock: Callable[[], float] = time.time,
         pipelining: bool = True,
-        script_connection: ScriptConnection | None = None,
+        script_connection: ScriptConnection | NodeConnections | None = None,
     ) -> None:
         self.redis = redis
         self.script_connection = script_connection
@@ -174,7 +177,7 @@ class ViewTracker:
         self._limit_args = _limit_args(self.settings)
         self._sharded: ShardedRecording | None = None
         if self._clustered:
-            if script_connection is not None:
+            if isinstance(script_connection, ScriptConnection):
                 raise ValueError("a script connection reaches one Redis, not a cluster")
             self._sharded = ShardedRecording(
                 redis,
@@ -182,7 +185,10 @@ class ViewTracker:
                 self.shards,
                 self._limit_args,
                 self.settings.limits.max_daily_views_per_user or None,
+                script_connection.run_script if script_connection else run_on_client,
             )
+        elif isinstance(script_connection, NodeConnections):
+            raise ValueError("a cluster's node connections need a redis+cluster:// URL")
         self._known_counts: dict[str, int] = {}
         # "type:id" -> (day, the content's keys for that day), see _remember_content_keys.
         self._content_keys: dict[str, tuple[str, ...]] = {}

@@ -240,7 +240,7 @@ class Outbox:
         ]
 
     async def contents_of(self, event_ids: Iterable[str]) -> dict[str, tuple[str, str]]:
-        """The content (type, id) of each of ``event_ids`` still waiting; the others are left out."""
+        """The content (type, id) of each of ``event_ids`` still waiting (the others left out)."""
         ids = list(event_ids)
         found: dict[str, tuple[str, str]] = {}
         columns = (outbox_events.c.event_id, outbox_events.c.content_type)

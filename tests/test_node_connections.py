@@ -1,0 +1,189 @@
+"""A tracker on a real local Redis Cluster whose script calls go through one lean connection per
+primary (viewmw.node_connections): views conserved over many shards, a slot that moved to
+another node followed (its ``MOVED`` reply means the call never ran, so it is sent once more), and
+a killed primary failing only its own shards' views until it is back. The rules suite runs on
+this path too (tests/test_rules.py, its cluster backend)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any, cast
+
+import pytest
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from tests.cluster_support import LocalCluster, local_cluster
+from tests.support import FakeClock
+from viewmw import Limits, Settings, TrackResult, ViewTracker
+from viewmw.assembly import connect_redis_cluster
+from viewmw.node_connections import NodeConnections
+
+
+def _tracker(
+    redis: RedisCluster, url: str, clock: FakeClock, nodes: NodeConnections, **limits: Any
+) -> ViewTracker:
+    settings = Settings(redis_url=url, limits=Limits(**limits), redis_timeout=10.0)
+    return ViewTracker(cast(Redis, redis), None, settings, clock=clock, script_connection=nodes)
+
+
+@pytest.fixture
+async def nodes(cluster_redis: RedisCluster) -> AsyncIterator[NodeConnections]:
+    connections = NodeConnections(cluster_redis)
+    yield connections
+    await connections.aclose()
+
+
+async def _pending(redis: RedisCluster, tracker: ViewTracker, content_id: str) -> int:
+    return int(
+        await redis.get(tracker.shards.of("story", content_id).pending("story", content_id)) or 0
+    )
+
+
+async def test_views_over_every_node_are_conserved_on_the_node_connections(
+    redis_cluster: LocalCluster,
+    cluster_redis: RedisCluster,
+    nodes: NodeConnections,
+    clock: FakeClock,
+) -> None:
+    tracker = _tracker(
+        cluster_redis,
+        redis_cluster.url,
+        clock,
+        nodes,
+        max_daily_views_per_user=5,
+        view_cooldown_seconds=None,
+        max_views_per_session=2,
+        one_view_per_day=False,
+    )
+    random.seed(11)
+    offers = [(f"user:{random.randrange(12)}", str(random.randrange(60))) for _ in range(600)]
+    try:
+        results = await asyncio.gather(
+            *(tracker.track_view("story", content, viewer) for viewer, content in offers)
+        )
+    finally:
+        await tracker.drain()
+    counted = Counter(content for (_, content), r in zip(offers, results, strict=True) if r.counted)
+    by_viewer = Counter(viewer for (viewer, _), r in zip(offers, results, strict=True) if r.counted)
+    assert max(by_viewer.values()) <= 5 and sum(counted.values()) > 0
+    for content in {content for _, content in offers}:
+        assert await _pending(cluster_redis, tracker, content) == counted[content]
+    # Three primaries, one connection each, whatever the number of shards the views touched.
+    assert len(nodes._connections) == 3
+
+
+async def test_a_slot_moved_to_another_node_is_followed_and_counted_once(clock: FakeClock) -> None:
+    with local_cluster() as cluster:
+        redis = connect_redis_cluster(Settings(redis_url=cluster.url))
+        nodes = NodeConnections(redis)
+        tracker = _tracker(redis, cluster.url, clock, nodes, view_cooldown_seconds=None)
+        try:
+            assert (await tracker.track_view("story", "1", "user:1")).counted  # maps the slots
+            moved = next(
+                content_id
+                for content_id in (str(n) for n in range(2, 500))
+                if tracker.shards.index("story", content_id) != tracker.shards.index("story", "1")
+            )
+            slot = redis.keyslot(tracker.shards.of("story", moved).epoch)
+            source = cluster.node_for_slot(slot)
+            target = next(node for node in cluster.nodes if node is not source)
+            _move_empty_slot(cluster, slot, source, target)
+
+            result = await tracker.track_view("story", moved, "user:1")
+            assert isinstance(result, TrackResult) and result.counted
+            assert cluster.node_for_slot(slot) is target
+            assert nodes._refresh is not None  # it was refused with MOVED, and learned the move
+            assert await _pending(redis, tracker, moved) == 1
+        finally:
+            await tracker.drain()
+            await nodes.aclose()
+            await redis.aclose()
+
+
+def _move_empty_slot(cluster: LocalCluster, slot: int, source: Any, target: Any) -> None:
+    """Give ``slot`` (no keys in it yet) from ``source`` to ``target``, as a resharding does."""
+    with cluster.client(source) as from_node, cluster.client(target) as to_node:
+        source_id = from_node.execute_command("CLUSTER MYID").decode()
+        target_id = to_node.execute_command("CLUSTER MYID").decode()
+        to_node.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", source_id)
+        from_node.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", target_id)
+        assert from_node.execute_command("CLUSTER COUNTKEYSINSLOT", slot) == 0
+        for node in cluster.nodes:
+            with cluster.client(node) as client:
+                client.execute_command("CLUSTER SETSLOT", slot, "NODE", target_id)
+
+
+async def test_a_killed_primary_fails_only_its_shards_views_until_it_is_back(
+    clock: FakeClock,
+) -> None:
+    with local_cluster(persistent=True) as cluster:
+        redis = connect_redis_cluster(Settings(redis_url=cluster.url))
+        nodes = NodeConnections(redis, connect_timeout=2.0, reply_timeout=5.0)
+        # The daily limit off: each view is one call, in its content's shard only.
+        tracker = _tracker(
+            redis,
+            cluster.url,
+            clock,
+            nodes,
+            view_cooldown_seconds=None,
+            max_daily_views_per_user=None,
+        )
+        ids = [str(n) for n in range(40)]
+        try:
+            assert all(r.counted for r in await _offer(tracker, ids, "user:1"))
+            dead = cluster.nodes[0]
+            on_dead = {
+                i
+                for i in ids
+                if cluster.node_for_slot(redis.keyslot(tracker.shards.of("story", i).epoch)) is dead
+            }
+            assert 0 < len(on_dead) < len(ids)
+            cluster.kill(dead)
+            outcomes = await _offer(tracker, ids, "user:2")
+            for content_id, outcome in zip(ids, outcomes, strict=True):
+                if content_id in on_dead:
+                    assert isinstance(outcome, RedisConnectionError), (content_id, outcome)
+                else:
+                    assert isinstance(outcome, TrackResult) and outcome.counted, (
+                        content_id,
+                        outcome,
+                    )
+
+            cluster.restart(dead)
+            back = await _offer_until_answered(tracker, sorted(on_dead), "user:3")
+            assert all(isinstance(r, TrackResult) and r.counted for r in back)
+            # Every content has two views: user:1's and user:2's, or on the dead node user:1's
+            # and user:3's (user:2's was refused, never decided).
+            assert [await _pending(redis, tracker, i) for i in ids] == [2] * len(ids)
+        finally:
+            await tracker.drain()
+            await nodes.aclose()
+            await redis.aclose()
+
+
+async def _offer(
+    tracker: ViewTracker, ids: list[str], viewer: str
+) -> list[TrackResult | BaseException]:
+    return await asyncio.gather(
+        *(tracker.track_view("story", content_id, viewer) for content_id in ids),
+        return_exceptions=True,
+    )
+
+
+async def _offer_until_answered(
+    tracker: ViewTracker, ids: list[str], viewer: str
+) -> list[TrackResult | BaseException]:
+    """Offer the views again until the restarted node takes them: the first attempt may find
+    the old connection closed (never resent: the view was not decided, and is offered again)."""
+    for _attempt in range(20):
+        outcomes = await _offer(tracker, ids, viewer)
+        if not any(isinstance(o, RedisConnectionError) for o in outcomes):
+            return outcomes
+        ids = [i for i, o in zip(ids, outcomes, strict=True) if isinstance(o, RedisConnectionError)]
+        await asyncio.sleep(0.1)
+    pytest.fail("the restarted primary did not take views again")
