@@ -1,0 +1,166 @@
+"""Conservation on a real local Redis Cluster under everything at once: concurrent traffic on the
+outage path (a generic content type, whose rows the sync creates), two sync loops racing each
+other, and one primary killed with SIGKILL and restarted while both go on
+(tests/cluster_support.py). At the end, after the outbox is replayed
+and a last sync has run, every content's database count holds every view that was counted or
+kept, and no view twice: exactly, but for the views whose call was cut by the kill (their
+outcome is unknown: counted once or not at all)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections import Counter
+from typing import cast
+
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from tests.cluster_support import local_cluster
+from tests.support import FakeClock
+from viewmw import Limits, Settings, Store, SyncError, ViewSync, ViewTracker
+from viewmw.assembly import connect_redis_cluster
+from viewmw.node_connections import NodeConnections
+from viewmw.outage.breaker import CircuitBreaker
+from viewmw.outage.failover import ResilientTracker
+from viewmw.outage.outbox import Outbox
+from viewmw.outage.probe import RedisProbe
+from viewmw.outage.replayer import Replayer
+
+EVERY_VIEW = Limits(
+    max_views_per_session=None,
+    max_daily_views_per_user=None,
+    one_view_per_day=False,
+    view_cooldown_seconds=None,
+)
+CONTENTS = 60
+WAVES, WAVE = 24, 40  # views offered 40 at a time
+KILL_AFTER, RESTART_AFTER = 8, 14  # waves
+
+
+async def test_traffic_racing_syncs_and_a_killed_primary_lose_and_double_nothing(
+    pg_store: Store, clock: FakeClock
+) -> None:
+    with local_cluster(persistent=True) as cluster:
+        settings = Settings(
+            redis_url=cluster.url,
+            limits=EVERY_VIEW,
+            redis_timeout=5.0,
+            database_request_timeout=5.0,
+        )
+        redis = connect_redis_cluster(settings)
+        nodes = NodeConnections(redis, reply_timeout=5.0)
+        tracker = ViewTracker(
+            cast(Redis, redis), pg_store, settings, clock=clock, script_connection=nodes
+        )
+        outbox = Outbox(pg_store.engine)
+        resilient = ResilientTracker(
+            tracker,
+            outbox,
+            breaker=CircuitBreaker(failure_threshold=3, clock=FakeClock(now=0.0)),
+            probe=RedisProbe(None),
+        )
+        kept: Counter[str] = Counter()  # counted, or written to the outbox
+        unknown: Counter[str] = Counter()  # cut by the kill: counted once or not at all
+        stop_syncing = asyncio.Event()
+        syncs = [
+            asyncio.create_task(_sync_until(stop_syncing, redis, pg_store, settings, clock))
+            for _ in range(2)
+        ]
+        try:
+            rng = random.Random(5)
+            dead = cluster.nodes[1]
+            for wave in range(WAVES):
+                if wave == KILL_AFTER:
+                    await asyncio.to_thread(cluster.kill, dead)
+                restart = (
+                    asyncio.create_task(asyncio.to_thread(cluster.restart, dead))
+                    if wave == RESTART_AFTER
+                    else None
+                )
+                offers = [str(rng.randrange(CONTENTS)) for _ in range(WAVE)]
+                results = await asyncio.gather(
+                    *(
+                        resilient.track_view("task", content_id, f"user:{rng.randrange(500)}")
+                        for content_id in offers
+                    )
+                )
+                for content_id, result in zip(offers, results, strict=True):
+                    if result.counted or result.queued:
+                        kept[content_id] += 1
+                    else:
+                        unknown[content_id] += 1
+                if restart is not None:
+                    await restart  # traffic went on while the primary came back
+            assert sum(unknown.values()) >= 3  # the kill was felt: the breaker opened
+        finally:
+            stop_syncing.set()
+            ended = await asyncio.gather(*syncs, return_exceptions=True)
+        assert ended == [None, None], ended
+        # A sync the kill stopped could not release the lock on the dead node: it expires.
+        await redis.delete(settings.content_shards().schemas[0].sync_lock)
+
+        try:
+            await _replay_when_back(Replayer(tracker, outbox))
+            assert await outbox.oldest(1) == []
+            await tracker.drain()
+            ids = [str(n) for n in range(CONTENTS)]
+            # The syncs racing the traffic had moved views already.
+            assert sum([await pg_store.read_count("task", i) for i in ids]) > 0
+            await _last_sync(redis, pg_store, settings, clock)
+            for content_id in ids:
+                stored = await pg_store.read_count("task", content_id)
+                low, high = kept[content_id], kept[content_id] + unknown[content_id]
+                assert low <= stored <= high, (content_id, low, stored, high)
+            # Nothing is left between Redis and the database: what a page shows is stored.
+            shown = await tracker.get_view_counts("task", ids)
+            assert shown == {i: await pg_store.read_count("task", i) for i in ids}
+        finally:
+            await resilient.aclose()
+            await tracker.drain()
+            await nodes.aclose()
+            await redis.aclose()
+
+
+async def _sync_until(
+    stop: asyncio.Event, redis: object, store: Store, settings: Settings, clock: FakeClock
+) -> None:
+    """Run syncs back to back until ``stop``; a sync that a dead node or the other sync stops
+    is simply followed by the next (as the worker's retries would). A short lock: one whose
+    renewal or release the kill cut expires soon, and the other loop's sync takes over while
+    the first may still be running."""
+    sync = ViewSync(
+        cast(Redis, redis), store, settings, clock=clock, batch_contents=20, lock_seconds=1.0
+    )
+    while not stop.is_set():
+        with contextlib.suppress(SyncError, RedisError, OSError):
+            await sync.run()
+        # Pacing, not timing: let the traffic's turns in between two runs.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.02)
+
+
+async def _replay_when_back(replayer: Replayer) -> None:
+    """Replay once the restarted primary answers (each retry is idempotent by the markers)."""
+    for _attempt in range(50):
+        try:
+            await replayer.replay()
+            return
+        except RedisError:
+            await asyncio.sleep(0.1)
+    pytest.fail("the restarted primary did not take the replay")
+
+
+async def _last_sync(redis: object, store: Store, settings: Settings, clock: FakeClock) -> None:
+    """A complete sync, once the cluster takes every step again."""
+    for _attempt in range(50):
+        try:
+            report = await ViewSync(cast(Redis, redis), store, settings, clock=clock).run()
+        except (SyncError, RedisError):
+            await asyncio.sleep(0.1)
+            continue
+        assert not report.already_running
+        return
+    pytest.fail("no sync completed after the restart")
