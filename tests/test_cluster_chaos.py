@@ -128,14 +128,15 @@ async def _sync_until(
     stop: asyncio.Event, redis: object, store: Store, settings: Settings, clock: FakeClock
 ) -> None:
     """Run syncs back to back until ``stop``; a sync that a dead node or the other sync stops
-    is simply followed by the next (as the worker's retries would). A short lock: one whose
-    renewal or release the kill cut expires soon, and the other loop's sync takes over while
-    the first may still be running."""
+    is simply followed by the next, as the worker retries whatever a run raised (redis-py's
+    cluster client itself can fail with an AttributeError while a node dies). A short lock:
+    one whose renewal or release the kill cut expires soon, and the other loop's sync takes
+    over while the first may still be running."""
     sync = ViewSync(
         cast(Redis, redis), store, settings, clock=clock, batch_contents=20, lock_seconds=1.0
     )
     while not stop.is_set():
-        with contextlib.suppress(SyncError, RedisError, OSError):
+        with contextlib.suppress(Exception):
             await sync.run()
         # Pacing, not timing: let the traffic's turns in between two runs.
         with contextlib.suppress(TimeoutError):

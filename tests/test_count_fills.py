@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from tests.support import FakeClock
 from viewmw import Settings, Store, ViewTracker
@@ -120,3 +121,29 @@ async def test_a_read_past_the_background_deadline_is_a_database_failure(
 
     assert reads.calls == breaker.failure_threshold
     assert breaker.state is BreakerState.OPEN
+
+
+async def test_a_fill_that_redis_fails_to_store_is_no_database_failure(
+    quick_tracker: ViewTracker,
+    store: Store,
+    real_redis: aioredis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    reads = HeldReads(store, monkeypatch)
+    reads.release.set()
+    evalsha = real_redis.evalsha
+
+    async def storing_fails(sha: str, numkeys: int, *keys_and_args: Any) -> Any:
+        if sha == quick_tracker.scripts.fill_cache.sha:
+            raise RedisConnectionError("the node holding the count went away")
+        return await evalsha(sha, numkeys, *keys_and_args)
+
+    monkeypatch.setattr(real_redis, "evalsha", storing_fails)
+    breaker = quick_tracker.database_breaker
+    for n in range(breaker.failure_threshold + 1):
+        assert (await quick_tracker.track_view("story", n + 1, "user:1")).count is None
+        await quick_tracker.drain()
+
+    # The database answered every read: its breaker stays closed, and every miss was read.
+    assert reads.calls == breaker.failure_threshold + 1
+    assert breaker.state is BreakerState.CLOSED

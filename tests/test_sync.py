@@ -465,6 +465,35 @@ async def test_the_lock_is_released_after_every_outcome(world: World) -> None:
     await world.check_settled()
 
 
+async def test_the_run_ends_even_if_a_client_swallows_its_renewals_cancellation(
+    real_world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    world = real_world
+    in_flight = asyncio.Event()
+    hook = Hook()
+    hook.call_at("locked", in_flight.wait)  # the run ends while a renewal is under way
+    sync = world.sync(lock_seconds=0.03, on_step=hook)
+    evalsha = world.redis.evalsha
+    swallowed: list[int] = []
+
+    async def swallowing(sha: str, numkeys: int, *keys_and_args: Any) -> Any:
+        if sha != sync.scripts.renew_lock.sha:
+            return await evalsha(sha, numkeys, *keys_and_args)
+        in_flight.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:  # as redis-py's cluster client may, while a node dies
+            swallowed.append(1)
+        return 1
+
+    monkeypatch.setattr(world.redis, "evalsha", swallowing)
+    async with asyncio.timeout(30):  # only a guard: the run must end, not hang
+        report = await sync.run()
+    assert swallowed == [1]
+    assert not report.already_running and report.views == 0
+    assert not await world.redis.exists(KEYS.sync_lock)
+
+
 async def test_a_recovered_batch_is_reported(world: World) -> None:
     """A batch left before its commit is committed by the next run; one left after, settled."""
     await world.seed()

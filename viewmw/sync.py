@@ -334,11 +334,13 @@ class ViewSync:
         if not fence:
             yield None
             return
-        renewal = asyncio.create_task(self._renew(token))
+        done = asyncio.Event()
+        renewal = asyncio.create_task(self._renew(token, done))
         released: bool | None = None
         try:
             yield _Lease(token, fence)
         finally:
+            done.set()
             renewal.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renewal
@@ -352,9 +354,17 @@ class ViewSync:
                 "finishes the work"
             )
 
-    async def _renew(self, token: str) -> None:
-        while True:
-            await asyncio.sleep(self.lock_ms / 3000)
+    async def _renew(self, token: str, done: asyncio.Event) -> None:
+        """Renew the lock every third of its time until ``done`` (or until it is lost).
+
+        ``done`` ends the loop even if a client library swallowed the task's cancellation in
+        the middle of a call (redis-py's cluster client can, while a node dies): the run's end
+        would otherwise wait for a renewal that never stops.
+        """
+        while not done.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), self.lock_ms / 3000)
+                return
             try:
                 renewed = await self.scripts.renew_lock(
                     keys=[self.keys.sync_lock], args=[token, self.lock_ms]

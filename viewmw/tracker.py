@@ -745,6 +745,11 @@ class ViewTracker:
         exc = task.exception()
         if exc is None:
             self.database_breaker.success()
+        elif isinstance(exc, _CacheNotStored):
+            # The database answered; Redis failed to store the count (a node died, say). That
+            # is the Redis path's failure, not a reason to stop reading the database.
+            self.database_breaker.success()
+            self._database_errors.report(exc.failure)
         else:
             self.database_breaker.failure()
             self._database_errors.report(exc)
@@ -772,10 +777,13 @@ class ViewTracker:
             for content_id in missing
         }
         per_content = self._parts_keys(content_type, missing, keys)
-        reply = await self.scripts.fill_cache(
-            keys=[keys.epoch, *per_content],
-            args=[epoch, DATABASE_COUNT_TTL_SECONDS, *(bases[c] for c in missing)],
-        )
+        try:
+            reply = await self.scripts.fill_cache(
+                keys=[keys.epoch, *per_content],
+                args=[epoch, DATABASE_COUNT_TTL_SECONDS, *(bases[c] for c in missing)],
+            )
+        except Exception as exc:
+            raise _CacheNotStored(exc) from exc
         if not int(reply[0]):
             logger.debug("a sync moved views during a count read; %s not cached", content_type)
             return {}
@@ -812,6 +820,14 @@ class ViewTracker:
     def calendar_day_name(self) -> str:
         """Today's date (``YYYY-MM-DD``) in the configured zone, by the tracker's clock."""
         return self._calendar_day(math.floor(self.clock())).name
+
+
+class _CacheNotStored(Exception):
+    """A cache fill read the database but Redis failed to store the counts."""
+
+    def __init__(self, failure: Exception) -> None:
+        super().__init__(str(failure))
+        self.failure = failure
 
 
 def _consume(future: asyncio.Future[Any]) -> None:
