@@ -28,7 +28,7 @@ from viewmw.node_connections import NodeConnections
 from viewmw.outage.breaker import CircuitBreaker
 from viewmw.pipeline import Batcher, LateReply, ScriptCall, script_pipeline
 from viewmw.script_connection import ScriptConnection
-from viewmw.scripts import Scripts, run_on_client
+from viewmw.scripts import ScriptRunner, Scripts, run_on_client
 from viewmw.settings import Settings
 from viewmw.sharded_recording import ShardedRecording, ViewCall
 from viewmw.store import Store
@@ -189,6 +189,12 @@ class ViewTracker:
             )
         elif isinstance(script_connection, NodeConnections):
             raise ValueError("a cluster's node connections need a redis+cluster:// URL")
+        # Count reads on a cluster take the node connections too, when there are some.
+        self._send_read: ScriptRunner = (
+            script_connection.run_script
+            if self._clustered and script_connection is not None
+            else run_on_client
+        )
         self._known_counts: dict[str, int] = {}
         # "type:id" -> (day, the content's keys for that day), see _remember_content_keys.
         self._content_keys: dict[str, tuple[str, ...]] = {}
@@ -219,7 +225,7 @@ class ViewTracker:
             return await self._reads.submit((script, keys, args))
         try:
             async with asyncio.timeout(self.settings.redis_timeout):
-                return await script(keys=keys, args=args)
+                return await self._send_read(script, keys, args)
         except TimeoutError:
             raise LateReply from None
 
