@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import sys
@@ -218,3 +219,29 @@ async def test_the_command_on_a_dead_cluster_exits_2_with_one_line(
 async def _run_main(argv: list[str]) -> int:
     # main() runs asyncio.run: on a thread of its own, as it would in the command's process.
     return await asyncio.to_thread(main, argv)
+
+
+async def test_an_app_on_a_dead_cluster_starts_and_says_so_in_one_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    settings = Settings(
+        redis_url=f"redis+cluster://{dead}",
+        database_url=f"sqlite+aiosqlite:///{tmp_path}/viewmw.sqlite3",
+        secret=SECRET,
+    )
+    built = BuiltTracker(settings)
+    with caplog.at_level(logging.WARNING, logger="viewmw"):
+        await built.startup()
+    try:
+        # The page is served without a count (the outage path: the breaker counts the failure).
+        result = await built.tracker.track_view("story", "1", "user:1")
+    finally:
+        await built.aclose()
+    assert (result.counted, result.count) == (False, None)
+    startup = [r for r in caplog.records if "start-up" in r.getMessage()]
+    assert [
+        (r.getMessage().startswith(f"viewmw: the Redis Cluster at {dead} "), r.exc_info)
+        for r in startup
+    ] == [(True, None)]
+    assert "start its primaries or set VIEWMW_REDIS_URL" in startup[0].getMessage()

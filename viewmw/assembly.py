@@ -116,8 +116,9 @@ class BuiltTracker:
         owned = self.tracker.tracker
         store = owned.store
         assert store is not None
-        await learn_cluster(owned.redis, owned.settings)
-        await record_mapping(owned.redis, owned.keys, store)
+        # A cluster that did not answer has said so in one line; recording would only fail too.
+        if await learn_cluster(owned.redis, owned.settings):
+            await record_mapping(owned.redis, owned.keys, store)
         if self.create_tables:
             try:
                 async with asyncio.timeout(owned.settings.database_timeout):
@@ -224,8 +225,8 @@ async def learn_cluster(redis: Redis, settings: Settings, *, wait_seconds: float
     A cluster client learns them at its first command, and redis-py's asyncio client fails
     commands sent concurrently while it does (the connections they opened are closed under
     them): a burst of first requests would count none. Never raises, and waits at most
-    ``wait_seconds``: an app starts whether or not the cluster answers (its views go to the
-    outbox until it does), and says so in one line.
+    ``wait_seconds``: an app starts whether or not the cluster answers (the outage path takes
+    its views, as for a single Redis that is down), and says so in one line.
     """
     if settings.redis_cluster is None:
         return True
