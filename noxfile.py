@@ -1,8 +1,8 @@
 """Checks everyone runs: `nox` (tests, lint, typecheck, docs); CI adds `nox -s tests-rabbitmq
 tests-browser tests-fresh` (see .ci/run); `nox -s bench` runs the benchmarks; `nox -s
 tests-versions` the suite on every supported Python installed here, `nox -s coverage` a coverage
-report; `nox -s screenshot` redraws the stats page's image in the docs. Extra arguments after
-`--` go to pytest: `nox -s tests -- -x -k sync`."""
+report; `nox -s soak` the bounded soak on a Redis Cluster; `nox -s screenshot` redraws the stats
+page's image in the docs. Extra arguments after `--` go to pytest: `nox -s tests -- -x -k sync`."""
 
 from __future__ import annotations
 
@@ -93,6 +93,16 @@ def tests_browser(session: nox.Session) -> None:
     """
     session.install("-e", ".[test]")
     session.run("pytest", "-m", "browser", *session.posargs)
+
+
+@nox.session(python=PYTHON, default=False)
+def soak(session: nox.Session) -> None:
+    """The bounded soak (tests/soak/): `uvicorn --workers 2`, two Dramatiq workers and periodiq
+    syncing every minute on a local Redis Cluster under seeded traffic, then exact conservation.
+    `VIEWMW_SOAK_SECONDS` sets the traffic's length (default 180, at most 600), `VIEWMW_SOAK_SEED`
+    its seed; needs redis-server and redis-cli, PostgreSQL and Redis, as the tests do."""
+    session.install("-e", ".[test]")
+    session.run("pytest", "-m", "soak", "tests/soak", *session.posargs)
 
 
 @nox.session(python=PYTHON, default=False)

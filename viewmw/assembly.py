@@ -26,7 +26,7 @@ from viewmw.outage.failover import ResilientTracker
 from viewmw.outage.outbox import Outbox
 from viewmw.packing import connection_class_for
 from viewmw.script_connection import ScriptConnection
-from viewmw.settings import CLUSTER_NOT_SUPPORTED, Settings
+from viewmw.settings import Settings
 from viewmw.store import Store
 from viewmw.tracker import ViewTracker
 
@@ -44,17 +44,18 @@ def build_tracker(
     """A tracker on new clients for ``settings.redis_url`` and ``settings.database_url``.
 
     Content types map to ``content_tables`` if given, else to ``settings.content_tables``. Without
-    a Redis URL it runs on an in-process fakeredis (see :func:`connect_redis`). Views go to Redis
-    on a dedicated lean connection (:mod:`viewmw.script_connection`) where the URL allows one. The
-    caller owns the clients: close them with :func:`close_clients`, or use :class:`BuiltTracker`,
-    which does.
+    a Redis URL it runs on an in-process fakeredis; on a ``redis+cluster://`` URL, on a Redis
+    Cluster client (see :func:`connect_redis`). Views go to a single Redis on a dedicated lean
+    connection (:mod:`viewmw.script_connection`) where the URL allows one; a cluster has none (one
+    connection reaches one node). The caller owns the clients: close them with
+    :func:`close_clients`, or use :class:`BuiltTracker`, which does.
     """
     if content_tables is None:
         store = Store.from_settings(settings)
     else:
         store = Store.from_url(settings.resolved_database_url(), content_tables, pool_pre_ping=True)
     script_connection = None
-    if settings.redis_url is not None:
+    if settings.redis_url is not None and settings.redis_cluster is None:
         script_connection = ScriptConnection.from_url(
             settings.redis_url,
             connect_timeout=settings.redis_probe_timeout,
@@ -105,9 +106,9 @@ class BuiltTracker:
         self._closed = False
 
     async def startup(self) -> None:
-        """Record the content table mapping in Redis for the sync to check
-        (:mod:`viewmw.mapping`), create the tables (if ``create_tables``), and start replaying
-        views an earlier run left in the outage outbox.
+        """Learn a Redis Cluster's nodes (:func:`learn_cluster`), record the content table
+        mapping in Redis for the sync to check (:mod:`viewmw.mapping`), create the tables (if
+        ``create_tables``), and start replaying views an earlier run left in the outage outbox.
 
         A database that cannot be reached is logged, not raised: the app starts anyway and
         serves its pages without counts.
@@ -115,7 +116,9 @@ class BuiltTracker:
         owned = self.tracker.tracker
         store = owned.store
         assert store is not None
-        await record_mapping(owned.redis, owned.keys, store)
+        # A cluster that did not answer has said so in one line; recording would only fail too.
+        if await learn_cluster(owned.redis, owned.settings):
+            await record_mapping(owned.redis, owned.keys, store)
         if self.create_tables:
             try:
                 async with asyncio.timeout(owned.settings.database_timeout):
@@ -143,16 +146,16 @@ def connect_redis(settings: Settings) -> Redis:
     a backstop far above the request deadline: a request stops waiting at ``redis_timeout``, but
     the reply is still read, so a loop that was merely busy never breaks the connection. With no
     URL set: an in-process fakeredis, with a warning that its counts are neither shared nor kept.
+    With a ``redis+cluster://`` URL: :func:`connect_redis_cluster`'s client, seen through
+    :func:`as_redis`.
 
     Raises:
-        ConfigurationError: no URL is set and fakeredis is not installed; or the URL names a
-            Redis Cluster (``redis+cluster://``), which viewmw cannot count views on yet: the
-            error comes here, while the app starts, never at its first view.
+        ConfigurationError: no URL is set and fakeredis is not installed.
     """
     if settings.redis_url is None:
         return _embedded_redis()
     if settings.redis_cluster is not None:
-        raise ConfigurationError("redis_url", CLUSTER_NOT_SUPPORTED)
+        return as_redis(connect_redis_cluster(settings))
     packing = connection_class_for(settings.redis_url)
     pool = BlockingConnectionPool.from_url(
         settings.redis_url,
@@ -168,14 +171,33 @@ def connect_redis(settings: Settings) -> Redis:
     return Redis.from_pool(pool)
 
 
-def connect_redis_cluster(settings: Settings) -> RedisCluster:
+def as_redis(cluster: RedisCluster) -> Redis:
+    """``cluster`` as the type the tracker, the sync, health and the statistics take.
+
+    viewmw's one cast of a cluster client. Those are typed for ``redis.asyncio.Redis`` and use
+    only what a ``RedisCluster`` answers the same way: scripts whose keys share one slot (the
+    content shards of ``settings.content_shards()`` see to it), pipelines without ``EVALSHA``,
+    ``SCAN`` over every primary, ``PING`` of every node. They learn that Redis is a cluster from
+    the settings (``settings.redis_cluster``), never from the client's type.
+    """
+    return cast(Redis, cluster)
+
+
+def connect_redis_cluster(
+    settings: Settings,
+    *,
+    socket_timeout: float | None = None,
+    connect_timeout: float | None = None,
+) -> RedisCluster:
     """A Redis Cluster client for a ``redis+cluster://`` ``settings.redis_url``.
 
     Starts from the nodes the URL names and learns the others from them (at its first command).
     As :func:`connect_redis`, it never resends a command: redis-py's cluster client would by
     default retry a command (and a whole pipeline) after a timeout, and a script that timed out
     may have run. ``max_connections`` is per node; the cluster client has no blocking pool, so
-    a node with all its connections busy raises ``MaxConnectionsError``.
+    a node with all its connections busy raises ``MaxConnectionsError``. The socket timeouts
+    default to ``settings.redis_probe_timeout`` (request paths); background work passes longer
+    ones.
 
     Raises:
         ConfigurationError: the URL does not name a Redis Cluster.
@@ -189,11 +211,39 @@ def connect_redis_cluster(settings: Settings) -> RedisCluster:
         password=cluster.password,
         ssl=cluster.tls,
         max_connections=REDIS_MAX_CONNECTIONS,
-        socket_timeout=settings.redis_probe_timeout,
-        socket_connect_timeout=settings.redis_probe_timeout,
+        socket_timeout=socket_timeout or settings.redis_probe_timeout,
+        socket_connect_timeout=connect_timeout or settings.redis_probe_timeout,
         retry=Retry(NoBackoff(), 0),
         health_check_interval=30,
     )
+
+
+async def learn_cluster(redis: Redis, settings: Settings, *, wait_seconds: float = 5.0) -> bool:
+    """On a Redis Cluster, learn its nodes and slots now, before the first requests; returns
+    whether it did (``True`` at once on a single Redis).
+
+    A cluster client learns them at its first command, and redis-py's asyncio client fails
+    commands sent concurrently while it does (the connections they opened are closed under
+    them): a burst of first requests would count none. Never raises, and waits at most
+    ``wait_seconds``: an app starts whether or not the cluster answers (the outage path takes
+    its views, as for a single Redis that is down), and says so in one line.
+    """
+    if settings.redis_cluster is None:
+        return True
+    try:
+        async with asyncio.timeout(wait_seconds):
+            await cast(RedisCluster, redis).initialize()
+    except Exception as exc:
+        nodes = ",".join(f"{host}:{port}" for host, port in settings.redis_cluster.nodes)
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        logger.warning(
+            "viewmw: the Redis Cluster at %s did not answer at start-up (%s); start its "
+            "primaries or set VIEWMW_REDIS_URL",
+            nodes,
+            reason,
+        )
+        return False
+    return True
 
 
 def _embedded_redis() -> Redis:

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -152,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigurationError, ServiceUnavailableError) as exc:
         errors.print(f"viewmw: {exc}", markup=False, highlight=False, soft_wrap=True)
         return EXIT_UNAVAILABLE
-    except (ViewmwError, RedisError, SQLAlchemyError, OSError) as exc:
+    except (ViewmwError, RedisError, RedisClusterException, SQLAlchemyError, OSError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         errors.print(
             f"viewmw: {args.command} failed: {reason} (nothing is lost; run it again)",
@@ -172,7 +172,7 @@ async def _with_services(
     redis = redis_for_background(settings)
     store = Store.from_settings(settings)
     try:
-        await check_redis(redis, settings.redis_url)
+        await check_redis(redis, settings)
         await check_database(store)
         tracker = ViewTracker(redis, store, settings, pipelining=False)
         sync = ViewSync(redis, store, settings)

@@ -17,11 +17,12 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.types import Receive, Scope, Send
 
+from viewmw.connections import ping_redis
 from viewmw.operator_stats import pending_contents
 from viewmw.outage.outbox import Outbox
 from viewmw.settings import Settings
@@ -30,7 +31,8 @@ from viewmw.store import Store
 REDIS, DATABASE, BACKLOG, LAST_SYNC, OUTBOX = "redis", "database", "backlog", "last_sync", "outbox"
 # Failures of these checks mean a server is not reachable (``viewmw health`` exits 2).
 CONNECTIVITY_CHECKS = (REDIS, DATABASE)
-_FAILURES = (TimeoutError, RedisError, SQLAlchemyError, OSError)
+# A cluster client that reaches no node raises RedisClusterException, which is no RedisError.
+_FAILURES = (TimeoutError, RedisError, RedisClusterException, SQLAlchemyError, OSError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,12 +99,18 @@ async def check_health(
     """Check Redis (``PING``), the database (``SELECT 1``), the pending backlog, the age of the
     last committed sync and the outbox, each within ``thresholds.timeout_seconds``.
 
+    On a Redis Cluster (``settings.redis_cluster``), Redis is healthy only when every primary
+    answers ``PING``: a primary that is down takes the views of its slots with it. The backlog
+    is summed over every content shard.
+
     Never raises for a server that is down: that check says so and is not ok.
     """
     limits = thresholds or HealthThresholds()
 
     async def redis_answers() -> Check:
-        await redis.ping()
+        await ping_redis(redis, settings)
+        if settings.redis_cluster is not None:
+            return Check(REDIS, True, "every primary answers PING")
         return Check(REDIS, True, "answers PING")
 
     async def database_answers() -> Check:

@@ -33,13 +33,6 @@ _CLUSTER_SCHEMES = {"redis+cluster": False, "rediss+cluster": True}  # scheme ->
 _CLUSTER_NODE = re.compile(
     r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9._-]+))(?::(?P<port>\d{1,5}))?"
 )
-CLUSTER_NOT_SUPPORTED = (
-    "names a Redis Cluster, and Redis Cluster support is not complete: views are recorded and "
-    "synced on a cluster, but the period and trending reads, the stats page and the outage "
-    "path do not run there yet. Use a single Redis (redis://host:port/db) for now; docs/keys.md "
-    "('Redis Cluster') says what runs on a cluster and what is left"
-)
-"""Why a tracker (or a command, or the worker) refuses a ``redis+cluster://`` URL at start-up."""
 _QUEUE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9._-]{0,99}")  # what Dramatiq accepts, bounded
 _NAMESPACE = re.compile(r"[A-Za-z0-9._:-]{1,100}")
 _SAFE_PREFIX = re.compile(r"[A-Za-z0-9._-]+:?")
@@ -97,7 +90,8 @@ class Settings:
         redis_url: ``redis://``, ``rediss://`` or ``unix://`` URL; ``None`` lets the caller pick an
             embedded stand-in (the example app uses fakeredis). A Redis Cluster is
             ``redis+cluster://host:port,host:port`` (``rediss+cluster://`` for TLS), parsed into
-            :attr:`redis_cluster`; viewmw does not run on a cluster yet (see docs/keys.md).
+            :attr:`redis_cluster` (the app, the command and the worker run on it; see
+            docs/keys.md, "Redis Cluster").
         database_url: SQLAlchemy URL; synchronous driver names are switched to their async driver
             (``postgresql://`` runs on asyncpg, ``sqlite://`` on aiosqlite). Empty: the embedded
             SQLite file ``viewmw.sqlite3``, but only while Redis is embedded too (no

@@ -1,6 +1,13 @@
-"""The one Dramatiq broker of the worker, configured before any actor is declared."""
+"""The one Dramatiq broker of the worker, configured before any actor is declared.
+
+On a Redis Cluster (a ``redis+cluster://`` ``VIEWMW_REDIS_URL``) the worker and the scheduler
+also check at start-up that every primary answers, and stop with one line saying what to start
+if one does not: a cluster client needs the whole slot map before it can sync anything.
+"""
 
 from __future__ import annotations
+
+import asyncio
 
 import dramatiq
 import pendulum
@@ -8,7 +15,8 @@ from dramatiq.brokers.stub import StubBroker
 from dramatiq.middleware.asyncio import AsyncIO
 from periodiq import PeriodiqMiddleware
 
-from viewmw.errors import ConfigurationError
+from viewmw.connections import check_redis, redis_for_background
+from viewmw.errors import ConfigurationError, ServiceUnavailableError
 from viewmw.jobs.settings import WorkerSettings
 from viewmw.settings import Settings
 
@@ -54,9 +62,29 @@ def load_settings() -> tuple[Settings, WorkerSettings]:
     return settings, WorkerSettings.from_env(settings)
 
 
+def check_cluster(settings: Settings) -> None:
+    """On a Redis Cluster, check that every primary answers ``PING``; nothing on a single Redis
+    (its broker, often the same server, says so itself).
+
+    Raises:
+        ServiceUnavailableError: a primary does not answer, in one line saying what to start.
+    """
+    if settings.redis_cluster is not None:
+        asyncio.run(_ping_every_primary(settings))
+
+
+async def _ping_every_primary(settings: Settings) -> None:
+    redis = redis_for_background(settings)
+    try:
+        await check_redis(redis, settings)
+    finally:
+        await redis.aclose()
+
+
 try:
     settings, worker_settings = load_settings()
-except ConfigurationError as exc:
+    check_cluster(settings)
+except (ConfigurationError, ServiceUnavailableError) as exc:
     # dramatiq and periodiq would print the import error as a traceback: one line says it all
     # (SystemExit prints its text to stderr and exits 1, in dramatiq's worker process too).
     raise SystemExit(f"viewmw: {exc}") from None

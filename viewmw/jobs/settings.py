@@ -14,11 +14,20 @@ from periodiq import CronSpec, cron
 from viewmw.errors import ConfigurationError
 from viewmw.metrics.endpoint import INSTALL_HINT
 from viewmw.metrics.recording import prometheus_installed
-from viewmw.settings import ENVIRONMENT, Settings, read_environment
+from viewmw.settings import ENVIRONMENT, RedisClusterURL, Settings, read_environment
 
 _BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "stub")
 DEFAULT_SYNC_CRON = "0 0 * * *"  # midnight
 DEFAULT_CLEANUP_CRON = "30 0 * * *"  # after the sync
+_SINGLE_BROKER = (
+    "Dramatiq's Redis broker does not run on a Redis Cluster: set VIEWMW_BROKER_URL to a single "
+    "Redis (redis://host:6379/0) or RabbitMQ (amqp://user:password@host:5672)"
+)
+# Whether VIEWMW_BROKER_URL was left unset (and so defaulted to the cluster) -> the message.
+_CLUSTER_BROKER = {
+    False: f"names a Redis Cluster, and {_SINGLE_BROKER}",
+    True: f"is not set and VIEWMW_REDIS_URL names a Redis Cluster; {_SINGLE_BROKER}",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,7 +36,9 @@ class WorkerSettings:
 
     Attributes:
         broker_url: ``redis://…`` (Dramatiq's Redis broker), ``amqp://…`` (RabbitMQ) or
-            ``stub://`` (in-process, for tests). Defaults to ``VIEWMW_REDIS_URL``.
+            ``stub://`` (in-process, for tests). Defaults to ``VIEWMW_REDIS_URL``; never a
+            Redis Cluster, which Dramatiq's Redis broker does not run on: with a
+            ``redis+cluster://`` ``VIEWMW_REDIS_URL``, set it to a single Redis or RabbitMQ.
         sync_cron: when the sync runs, as cron in ``VIEWMW_TIMEZONE`` (default midnight).
         cleanup_cron: when the cleanup runs (default half an hour after midnight).
         failure_hook: called once when a sync has failed all its retries: a dotted path
@@ -79,6 +90,9 @@ class WorkerSettings:
             raise ConfigurationError(
                 "VIEWMW_BROKER_URL", "is not set (nor VIEWMW_REDIS_URL): the worker needs a broker"
             )
+        if RedisClusterURL.is_cluster_url(broker_url):
+            unset = not values.get("broker_url")
+            raise ConfigurationError("VIEWMW_BROKER_URL", _CLUSTER_BROKER[unset])
         scheme = broker_url.partition("://")[0]
         if "://" not in broker_url or scheme not in _BROKER_SCHEMES:
             raise ConfigurationError(
