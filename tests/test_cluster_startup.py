@@ -20,7 +20,7 @@ from redis.asyncio.cluster import RedisCluster
 from tests.asgi_support import free_port
 from tests.cluster_support import LocalCluster
 from tests.test_example import BROWSER, Server, count_on_page
-from viewmw import BuiltTracker, Settings, build_tracker
+from viewmw import BuiltTracker, NodeConnections, Settings, build_tracker
 from viewmw.assembly import close_clients
 from viewmw.cli import EXIT_OK, EXIT_UNAVAILABLE, main
 
@@ -70,7 +70,8 @@ async def test_build_tracker_on_a_cluster_url_counts_a_view_and_closes(
         assert tracker.store is not None
         await tracker.store.create_tables()
         assert isinstance(tracker.redis, RedisCluster)
-        assert tracker.script_connection is None  # one connection reaches one node only
+        # One lean connection per primary carries the views (viewmw.node_connections).
+        assert isinstance(tracker.script_connection, NodeConnections)
         first = await tracker.track_view("story", "7", "user:1")
         again = await tracker.track_view("story", "7", "user:1")
         await tracker.drain()
@@ -81,6 +82,7 @@ async def test_build_tracker_on_a_cluster_url_counts_a_view_and_closes(
     pending = tracker.shards.of("story", "7").pending("story", "7")
     assert await cluster_redis.get(pending) == b"1"
     assert connected(tracker.redis) == 0  # type: ignore[arg-type]
+    assert tracker.script_connection._connections == {}  # closed with the tracker
 
 
 async def test_a_built_tracker_starts_counts_and_closes_on_a_cluster(

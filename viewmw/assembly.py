@@ -22,6 +22,7 @@ from sqlalchemy import Column
 
 from viewmw.errors import ConfigurationError
 from viewmw.mapping import record_mapping
+from viewmw.node_connections import NodeConnections
 from viewmw.outage.failover import ResilientTracker
 from viewmw.outage.outbox import Outbox
 from viewmw.packing import connection_class_for
@@ -46,24 +47,32 @@ def build_tracker(
     Content types map to ``content_tables`` if given, else to ``settings.content_tables``. Without
     a Redis URL it runs on an in-process fakeredis; on a ``redis+cluster://`` URL, on a Redis
     Cluster client (see :func:`connect_redis`). Views go to a single Redis on a dedicated lean
-    connection (:mod:`viewmw.script_connection`) where the URL allows one; a cluster has none (one
-    connection reaches one node). The caller owns the clients: close them with
+    connection (:mod:`viewmw.script_connection`) where the URL allows one, and to a cluster on
+    one such connection per primary (:mod:`viewmw.node_connections`; not over TLS, where
+    redis-py's client carries them). The caller owns the clients: close them with
     :func:`close_clients`, or use :class:`BuiltTracker`, which does.
     """
     if content_tables is None:
         store = Store.from_settings(settings)
     else:
         store = Store.from_url(settings.resolved_database_url(), content_tables, pool_pre_ping=True)
-    script_connection = None
-    if settings.redis_url is not None and settings.redis_cluster is None:
+    redis = connect_redis(settings)
+    script_connection: ScriptConnection | NodeConnections | None = None
+    cluster = settings.redis_cluster
+    if cluster is not None:
+        if not cluster.tls:
+            script_connection = NodeConnections(
+                cast(RedisCluster, redis),
+                connect_timeout=settings.redis_probe_timeout,
+                reply_timeout=settings.redis_probe_timeout,
+            )
+    elif settings.redis_url is not None:
         script_connection = ScriptConnection.from_url(
             settings.redis_url,
             connect_timeout=settings.redis_probe_timeout,
             reply_timeout=settings.redis_probe_timeout,
         )
-    return ViewTracker(
-        connect_redis(settings), store, settings, clock=clock, script_connection=script_connection
-    )
+    return ViewTracker(redis, store, settings, clock=clock, script_connection=script_connection)
 
 
 async def close_clients(tracker: ViewTracker) -> None:

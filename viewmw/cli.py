@@ -27,6 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from viewmw import __version__
 from viewmw.cli_history import add_history_parsers, top_command, views_command
+from viewmw.cli_migrate import add_migrate_parser, migrate_command
 from viewmw.connections import check_database, check_redis, redacted, redis_for_background
 from viewmw.errors import ConfigurationError, ServiceUnavailableError, ViewmwError
 from viewmw.health import HealthThresholds, check_health
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("init-db", help="create viewmw's tables (and mapped content tables)")
     _add_unmatched_parser(commands)
     add_history_parsers(commands)
+    add_migrate_parser(commands)
     return parser
 
 
@@ -422,6 +424,7 @@ _COMMANDS: dict[str, Command] = {
     "unmatched": _unmatched,
     "top": top_command,
     "views": views_command,
+    "migrate-keys": migrate_command,
 }
 
 

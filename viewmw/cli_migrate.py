@@ -47,7 +47,7 @@ async def migrate_command(
     source_settings = tracker.settings.replace(redis_url=args.source)
     source = redis_for_background(source_settings)
     try:
-        await check_redis(source, args.source)
+        await check_redis(source, source_settings)
         outbox = Outbox(tracker.store.engine) if tracker.store is not None else None
         migration = KeyMigration(
             source,
