@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter
+from datetime import UTC, datetime
 from typing import Any, cast
 
 import pytest
@@ -17,7 +18,7 @@ from redis.exceptions import RedisError
 
 from tests.cluster_support import LocalCluster, local_cluster
 from tests.support import FakeClock
-from viewmw import Limits, Settings, TrackResult, ViewTracker
+from viewmw import Limits, Settings, Store, TrackResult, ViewTracker
 from viewmw.assembly import connect_redis_cluster
 from viewmw.errors import MalformedReplyError
 from viewmw.keys import viewer_shard
@@ -250,6 +251,38 @@ async def test_a_view_sent_alone_is_decided_whole_after_its_request_stopped_wait
         await tracker.drain()
     assert await _pending(cluster_redis, tracker, "7") == 1
     assert int(await cluster_redis.hget(held_key, "n") or 0) == 1
+
+
+async def test_a_cold_list_over_many_shards_reads_the_database_once_for_all(
+    redis_cluster: LocalCluster,
+    cluster_redis: RedisCluster,
+    pg_store: Store,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ids = [f"t{n}" for n in range(40)]
+    started = datetime(2025, 11, 24, tzinfo=UTC)
+    await pg_store.commit_batch("seed", started, {("task", i): n + 1 for n, i in enumerate(ids)})
+    settings = _settings(redis_cluster).replace(database_request_timeout=10.0)
+    tracker = ViewTracker(cast(Redis, cluster_redis), pg_store, settings, clock=clock)
+    reads: list[int] = []
+    original = pg_store.read_counts
+
+    async def counted_read(content_type: str, content_ids: Any, batch_id: str = "") -> Any:
+        reads.append(len(content_ids))
+        return await original(content_type, content_ids, batch_id)
+
+    monkeypatch.setattr(pg_store, "read_counts", counted_read)
+    assert len({tracker.shards.index("task", i) for i in ids}) > 20
+    try:
+        # Every count of a cold page, though its ids are in more shards than reads may run at
+        # once: one database read for all of them, each shard's counts then cached in its slot.
+        assert await tracker.get_view_counts("task", ids) == {i: n + 1 for n, i in enumerate(ids)}
+        assert reads == [len(ids)]
+        assert await tracker.get_view_counts("task", ids) == {i: n + 1 for n, i in enumerate(ids)}
+        assert reads == [len(ids)]  # cached: no SQL
+    finally:
+        await tracker.drain()
 
 
 async def _offer(

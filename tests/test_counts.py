@@ -424,3 +424,15 @@ async def test_a_crowd_missing_one_content_shares_one_database_read(
     assert reads == [["crowd-1"]]
     # All 50 were decided in one batch before the count was read: each shows the count then.
     assert [result.count.total if result.count else None for result in results] == [50] * 50
+
+
+async def test_counts_and_the_batches_committed_come_from_one_read(store: Store) -> None:
+    started = datetime(2025, 11, 24, tzinfo=UTC)
+    await store.commit_batch("b-one", started, {("task", "t1"): 3})
+    await store.commit_batch("b-two", started, {("task", "t2"): 4})
+    counts, committed = await store.read_counts_and_batches(
+        "task", ["t1", "t2", "t3"], {"b-one", "b-two", "b-never"}
+    )
+    assert counts == {"t1": 3, "t2": 4, "t3": 0}
+    assert committed == {"b-one", "b-two"}
+    assert await store.read_counts_and_batches("task", ["t1"], set()) == ({"t1": 3}, set())

@@ -8,7 +8,7 @@ holds viewmw's own tables so they can go into the user's Alembic migrations.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, Mapping, Sequence
+from collections.abc import AsyncIterable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from operator import attrgetter
@@ -31,7 +31,6 @@ from sqlalchemy import (
     func,
     inspect,
     literal_column,
-    null,
     select,
     text,
     union_all,
@@ -381,6 +380,15 @@ class Store:
         Everything comes from one statement, so from one snapshot of the database: the caller
         can tell whether the counts already include the unsettled batch.
         """
+        batches = {batch_id} if batch_id else set()
+        counts, committed = await self.read_counts_and_batches(content_type, content_ids, batches)
+        return counts, bool(committed)
+
+    async def read_counts_and_batches(
+        self, content_type: str, content_ids: Sequence[str], batch_ids: Collection[str]
+    ) -> tuple[dict[str, int], set[str]]:
+        """As :meth:`read_counts`, for the unsettled batches of several content shards (a Redis
+        Cluster's): the counts, and which of ``batch_ids`` are committed, from one snapshot."""
         if self._described:  # the request path: no coroutine when there is nothing to read
             await self._reflect()
         target = self._targets.get(content_type)
@@ -400,20 +408,16 @@ class Store:
             unmatched_views.c.content_type == content_type, unmatched_views.c.content_id.in_(ids)
         )
         committed = select(
-            literal_column("2"),
-            null(),
-            select(func.count())
-            .select_from(sync_batches)
-            .where(sync_batches.c.batch_id == batch_id)
-            .scalar_subquery(),
-        )
+            literal_column("2"), sync_batches.c.batch_id, literal_column("0")
+        ).where(sync_batches.c.batch_id.in_(list(batch_ids)))
         counts = dict.fromkeys(ids, 0)
-        in_ledger = False
+        in_ledger: set[str] = set()
+        statement = union_all(rows, kept, committed) if batch_ids else union_all(rows, kept)
         async with self.engine.connect() as connection:
-            result = await connection.execute(union_all(rows, kept, committed))
+            result = await connection.execute(statement)
             for part, row_id, value in result.all():
                 if part == 2:
-                    in_ledger = bool(value)
+                    in_ledger.add(row_id)
                     continue
                 content_id = row_id if part == 1 or target is None else target.ids.text(row_id)
                 if content_id in counts:

@@ -114,6 +114,21 @@ class _RawCounts:
     database: int | None
 
 
+@dataclass(frozen=True, slots=True)
+class _ShardRead:
+    """What one ``read_counts`` call found in one content shard (all of a single Redis):
+    per id its parts, and the shard's sync epoch and unsettled batch."""
+
+    keys: KeySchema
+    raw: dict[str, _RawCounts]
+    epoch: int
+    batch_id: str
+
+    def only(self, ids: Sequence[str]) -> _ShardRead:
+        """The same read, for ``ids`` of it only."""
+        return _ShardRead(self.keys, {i: self.raw[i] for i in ids}, self.epoch, self.batch_id)
+
+
 class ViewTracker:
     """Records views under the abuse rules and reads combined counts.
 
@@ -289,13 +304,9 @@ class ViewTracker:
         reason = _REASONS.get(reason_code)
         if cached is not None:
             return TrackResult(counted == 1, reason, ViewCount(cached, pending, syncing))
-        count = await self._complete(
-            content_type,
-            {content_id: _RawCounts(pending, syncing, None)},
-            epoch,
-            batch_id,
-            self.shards.of(content_type, content_id),
-        )
+        keys = self.shards.of(content_type, content_id)
+        raw = {content_id: _RawCounts(pending, syncing, None)}
+        count = await self._complete(content_type, [_ShardRead(keys, raw, epoch, batch_id)])
         return TrackResult(counted == 1, reason, count[content_id])
 
     def refuse_impossible_id(self, content_type: str, content_id: str) -> None:
@@ -546,27 +557,31 @@ class ViewTracker:
         ids = list(dict.fromkeys(validate_content_id(i) for i in content_ids))
         if not ids:
             return {}
+        # One read per content shard (each with its own epoch and batch), concurrently; the
+        # counts no shard has cached are then read from the database together.
+        reads = await self._read_shards(content_type, ids)
+        merged = await self._complete(content_type, reads)
+        return {content_id: merged[content_id] for content_id in ids}
+
+    async def _read_shards(self, content_type: str, ids: Sequence[str]) -> list[_ShardRead]:
+        """:meth:`_read_raw` of ``ids``, one call per content shard they are in."""
         if not self._clustered:
-            return await self._details(content_type, ids, self.keys)
-        # One read per content shard (each with its own epoch and batch), concurrently.
+            return [await self._read(content_type, list(ids), self.keys)]
         by_shard: dict[int, list[str]] = {}
         for content_id in ids:
             by_shard.setdefault(self.shards.index(content_type, content_id), []).append(content_id)
-        parts = await asyncio.gather(
-            *(
-                self._details(content_type, shard_ids, self.shards.schemas[shard])
-                for shard, shard_ids in by_shard.items()
+        return list(
+            await asyncio.gather(
+                *(
+                    self._read(content_type, shard_ids, self.shards.schemas[shard])
+                    for shard, shard_ids in by_shard.items()
+                )
             )
         )
-        merged = {key: value for part in parts for key, value in part.items()}
-        return {content_id: merged[content_id] for content_id in ids}
 
-    async def _details(
-        self, content_type: str, ids: list[str], keys: KeySchema
-    ) -> dict[str, ViewCount | None]:
-        """:meth:`get_view_count_details` for ids of one shard (``keys``)."""
+    async def _read(self, content_type: str, ids: list[str], keys: KeySchema) -> _ShardRead:
         raw, epoch, batch_id = await self._read_raw(content_type, ids, keys)
-        return await self._complete(content_type, raw, epoch, batch_id, keys)
+        return _ShardRead(keys, raw, epoch, batch_id)
 
     async def _read_raw(
         self, content_type: str, ids: list[str], keys: KeySchema
@@ -617,44 +632,41 @@ class ViewTracker:
         return await self.store.read_count(content_type, content_id)
 
     async def _complete(
-        self,
-        content_type: str,
-        raw: dict[str, _RawCounts],
-        epoch: int,
-        batch_id: str,
-        keys: KeySchema,
+        self, content_type: str, reads: list[_ShardRead]
     ) -> dict[str, ViewCount | None]:
         """Fill in database counts missing from the Redis cache; never raises (a count that
-        cannot be completed now is ``None``: the view it comes with is recorded all the same)."""
-        result: dict[str, ViewCount | None] = {
-            content_id: ViewCount(parts.database, parts.pending, parts.syncing)
-            if parts.database is not None
-            else None
-            for content_id, parts in raw.items()
-        }
-        missing = [content_id for content_id, count in result.items() if count is None]
+        cannot be completed now is ``None``: the view it comes with is recorded all the same).
+        The counts missing in every shard read are read from the database together."""
+        result: dict[str, ViewCount | None] = {}
+        for read in reads:
+            for content_id, parts in read.raw.items():
+                result[content_id] = (
+                    ViewCount(parts.database, parts.pending, parts.syncing)
+                    if parts.database is not None
+                    else None
+                )
+        missing = [read.only(_uncached(read)) for read in reads if _uncached(read)]
         if not missing:
             return result
         if self.store is None:
-            for content_id in missing:
-                result[content_id] = ViewCount(0, raw[content_id].pending, raw[content_id].syncing)
+            for read in missing:
+                for content_id, parts in read.raw.items():
+                    result[content_id] = ViewCount(0, parts.pending, parts.syncing)
             return result
         # Concurrent requests that miss the same content (a flash crowd on a new page) share one
         # database read: the others wait for it and then read the cached count from Redis.
-        key = (content_type, missing[0]) if len(missing) == 1 else None
+        only_one = len(missing) == 1 and len(missing[0].raw) == 1
+        key = (content_type, next(iter(missing[0].raw))) if only_one else None
         leader = self._fills.get(key) if key is not None else None
         try:
             if leader is not None:
                 await asyncio.shield(leader)
-                raw, _, _ = await self._read_raw(content_type, missing, keys)
-                for content_id, parts in raw.items():
-                    if parts.database is not None:
-                        result[content_id] = ViewCount(parts.database, parts.pending, parts.syncing)
+                self._found(result, await self._reread(content_type, missing))
                 return result
             if key is not None:
                 self._fills[key] = asyncio.get_running_loop().create_future()
             try:
-                await self._fill_missing(content_type, missing, raw, epoch, batch_id, keys, result)
+                await self._fill_missing(content_type, missing, result)
             finally:
                 if key is not None:
                     self._fills.pop(key).set_result(None)
@@ -662,15 +674,24 @@ class ViewTracker:
             self._database_errors.report(exc)
         return result
 
+    async def _reread(self, content_type: str, reads: list[_ShardRead]) -> list[_ShardRead]:
+        """Read Redis again for the ids of ``reads`` (each shard's current epoch and batch)."""
+        return list(
+            await asyncio.gather(
+                *(self._read(content_type, list(read.raw), read.keys) for read in reads)
+            )
+        )
+
+    @staticmethod
+    def _found(result: dict[str, ViewCount | None], reads: list[_ShardRead]) -> None:
+        """Put the counts ``reads`` found cached into ``result``."""
+        for read in reads:
+            for content_id, parts in read.raw.items():
+                if parts.database is not None:
+                    result[content_id] = ViewCount(parts.database, parts.pending, parts.syncing)
+
     async def _fill_missing(
-        self,
-        content_type: str,
-        missing: list[str],
-        raw: dict[str, _RawCounts],
-        epoch: int,
-        batch_id: str,
-        keys: KeySchema,
-        result: dict[str, ViewCount | None],
+        self, content_type: str, missing: list[_ShardRead], result: dict[str, ViewCount | None]
     ) -> None:
         """Read missing database counts into ``result`` and the Redis cache (a few attempts)."""
         for _attempt in range(_FILL_ATTEMPTS):
@@ -678,7 +699,7 @@ class ViewTracker:
             # all while the database is failing (the count is left out instead).
             if not self.database_breaker.allow():
                 return
-            fill = self._start_fill(content_type, missing, raw, epoch, batch_id, keys)
+            fill = self._start_fill(content_type, missing)
             if fill is None:
                 return  # the database is busy with reads already: the count is left out
             try:
@@ -692,26 +713,19 @@ class ViewTracker:
             except Exception:
                 return  # reported when the read ended
             result.update(filled)
-            missing = [content_id for content_id in missing if content_id not in filled]
-            if not missing:
+            left = [read.only([i for i in read.raw if i not in filled]) for read in missing]
+            left = [read for read in left if read.raw]
+            if not left:
                 return
             # A sync moved views while the database was read: read Redis again and retry.
-            raw, epoch, batch_id = await self._read_raw(content_type, missing, keys)
-            for content_id, parts in raw.items():
-                if parts.database is not None:
-                    result[content_id] = ViewCount(parts.database, parts.pending, parts.syncing)
-            missing = [content_id for content_id in missing if result[content_id] is None]
+            reread = await self._reread(content_type, left)
+            self._found(result, reread)
+            missing = [read.only(_uncached(read)) for read in reread if _uncached(read)]
             if not missing:
                 return
 
     def _start_fill(
-        self,
-        content_type: str,
-        missing: list[str],
-        raw: dict[str, _RawCounts],
-        epoch: int,
-        batch_id: str,
-        keys: KeySchema,
+        self, content_type: str, missing: list[_ShardRead]
     ) -> asyncio.Task[dict[str, ViewCount]] | None:
         """Start reading missing database counts into the cache, unless
         ``MAX_FILLS_IN_FLIGHT`` reads are running already."""
@@ -719,7 +733,7 @@ class ViewTracker:
             self.database_breaker.inconclusive()  # allowed, but not tried
             return None
         task = asyncio.create_task(
-            self._bounded_fill(content_type, missing, raw, epoch, batch_id, keys),
+            self._bounded_fill(content_type, missing),
             name=f"viewmw: read {content_type} counts",
         )
         self._fill_tasks.add(task)
@@ -727,17 +741,11 @@ class ViewTracker:
         return task
 
     async def _bounded_fill(
-        self,
-        content_type: str,
-        missing: list[str],
-        raw: dict[str, _RawCounts],
-        epoch: int,
-        batch_id: str,
-        keys: KeySchema,
+        self, content_type: str, missing: list[_ShardRead]
     ) -> dict[str, ViewCount]:
         # Past the background deadline the database is failing, not merely slow for a request.
         async with asyncio.timeout(self.settings.database_timeout):
-            filled = await self._fill_cache(content_type, missing, raw, epoch, batch_id, keys)
+            filled = await self._fill_cache(content_type, missing)
         for content_id, count in filled.items():  # the deferred mode shows these next
             self._known_counts[f"{content_type}:{content_id}"] = count.total
         return filled
@@ -761,32 +769,49 @@ class ViewTracker:
             self._database_errors.report(exc)
 
     async def _fill_cache(
-        self,
-        content_type: str,
-        missing: list[str],
-        raw: dict[str, _RawCounts],
-        epoch: int,
-        batch_id: str,
-        keys: KeySchema,
+        self, content_type: str, missing: list[_ShardRead]
     ) -> dict[str, ViewCount]:
         """Read missing database counts and cache them, unless a sync moved views meanwhile.
 
-        The counts and the batch's ledger entry come from one database snapshot. If the unsettled
-        batch is already committed, the database includes its views, which Redis still shows as
-        syncing: they are subtracted so that the cache holds the database's count as of the last
-        settle, which is what the settle step adds to.
+        The counts and the ledger entries of the shards' unsettled batches come from one
+        database snapshot. If a shard's unsettled batch is already committed, the database
+        includes its views, which Redis still shows as syncing: they are subtracted so that the
+        cache holds the database's count as of the last settle, which is what the settle step
+        adds to. Each shard's counts are then stored by one call in its slot (concurrently); a
+        shard where a sync moved views meanwhile stores nothing.
         """
         assert self.store is not None
-        counts, committed = await self.store.read_counts(content_type, missing, batch_id)
-        bases = {
-            content_id: max(0, counts[content_id] - (raw[content_id].syncing if committed else 0))
-            for content_id in missing
-        }
-        per_content = self._parts_keys(content_type, missing, keys)
+        ids = [content_id for read in missing for content_id in read.raw]
+        batches = {read.batch_id for read in missing if read.batch_id}
+        if len(batches) > 1:  # shards of a cluster with batches of their own
+            counts, committed = await self.store.read_counts_and_batches(content_type, ids, batches)
+        else:
+            counts, done = await self.store.read_counts(content_type, ids, next(iter(batches), ""))
+            committed = batches if done else set()
+        stored = await asyncio.gather(
+            *(self._store_counts(content_type, read, counts, committed) for read in missing)
+        )
+        return {content_id: count for part in stored for content_id, count in part.items()}
+
+    async def _store_counts(
+        self,
+        content_type: str,
+        read: _ShardRead,
+        counts: dict[str, int],
+        committed: set[str],
+    ) -> dict[str, ViewCount]:
+        """Cache one shard's database counts under the epoch it was read at."""
+        ids = list(read.raw)
+        subtract = read.batch_id in committed
+        bases = [
+            max(0, counts[content_id] - (read.raw[content_id].syncing if subtract else 0))
+            for content_id in ids
+        ]
+        per_content = self._parts_keys(content_type, ids, read.keys)
         try:
             reply = await self.scripts.fill_cache(
-                keys=[keys.epoch, *per_content],
-                args=[epoch, DATABASE_COUNT_TTL_SECONDS, *(bases[c] for c in missing)],
+                keys=[read.keys.epoch, *per_content],
+                args=[read.epoch, DATABASE_COUNT_TTL_SECONDS, *bases],
             )
         except Exception as exc:
             raise _CacheNotStored(exc) from exc
@@ -799,7 +824,7 @@ class ViewTracker:
                 pending=int(reply[1 + 3 * n]),
                 syncing=int(reply[2 + 3 * n]),
             )
-            for n, content_id in enumerate(missing)
+            for n, content_id in enumerate(ids)
         }
 
     async def invalidate_database_counts(self, contents: Iterable[tuple[str, str]]) -> None:
@@ -826,6 +851,11 @@ class ViewTracker:
     def calendar_day_name(self) -> str:
         """Today's date (``YYYY-MM-DD``) in the configured zone, by the tracker's clock."""
         return self._calendar_day(math.floor(self.clock())).name
+
+
+def _uncached(read: _ShardRead) -> list[str]:
+    """The ids of ``read`` whose database count Redis does not hold."""
+    return [content_id for content_id, parts in read.raw.items() if parts.database is None]
 
 
 class _CacheNotStored(Exception):
