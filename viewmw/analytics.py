@@ -453,9 +453,8 @@ class ViewStats:
         for (_, _, members), reply in zip(parts.values(), replies, strict=True):
             for n, estimate in zip(members, reply[1:], strict=True):
                 estimates[n] = max(int(estimate), floors[n])
-        return {
-            shard: int(reply[0]) for shard, reply in zip(parts, replies, strict=True)
-        }, estimates
+        epochs = {shard: int(reply[0]) for shard, reply in zip(parts, replies, strict=True)}
+        return epochs, estimates
 
     # Trending -----------------------------------------------------------------------------------
 
