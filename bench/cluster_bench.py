@@ -1,5 +1,7 @@
 """Views per second and Redis memory per view on a local 3-primary Redis Cluster,
-against one Redis server of the same build, on the same machine, in one run.
+against one Redis server of the same build, on the same machine, in one run; and the time of
+two history reads on the views each round leaves: ``views_many`` of 100 ids and ``top(limit=10)``
+of the last 7 days (Redis' side alone: no database, so the figures are the Redis calls').
 
 ``python -m bench.cluster_bench`` (needs ``redis-server`` and ``redis-cli``, as the cluster tests
 do). Rounds alternate between the two, each on flushed servers; the figures are medians.
@@ -22,12 +24,14 @@ from redis.asyncio.cluster import RedisCluster
 
 from tests.asgi_support import free_port
 from tests.cluster_support import local_cluster
-from viewmw import Settings, ViewTracker
+from viewmw import Period, Settings, ViewStats, ViewTracker
 from viewmw.assembly import connect_redis_cluster
 
 CONTENTS = 5_000
 CONTENTS_PER_VIEWER = 5
 WAVE = 500  # views offered at once, as concurrent requests would
+READS = 20  # times each history read is timed per round (the median is kept)
+LEADERS = 60  # contents with distinct counts for the ranking
 
 
 @contextmanager
@@ -69,8 +73,39 @@ async def _flush(redis: Any, clustered: bool) -> None:
         await redis.flushall()
 
 
-async def _round(redis: Any, settings: Settings, views: int, offset: int) -> tuple[float, float]:
-    """Views per second and bytes of Redis memory (every node) per view, for ``views`` views."""
+async def _reads(tracker: ViewTracker) -> tuple[float, float]:
+    """Median seconds of ``views_many`` of 100 ids and of ``top(limit=10)`` of 7 days."""
+    # Leaders with distinct counts (content hN has N views), so that the ranking is settled in
+    # one round: the round's own contents have a few views each, all tied.
+    offers = [
+        (f"h{n}", f"anon:h{n}-{viewer}") for n in range(1, LEADERS + 1) for viewer in range(n)
+    ]
+    for start in range(0, len(offers), WAVE):
+        await asyncio.gather(
+            *(tracker.track_view("story", *offer) for offer in offers[start : start + WAVE])
+        )
+    await tracker.drain()
+    stats = ViewStats.from_tracker(tracker)
+    ids = [str(n) for n in range(100)]
+    week = Period.last_days(7)
+    await stats.views_many("story", ids, week)  # scripts loaded, connections open
+    await stats.top("story", week, 10)
+    many, top = [], []
+    for _ in range(READS):
+        started = time.perf_counter()
+        await stats.views_many("story", ids, week)
+        many.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        await stats.top("story", week, 10)
+        top.append(time.perf_counter() - started)
+    return statistics.median(many), statistics.median(top)
+
+
+async def _round(
+    redis: Any, settings: Settings, views: int, offset: int
+) -> tuple[float, float, float, float]:
+    """Views per second and bytes of Redis memory (every node) per view, for ``views`` views;
+    then the seconds of the two history reads on what they left."""
     clustered = settings.redis_cluster is not None
     await _flush(redis, clustered)
     tracker = ViewTracker(redis, None, settings)
@@ -88,14 +123,15 @@ async def _round(redis: Any, settings: Settings, views: int, offset: int) -> tup
     elapsed = time.perf_counter() - started
     await tracker.drain()
     after = await _used_memory(redis, clustered)
-    return views / elapsed, (after - before) / views
+    views_many, top = await _reads(tracker)
+    return views / elapsed, (after - before) / views, views_many, top
 
 
 async def run_cluster_bench(views: int, rounds: int) -> dict[str, dict[str, float]]:
     """Alternating rounds on one server and on the cluster; medians per backend."""
+    measures = ("views_per_second", "bytes_per_view", "views_many_seconds", "top_seconds")
     figures: dict[str, dict[str, list[float]]] = {
-        "single": {"views_per_second": [], "bytes_per_view": []},
-        "cluster": {"views_per_second": [], "bytes_per_view": []},
+        name: {measure: [] for measure in measures} for name in ("single", "cluster")
     }
     with single_server() as url, local_cluster() as cluster:
         # Generous deadlines: a late reply is not what this measures.
@@ -109,9 +145,9 @@ async def run_cluster_bench(views: int, rounds: int) -> dict[str, dict[str, floa
                     ("single", single, single_settings),
                     ("cluster", clustered, cluster_settings),
                 ):
-                    rate, per_pair = await _round(redis, settings, views, round_ * views)
-                    figures[name]["views_per_second"].append(rate)
-                    figures[name]["bytes_per_view"].append(per_pair)
+                    measured = await _round(redis, settings, views, round_ * views)
+                    for measure, value in zip(measures, measured, strict=True):
+                        figures[name][measure].append(value)
         finally:
             await single.aclose()
             await clustered.aclose()
@@ -140,6 +176,14 @@ def main() -> None:
         f"cluster / one server: "
         f"{cluster['views_per_second'] / single['views_per_second']:.2f}x views/s"
     )
+    for measure, read in (
+        ("views_many_seconds", "views_many of 100 ids"),
+        ("top_seconds", "top 10 of 7 days"),
+    ):
+        print(
+            f"{read}: one server {single[measure] * 1000:.2f} ms, cluster "
+            f"{cluster[measure] * 1000:.2f} ms ({cluster[measure] / single[measure]:.2f}x the time)"
+        )
 
 
 if __name__ == "__main__":

@@ -5,7 +5,10 @@ saving time (a 25-hour day), with syncs at arbitrary moments in between, some of
 dying at every step. Each day's row must hold exactly that day's views, whatever happened; reads
 (:class:`viewmw.ViewStats`) must show them exactly while a sync is half done too.
 
-The harness (``World``, ``Hook``) is the sync suite's; the backends are the same three pairs.
+The harness (``World``, ``Hook``) is the sync suite's; the backends are the same three pairs, and
+a real local Redis Cluster with PostgreSQL (every content in its own shard's keys, each shard
+synced batch by batch): there the faults are those that leave the shards in different states
+when the reads run (some synced, one committed and not settled, the rest not snapshotted yet).
 """
 
 from __future__ import annotations
@@ -18,12 +21,36 @@ from zoneinfo import ZoneInfo
 import pytest
 from sqlalchemy import select
 
-from tests.test_sync import CONTENTS, KEYS, Hook, InjectedCrash, World, backends, world
+from tests.test_sync import CONTENTS, KEYS, Hook, InjectedCrash, World, any_backends, any_world
 from tests.test_sync_faults import FAULTS
 from viewmw import Period, ViewStats, daily_views
 from viewmw.sync import LockLostError
 
-__all__ = ["backends", "world"]  # fixtures, imported to be used here
+__all__ = ["any_backends", "any_world"]  # fixtures, imported to be used here
+
+SINGLE_REDIS = ["redis-postgresql", "redis-sqlite", "fakeredis-sqlite"]
+CLUSTER = "cluster-postgresql"
+# On a cluster the sync goes shard by shard: stopped at the second snapshot or settle, one
+# shard is done and the others are not; at the commit, one shard's batch is in the database
+# while Redis still holds it.
+CLUSTER_FAULTS = {
+    "mid-snapshot-death",
+    "committed-exception",
+    "committed-death",
+    "mid-settle-death",
+}
+FAULT_CASES = [
+    *(
+        pytest.param(backend, *fault.values, id=f"{backend}-{fault.id}")
+        for backend in SINGLE_REDIS
+        for fault in FAULTS
+    ),
+    *(
+        pytest.param(CLUSTER, *fault.values, id=f"{CLUSTER}-{fault.id}")
+        for fault in FAULTS
+        if fault.id in CLUSTER_FAULTS
+    ),
+]
 
 BERLIN = ZoneInfo("Europe/Berlin")
 # 2025-10-25 23:50 in Berlin (CEST, UTC+2); summer time ends at 03:00 the next night.
@@ -93,8 +120,8 @@ class History:
 
 
 @pytest.fixture
-def history(world: World) -> History:
-    return History(world)
+def history(any_world: World) -> History:
+    return History(any_world)
 
 
 async def test_views_land_on_their_own_day_across_midnight_and_the_dst_change(
@@ -123,7 +150,9 @@ async def test_views_land_on_their_own_day_across_midnight_and_the_dst_change(
     assert {day for _, day in await history.stored()} == {D, D1, D2}
 
 
-@pytest.mark.parametrize(("fault", "step", "nth"), FAULTS)
+@pytest.mark.parametrize(
+    ("any_backends", "fault", "step", "nth"), FAULT_CASES, indirect=["any_backends"]
+)
 async def test_a_fault_at_any_step_keeps_every_day_exact(
     history: History, step: str, nth: int, fault: str
 ) -> None:
@@ -144,7 +173,7 @@ async def test_a_fault_at_any_step_keeps_every_day_exact(
         gate = hook.park_at(step, nth)
         dead = world.start(crashed.run())
         await gate.must_be_reached_by(dead)
-        await world.redis.delete(KEYS.sync_lock)  # stands in for the lock's expiry
+        await world.redis.delete(world.keys.sync_lock)  # stands in for the lock's expiry
     await world.check_conservation()
     await history.check_reads()  # exact while the batch is half done
 
@@ -173,6 +202,8 @@ async def _outcomes(*tasks: object) -> list[object]:
     return list(await asyncio.gather(*tasks, return_exceptions=True))  # type: ignore[arg-type]
 
 
+# Keys of a version before the history: never on a cluster.
+@pytest.mark.parametrize("any_backends", SINGLE_REDIS, indirect=True)
 async def test_views_pending_from_before_the_history_go_to_the_day_of_the_sync(
     history: History,
 ) -> None:

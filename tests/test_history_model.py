@@ -3,6 +3,11 @@
 Views arrive over several days at random moments, syncs run (and sometimes fail) in between;
 after every step, :class:`viewmw.ViewStats` must answer exactly as a plain count of the views per
 (content, day) does: ``views_many``, ``by_day`` and ``top`` for several periods.
+
+On the real Redis and fakeredis every seed runs; on a real local Redis Cluster one does, with four
+content shards, so that a shard holds several of the contents: each read then merges the shards'
+answers (and ``top`` the shards' rankings, some of them cut at its ``n``), each shard with its own
+sync batch and epoch.
 """
 
 from __future__ import annotations
@@ -14,12 +19,21 @@ from datetime import UTC, date, datetime, timedelta
 
 import pytest
 
-from tests.test_sync import CONTENTS, Hook, InjectedCrash, World, backends, world
-from viewmw import Period, ViewStats
+from tests.test_sync import CONTENTS, Hook, InjectedCrash, World, any_backends, any_world
+from viewmw import Period, Settings, ViewStats
 
-__all__ = ["backends", "world"]  # fixtures, imported to be used here
+__all__ = ["any_backends", "any_world"]  # fixtures, imported to be used here
 
 SEEDS = [3, 17, 2024]
+SINGLE_REDIS = ["redis-postgresql", "redis-sqlite", "fakeredis-sqlite"]
+CASES = [
+    *(
+        pytest.param(backend, seed, id=f"{backend}-{seed}")
+        for backend in SINGLE_REDIS
+        for seed in SEEDS
+    ),
+    pytest.param("cluster-postgresql", 17, id="cluster-postgresql-17"),
+]
 STEPS = ["snapshot", "sealed", "before_commit", "committed", "settle"]
 
 
@@ -86,8 +100,15 @@ class Model:
         ]
 
 
-@pytest.mark.parametrize("seed", SEEDS)
-async def test_period_counts_and_rankings_match_the_model(world: World, seed: int) -> None:
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """Four content shards on a cluster (read only with a cluster URL): several contents each."""
+    return settings.replace(cluster_shards=4)
+
+
+@pytest.mark.parametrize(("any_backends", "seed"), CASES, indirect=["any_backends"])
+async def test_period_counts_and_rankings_match_the_model(any_world: World, seed: int) -> None:
+    world = any_world
     rng = random.Random(seed)
     model = Model(world)
     await world.seed()

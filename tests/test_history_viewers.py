@@ -1,14 +1,19 @@
 """Distinct viewers per day (HyperLogLog), crawler views counted apart, blocked views by reason.
 
 Real Redis with PostgreSQL and SQLite; the exact-for-small-counts case also on fakeredis, whose
-HyperLogLogs cannot be read back as sketches (the history then keeps the estimate alone).
+HyperLogLogs cannot be read back as sketches (the history then keeps the estimate alone). The
+reads whose path differs on a Redis Cluster (estimates within the error, many contents' sketches
+merged each in its own shard, blocked views summed over shards, the widening ranking) also run on
+a real local cluster with PostgreSQL, with the default number of content shards.
 """
 
 from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
+from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 from sqlalchemy import select
 
@@ -19,6 +24,30 @@ from viewmw.keys import KeySchema
 DAY = 86400
 # Redis' HyperLogLog: a standard error of 0.81 %; three of them bound nearly every estimate.
 ERROR_BOUND = 3 * 0.0081
+
+
+@pytest.fixture(params=["redis", "cluster"])
+def redis_backend(
+    request: pytest.FixtureRequest, settings: Settings
+) -> tuple[aioredis.Redis, Settings]:
+    """The real Redis, and a real local Redis Cluster (its URL in the settings)."""
+    if request.param == "cluster":
+        cluster = request.getfixturevalue("redis_cluster")
+        return request.getfixturevalue("cluster_redis"), settings.replace(redis_url=cluster.url)
+    return request.getfixturevalue("real_redis"), settings
+
+
+@pytest.fixture(params=["redis-postgresql", "redis-sqlite", "cluster-postgresql"])
+def backend(request: pytest.FixtureRequest, settings: Settings) -> tuple[Any, Store, Settings]:
+    """The real Redis with PostgreSQL and with SQLite, and a real local Redis Cluster with
+    PostgreSQL: a client, a store and the settings that name the cluster."""
+    redis_name, database = request.param.split("-")
+    store = request.getfixturevalue("pg_store" if database == "postgresql" else "sqlite_store")
+    if redis_name == "cluster":
+        cluster = request.getfixturevalue("redis_cluster")
+        redis = request.getfixturevalue("cluster_redis")
+        return redis, store, settings.replace(redis_url=cluster.url)
+    return request.getfixturevalue("real_redis"), store, settings
 
 
 def make(
@@ -69,9 +98,11 @@ async def test_small_counts_are_exact_and_days_merge(
 
 
 async def test_ten_thousand_viewers_within_the_stated_error(
-    real_redis: aioredis.Redis, store: Store, settings: Settings, clock: FakeClock
+    backend: tuple[Any, Store, Settings], clock: FakeClock
 ) -> None:
-    tracker, sync, stats = make(real_redis, store, settings, clock)
+    # A sync claims every content shard at once, and a cluster client has no blocking pool (at
+    # most 100 connections per node): 16 shards keep the claims within what the traffic left.
+    tracker, sync, stats = make(*backend, clock, cluster_shards=16)
     await offer(tracker, 1, range(10_000))
     clock.advance(DAY)
     await offer(tracker, 1, range(5_000, 15_000))  # half of them again, half new
@@ -125,10 +156,11 @@ async def test_crawler_views_are_counted_apart(
 
 
 async def test_blocked_views_are_counted_by_reason_and_day(
-    real_redis: aioredis.Redis, settings: Settings, clock: FakeClock
+    redis_backend: tuple[aioredis.Redis, Settings], clock: FakeClock
 ) -> None:
+    redis, settings = redis_backend
     settings = settings.replace(limits=Limits(max_views_per_session=None, view_cooldown_seconds=60))
-    tracker = ViewTracker(real_redis, None, settings, clock=clock)
+    tracker = ViewTracker(redis, None, settings, clock=clock)
     stats = ViewStats.from_tracker(tracker)
     await tracker.track_view("story", 1, "user:1")
     await tracker.track_view("story", 1, "user:1")  # cooldown
@@ -137,15 +169,17 @@ async def test_blocked_views_are_counted_by_reason_and_day(
     clock.advance(DAY)
     await tracker.track_view("story", 1, "user:1")
     await tracker.track_view("story", 1, "user:1")  # cooldown, the next day
+    await tracker.track_view("story", 2, "user:1")
+    await tracker.track_view("story", 2, "user:1")  # cooldown, of a content in another shard
 
     assert await stats.blocked(Period.today()) == {
-        "cooldown": 1,
+        "cooldown": 2,
         "viewed_today": 0,
         "session_limit": 0,
         "daily_limit": 0,
     }
     assert await stats.blocked(Period.last_days(2)) == {
-        "cooldown": 2,
+        "cooldown": 3,
         "viewed_today": 1,
         "session_limit": 0,
         "daily_limit": 0,
@@ -172,12 +206,14 @@ async def test_days_past_the_retention_merge_from_the_sketches_in_the_history(
 
 
 async def test_many_contents_merge_their_own_sketches_only(
-    real_redis: aioredis.Redis, store: Store, settings: Settings, clock: FakeClock
+    backend: tuple[Any, Store, Settings], clock: FakeClock
 ) -> None:
     """Contents with different numbers of days kept as sketches (past a retention of one day)
     and live days, read together: each content's viewers are merged from its own days alone,
-    though the read shares its scratch keys between the contents, and none is left behind."""
-    tracker, sync, stats = make(real_redis, store, settings, clock, history_retention_days=1)
+    though the read shares its scratch keys between the contents (of a shard, on a cluster),
+    and none is left behind."""
+    redis = backend[0]
+    tracker, sync, stats = make(*backend, clock, history_retention_days=1)
     # Content n is viewed on the last n + 1 of five days, by 5 viewers a day, 2 of them new.
     for day in range(5):
         for n in range(1, 5):
@@ -202,7 +238,7 @@ async def test_many_contents_merge_their_own_sketches_only(
     }
     days = await stats.by_day("story", 4, Period.last_days(5))
     assert [(d.views, d.unique_viewers) for d in days] == [(5, 5)] * 5
-    assert [key async for key in real_redis.scan_iter(match="*scratch*")] == []
+    assert [key async for key in redis.scan_iter(match="*scratch*")] == []
 
 
 async def test_every_viewers_key_expires_when_repeat_viewers_skip_the_expiry(
@@ -249,12 +285,12 @@ async def test_reads_under_a_prefix_with_format_characters(
 
 
 async def test_top_widens_until_no_id_outside_the_day_lists_can_lead(
-    real_redis: aioredis.Redis, store: Store, settings: Settings, clock: FakeClock
+    backend: tuple[Any, Store, Settings], clock: FakeClock
 ) -> None:
     """Each day has its own four leaders with 10 views; a steady content with 9 views a day is
     never among any day's leaders (the first round's lists are cut at 4 per day for a limit of
     1), yet it leads the three days: the search has to widen to find it."""
-    tracker, sync, stats = make(real_redis, store, settings, clock)
+    tracker, sync, stats = make(*backend, clock)
     for day in range(3):
         for leader in range(4):
             await offer(tracker, 100 + 10 * day + leader, range(10))

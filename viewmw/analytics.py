@@ -5,6 +5,11 @@ still holds: each content's pending views per day, and its part of the unsettled
 unless the database already holds that batch (the ledger says so). A sync that moves views while
 a question is being answered moves the sync epoch; the answer is then read again, so a view is
 never counted twice nor missed (see docs/history.md).
+
+On a Redis Cluster each content shard has its own epoch and unsettled batch (docs/keys.md,
+*Redis Cluster*): a read asks each shard it needs once, all of them in one pipeline per node
+(:mod:`viewmw.shard_reads`), and checks each shard's epoch on its own; a content's days, its
+HyperLogLogs and its part of a batch are all in its own shard.
 """
 
 from __future__ import annotations
@@ -13,12 +18,13 @@ import re
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
+from sqlalchemy import select
 
 from viewmw.calendar_day import local_date
 from viewmw.errors import ServiceUnavailableError
@@ -26,7 +32,8 @@ from viewmw.history_sql import HistoryReader, HistoryRow
 from viewmw.keys import KeySchema, validate_content_id, validate_content_type
 from viewmw.scripts import Scripts
 from viewmw.settings import Settings
-from viewmw.store import Store
+from viewmw.shard_reads import ShardCall, get_each, group_by_shard, run_on_shards
+from viewmw.store import Store, sync_batches
 from viewmw.sync import decode_days
 
 if TYPE_CHECKING:
@@ -147,14 +154,13 @@ _Groups = Callable[[dict[str, _Days]], list[tuple[str, list[date] | None]]]
 def _combined(
     ids: list[str],
     rows: list[HistoryRow],
-    pending: list[Any],
-    committed: bool,
+    held: dict[str, list[str]],
     first: date | None,
     last: date | None,
 ) -> dict[str, _Days]:
-    """The history's rows plus what Redis holds of each id (``read_days``' reply after its
-    head: the days hash and the batch's part, per id), within the period; the batch's part is
-    left out when the database holds it already."""
+    """The history's rows plus what Redis holds of each id (``held``: its days hash, then its
+    shard's batch's part unless the database holds that batch already, each as ``read_days``
+    encodes them), within the period."""
     result = {content_id: _Days(Counter(), Counter(), {}, {}) for content_id in ids}
     for row in rows:
         days = result[row.content_id]
@@ -164,11 +170,8 @@ def _combined(
             days.uniques[row.day] = row.unique_viewers
         if row.sketch is not None:
             days.sketches[row.day] = row.sketch
-    for n, content_id in enumerate(ids):
-        parts = [_text(pending[2 * n])]
-        if not committed:
-            parts.append(_text(pending[2 * n + 1]))
-        for encoded in parts:
+    for content_id in ids:
+        for encoded in held[content_id]:
             for name, (views, crawlers) in decode_days(encoded).items():
                 day = date.fromisoformat(name)
                 if (first is None or day >= first) and (last is None or day <= last):
@@ -199,7 +202,9 @@ class ViewStats:
         self.redis = redis
         self.store = store
         self.settings = settings or Settings()
-        self.keys = KeySchema(self.settings.key_prefix)
+        # One schema per content shard; a single Redis has one (every key its usual name).
+        self.shards = self.settings.content_shards()
+        self.keys = self.shards.schemas[0]
         self.scripts = Scripts.register(redis)
         self.clock = clock
         self._history = HistoryReader(store.engine) if store is not None else None
@@ -302,30 +307,58 @@ class ViewStats:
         part unless the database holds it, all as of one moment between syncs; and the
         distinct viewers of the ``groups`` those counts call for, estimated in the same round
         trip that checks the moment held. ``summed`` has the database add up the history's
-        days (they then count as one, ``date.min``)."""
-        keys = self.keys
-        members = [KeySchema.member(content_type, content_id) for content_id in ids]
+        days (they then count as one, ``date.min``).
+
+        One ``read_days`` per content shard of ``ids`` (one call on a single Redis); each
+        shard's moment is checked by its own epoch, since a sync moves each shard's views in
+        batches of its own."""
+        by_shard = group_by_shard(self.shards, content_type, ids)
+        calls: list[ShardCall] = []
+        for shard, shard_ids in by_shard.items():
+            keys = self.shards.schemas[shard]
+            calls.append(
+                (
+                    [keys.epoch, keys.sync_batch, *(keys.days(content_type, i) for i in shard_ids)],
+                    [
+                        keys.sync_batch_days_template,
+                        *(KeySchema.member(content_type, i) for i in shard_ids),
+                    ],
+                )
+            )
         for _attempt in range(_READ_ATTEMPTS):
-            reply = await self.scripts.read_days(
-                keys=[keys.epoch, keys.sync_batch, *(keys.days(content_type, i) for i in ids)],
-                args=[keys.sync_batch_days_template, *members],
-            )
-            epoch, batch_id = int(reply[0]), _text(reply[1])
-            committed = bool(batch_id) and await self._committed(batch_id)
+            replies = await run_on_shards(self.redis, self.scripts.read_days, calls)
+            epochs = {shard: int(reply[0]) for shard, reply in zip(by_shard, replies, strict=True)}
+            batches = [_text(reply[1]) for reply in replies]
+            committed = await self._committed(batches)
             rows = await self._rows(content_type, ids, first, last, summed)
-            if batch_id and committed != await self._committed(batch_id):
-                continue  # the batch was committed during the history read: read again
-            days = _combined(ids, rows, reply[2:], committed, first, last)
+            if committed != await self._committed(batches):
+                continue  # a batch was committed during the history read: read again
+            held: dict[str, list[str]] = {}
+            for shard_ids, reply, batch_id in zip(by_shard.values(), replies, batches, strict=True):
+                for n, content_id in enumerate(shard_ids):
+                    held[content_id] = [_text(reply[2 + 2 * n])]
+                    if batch_id not in committed:  # else the history holds the batch's part
+                        held[content_id].append(_text(reply[3 + 2 * n]))
+            days = _combined(ids, rows, held, first, last)
             current, uniques = await self._unique_viewers(
-                content_type, groups(days), days, first, last
+                content_type, list(by_shard), groups(days), days, first, last
             )
-            if current != epoch:
+            if current != epochs:
                 continue  # a sync moved views between Redis and the database: read again
             return days, uniques
         raise ServiceUnavailableError("syncs kept moving views during the read; try again")
 
-    async def _committed(self, batch_id: str) -> bool:
-        return self.store is not None and await self.store.is_committed(batch_id)
+    async def _committed(self, batch_ids: Iterable[str]) -> frozenset[str]:
+        """Which of ``batch_ids`` (``""``: no batch) the ledger holds: one query, and none
+        without a batch (a single Redis has at most one; a cluster one per shard)."""
+        wanted = sorted({batch_id for batch_id in batch_ids if batch_id})
+        if self.store is None or not wanted:
+            return frozenset()
+        if len(wanted) == 1:
+            return frozenset(wanted) if await self.store.is_committed(wanted[0]) else frozenset()
+        query = select(sync_batches.c.batch_id).where(sync_batches.c.batch_id.in_(wanted))
+        async with self.store.engine.connect() as connection:
+            return frozenset((await connection.execute(query)).scalars())
 
     async def _rows(
         self, content_type: str, ids: list[str], first: date | None, last: date | None, summed: bool
@@ -347,31 +380,42 @@ class ViewStats:
     async def _unique_viewers(
         self,
         content_type: str,
+        shards: list[int],
         groups: list[tuple[str, list[date] | None]],
         days: dict[str, _Days],
         first: date | None,
         last: date | None,
-    ) -> tuple[int, list[int | None]]:
-        """The sync epoch, and the distinct viewers of each (content, days) group (``None``:
-        the whole period): the days' live HyperLogLogs and the sketches kept in the history,
-        merged by one PFCOUNT per group (a viewer seen on several days counts once). A day
-        kept without a sketch adds its own estimate as a floor."""
+    ) -> tuple[dict[int, int], list[int | None]]:
+        """The sync epoch of each of ``shards``, and the distinct viewers of each (content,
+        days) group (``None``: the whole period): the days' live HyperLogLogs and the sketches
+        kept in the history, merged by one PFCOUNT per group (a viewer seen on several days
+        counts once). A day kept without a sketch adds its own estimate as a floor.
+
+        A group is one content's days, all in its content's shard: each shard's groups are
+        estimated by one ``count_viewers`` call in its slot (with scratch keys of that slot),
+        which reads that shard's epoch too. No group spans shards, so no sketch moves between
+        them."""
         if not self.settings.unique_viewers:
-            return int(await self.redis.get(self.keys.epoch) or 0), [None] * len(groups)
+            epochs = await get_each(self.redis, [self.shards.schemas[n].epoch for n in shards])
+            return (
+                {shard: int(epoch or 0) for shard, epoch in zip(shards, epochs, strict=True)},
+                [None] * len(groups),
+            )
         period_live = self._live_days(first, last)
         position = {day: n for n, day in enumerate(period_live, start=1)}
-        args: list[Any] = [
-            self.keys.uniques_template,
-            content_type,
-            len(period_live),
-            len(groups),
-            *(day.isoformat() for day in period_live),
-        ]
-        sketches: list[bytes] = []
+        head: list[Any] = [content_type, len(period_live)]
+        live_names = [day.isoformat() for day in period_live]
+        # Per shard: the group args, the sketches, the most sketches of one group, and which
+        # of the read's groups these are.
+        parts: dict[int, tuple[list[Any], list[bytes], list[int]]] = {
+            n: ([], [], []) for n in shards
+        }
+        scratch = dict.fromkeys(shards, 0)
         floors: list[int] = []
-        scratch = 0
-        for content_id, span in groups:
+        for n, (content_id, span) in enumerate(groups):
             held = days[content_id]
+            shard = self.shards.index(content_type, content_id)
+            args, sketches, members = parts[shard]
             if span is None:
                 args += [content_id, 1, len(period_live)]
                 kept = list(held.sketches.values())
@@ -384,17 +428,33 @@ class ViewStats:
                 floors.append(max((held.uniques.get(day, 0) for day in span), default=0))
             args.append(len(kept))
             sketches += kept
-            scratch = max(scratch, len(kept))
-        # Scratch keys are shared by the groups: as many as the most sketches of one group.
+            members.append(n)
+            scratch[shard] = max(scratch[shard], len(kept))
+        # Scratch keys are shared by a shard's groups: as many as the most sketches of one group.
         token = uuid.uuid4().hex
-        reply = await self.scripts.count_viewers(
-            keys=[self.keys.epoch, *(self.keys.scratch(f"{token}:{n}") for n in range(scratch))],
-            args=[*args, *sketches],
-        )
-        estimates: list[int | None] = [
-            max(int(estimate), floor) for estimate, floor in zip(reply[1:], floors, strict=True)
-        ]
-        return int(reply[0]), estimates
+        calls: list[ShardCall] = []
+        for shard, (args, sketches, members) in parts.items():
+            keys = self.shards.schemas[shard]
+            calls.append(
+                (
+                    [keys.epoch, *(keys.scratch(f"{token}:{n}") for n in range(scratch[shard]))],
+                    [
+                        keys.uniques_template,
+                        *head,
+                        len(members),
+                        *live_names,
+                        *args,
+                        *sketches,
+                    ],
+                )
+            )
+        replies = await run_on_shards(self.redis, self.scripts.count_viewers, calls)
+        estimates: list[int | None] = [None] * len(groups)
+        for (_, _, members), reply in zip(parts.values(), replies, strict=True):
+            for n, estimate in zip(members, reply[1:], strict=True):
+                estimates[n] = max(int(estimate), floors[n])
+        epochs = {shard: int(reply[0]) for shard, reply in zip(parts, replies, strict=True)}
+        return epochs, estimates
 
     # Trending -----------------------------------------------------------------------------------
 
@@ -412,15 +472,13 @@ class ViewStats:
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ValueError(f"limit must be a whole number >= 1, got {limit!r}")
         first, last = period.resolve(self.today())
-        rankings = [
-            self.keys.ranking(content_type, d.isoformat()) for d in self._live_days(first, last)
-        ]
+        live = [day.isoformat() for day in self._live_days(first, last)]
         # A bounded period's leaders are cut at n per day, and an id outside them may have up
         # to the sum of each day's n-th: with n = limit that sum is nearly always above the
         # limit-th total (two rounds); four times the limit usually settles it in one.
         n = 4 * limit
         for _attempt in range(_READ_ATTEMPTS * 4):
-            answer = await self._top_round(content_type, first, last, rankings, limit, n)
+            answer = await self._top_round(content_type, first, last, live, limit, n)
             if answer is None:
                 continue  # a sync moved views meanwhile: the same round again
             ranked, complete = answer
@@ -434,19 +492,41 @@ class ViewStats:
         content_type: str,
         first: date | None,
         last: date | None,
-        rankings: list[str],
+        live: list[str],
         limit: int,
         n: int,
     ) -> tuple[list[tuple[str, int]], bool] | None:
         """One round of :meth:`top` with ``n`` candidates from each side; ``None`` when a sync
-        moved views during it. Returns the ranked candidates and whether they are the answer."""
-        keys = [self.keys.epoch, self.keys.sync_batch, *rankings]
-        head = await self.scripts.read_ranking(
-            keys=keys, args=[self.keys.sync_batch_days_template, content_type, n if rankings else 0]
+        moved views during it. Returns the ranked candidates and whether they are the answer.
+
+        Redis' side is one ``read_ranking`` per content shard (all of them: any may hold a
+        leader), each its shard's top ``n``, merged here; then one more per shard of the
+        candidates, for the Redis part of the history's candidates and to check each shard's
+        epoch. A single Redis is one shard: two calls, as ever."""
+        heads = await run_on_shards(
+            self.redis,
+            self.scripts.read_ranking,
+            [
+                (
+                    [keys.epoch, keys.sync_batch, *(keys.ranking(content_type, d) for d in live)],
+                    [keys.sync_batch_days_template, content_type, n if live else 0],
+                )
+                for keys in self.shards.schemas
+            ],
         )
-        epoch, batch_id = int(head[0]), _text(head[1])
-        from_redis = _ranking_entries(head)
-        committed = bool(batch_id) and await self._committed(batch_id)
+        epochs = [int(head[0]) for head in heads]
+        batches = [_text(head[1]) for head in heads]
+        seen: dict[str, tuple[int, str]] = {}
+        cut = False  # whether some shard had more than its n
+        for head in heads:
+            entries = _ranking_entries(head)
+            cut = cut or (bool(live) and len(entries) == n)
+            seen.update(entries)
+        # The n most viewed of all shards; an id outside them has no more than the n-th (a
+        # shard cut at n holds n ids with at least its own n-th).
+        from_redis = dict(sorted(seen.items(), key=lambda item: (-item[1][0], item[0]))[:n])
+        committed = await self._committed(batches)
+        candidates = list(from_redis)
         history: dict[str, int] = {}
         history_full, history_bound = False, 0
         if self._history is not None:
@@ -455,19 +535,37 @@ class ViewStats:
             )
             candidates = list(dict.fromkeys([*leaders, *from_redis]))
             history = await self._history.sums(content_type, candidates, first, last)
-        if batch_id and committed != await self._committed(batch_id):
+        if committed != await self._committed(batches):
             return None
-        missing = [i for i in history if i not in from_redis]
-        tail = await self.scripts.read_ranking(
-            keys=keys, args=[self.keys.sync_batch_days_template, content_type, 0, *missing]
+        pending = {i: seen[i] for i in candidates if i in seen}
+        by_shard = group_by_shard(self.shards, content_type, candidates)
+        if not self.shards.clustered:
+            by_shard = {0: by_shard.get(0, [])}  # the one shard's epoch is checked, as ever
+        missing = {
+            shard: [i for i in ids if i in history and i not in seen]
+            for shard, ids in by_shard.items()
+        }
+        tails = await run_on_shards(
+            self.redis,
+            self.scripts.read_ranking,
+            [
+                (
+                    [keys.epoch, keys.sync_batch, *(keys.ranking(content_type, d) for d in live)],
+                    [keys.sync_batch_days_template, content_type, 0, *missing[shard]],
+                )
+                for shard in by_shard
+                for keys in [self.shards.schemas[shard]]
+            ],
         )
-        if int(tail[0]) != epoch:
-            return None
-        pending = {**from_redis, **_ranking_entries(tail)}
+        for shard, tail in zip(by_shard, tails, strict=True):
+            if int(tail[0]) != epochs[shard]:
+                return None
+            pending.update(_ranking_entries(tail))
         totals: dict[str, int] = {}
         for content_id in set(history) | set(pending):
             views, batch = pending.get(content_id, (0, ""))
-            if committed:  # the history holds the batch's part already
+            if batches[self.shards.index(content_type, content_id)] in committed:
+                # The history holds the batch's part already.
                 for name, (amount, _) in decode_days(batch).items():
                     day = date.fromisoformat(name)
                     if (first is None or day >= first) and (last is None or day <= last):
@@ -476,7 +574,7 @@ class ViewStats:
         ranked = sorted(
             ((i, v) for i, v in totals.items() if v > 0), key=lambda item: (-item[1], item[0])
         )
-        redis_full = len(head) > 2 and len(from_redis) == n
+        redis_full = cut or len(seen) > n
         if not history_full and not redis_full:
             return ranked, True  # every id with views in the period is a candidate
         # No id outside the candidates has more than the last of each list it was not in.
@@ -508,9 +606,11 @@ class ViewStats:
         the retention of the per-day keys only (``history_retention_days``)."""
         first, last = period.resolve(self.today())
         totals = dict.fromkeys(_BLOCK_REASONS, 0)
+        # One hash per day and content shard, all in one pipeline (per node on a cluster).
         async with self.redis.pipeline(transaction=False) as pipe:
             for day in self._live_days(first, last):
-                pipe.hgetall(self.keys.blocked(day.isoformat()))
+                for keys in self.shards.schemas:
+                    pipe.hgetall(keys.blocked(day.isoformat()))
             replies = await pipe.execute()
         for reply in replies:
             for reason, count in reply.items():
