@@ -100,9 +100,7 @@ async def test_small_counts_are_exact_and_days_merge(
 async def test_ten_thousand_viewers_within_the_stated_error(
     backend: tuple[Any, Store, Settings], clock: FakeClock
 ) -> None:
-    # A sync claims every content shard at once, and a cluster client has no blocking pool (at
-    # most 100 connections per node): 16 shards keep the claims within what the traffic left.
-    tracker, sync, stats = make(*backend, clock, cluster_shards=16)
+    tracker, sync, stats = make(*backend, clock)
     await offer(tracker, 1, range(10_000))
     clock.advance(DAY)
     await offer(tracker, 1, range(5_000, 15_000))  # half of them again, half new

@@ -396,9 +396,9 @@ class ViewStats:
         which reads that shard's epoch too. No group spans shards, so no sketch moves between
         them."""
         if not self.settings.unique_viewers:
-            epochs = await get_each(self.redis, [self.shards.schemas[n].epoch for n in shards])
+            values = await get_each(self.redis, [self.shards.schemas[n].epoch for n in shards])
             return (
-                {shard: int(epoch or 0) for shard, epoch in zip(shards, epochs, strict=True)},
+                {shard: int(epoch or 0) for shard, epoch in zip(shards, values, strict=True)},
                 [None] * len(groups),
             )
         period_live = self._live_days(first, last)

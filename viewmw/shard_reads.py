@@ -8,8 +8,8 @@ round trip per node, however many shards each serves.
 
 A cluster pipeline refuses ``evalsha()`` and script objects, so the calls go as raw ``EVALSHA``
 commands. A node that lost its scripts (restarted) answers ``NOSCRIPT``: the script is loaded on
-every primary and only those calls are sent again, which is safe because these reads change
-nothing (``count_viewers``' scratch keys are written and deleted within the one call).
+every primary and only those calls are sent again, which is safe for any script, since a call
+answered ``NOSCRIPT`` never ran. The sync claims its shards this way too.
 """
 
 from __future__ import annotations

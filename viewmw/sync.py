@@ -50,6 +50,7 @@ from viewmw.mapping import mapping_conflicts
 from viewmw.metrics.recording import record_sync
 from viewmw.scripts import Scripts
 from viewmw.settings import Settings
+from viewmw.shard_reads import run_on_shards
 from viewmw.store import DayDelta, Store
 
 logger = logging.getLogger("viewmw.sync")
@@ -292,7 +293,12 @@ class ViewSync:
         read here stay as read. Returns the lease (its fence moved past a floor that was not
         below it) and, per shard, its unsettled batch and how many contents the run has."""
         for _attempt in range(2):
-            replies = await asyncio.gather(*(shard._claim(lease.fence) for shard in shards))
+            calls = [
+                ([keys.sync_fence_floor, keys.sync_batch, keys.draining, keys.dirty], [lease.fence])
+                for keys in (shard.keys for shard in shards)
+            ]
+            # One pipeline per node: a claim per shard, all at once, on a few connections.
+            replies = await run_on_shards(self.redis, self.scripts.claim_shard, calls)
             floors = [int(reply[1]) for reply in replies if not int(reply[0])]
             if not floors:
                 batches = [_batch_of(_text(reply[1]), _text(reply[2])) for reply in replies]
@@ -300,15 +306,6 @@ class ViewSync:
             # Redis lost the fence counter, and a shard kept the floor of a sync as new.
             lease = await self._raise_fence(lease, max(floors))
         raise LockLostError("a newer sync took this run's shards; nothing was done")
-
-    async def _claim(self, fence: int) -> list[Any]:
-        keys = self.keys
-        return list(
-            await self.scripts.claim_shard(
-                keys=[keys.sync_fence_floor, keys.sync_batch, keys.draining, keys.dirty],
-                args=[fence],
-            )
-        )
 
     @property
     def _guard(self) -> str:
