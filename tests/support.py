@@ -1,22 +1,29 @@
 """Helpers shared by the tests: service URLs, an injectable clock.
 
-Which servers a run uses is decided once, in :mod:`tests.servers`. Concurrent test runs on one
-machine (two nox sessions, a developer and CI) must not flush each other's data: each run takes a
-free slot (an flock on a file in the temp directory) and with it its own Redis database number and
-PostgreSQL database on the local servers; a private server is the run's alone anyway.
+Which servers a run uses is decided once per process, in :mod:`tests.servers`. Concurrent test
+processes on one machine (two nox sessions, a developer and CI, the workers of one parallel run)
+must not flush each other's data: each process takes a free slot (an flock on a file in the temp
+directory) and with it its own Redis database number and PostgreSQL database on the local
+servers; a private server is the process's alone anyway.
+
+The slot and the servers are taken on first use of ``SLOT``, ``REDIS``, ``POSTGRES``,
+``REDIS_URL`` or ``DATABASE_URL``: the controller of a parallel run (pytest-xdist) runs no test,
+so it takes no slot and starts no private server.
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import tempfile
 from dataclasses import dataclass
 from typing import IO
 
-from tests.servers import PRIVATE_SERVERS_VARIABLE, choose_postgres, choose_redis
+from tests.servers import PRIVATE_SERVERS_VARIABLE, Server, choose_postgres, choose_redis
 
-_SLOTS = 8
+# Redis databases 13 down to 2 on the local server: a parallel run takes one slot per worker.
+_SLOTS = 12
 _slot_file: IO[str] | None = None
 
 
@@ -31,14 +38,44 @@ def _take_slot() -> int:
             continue
         _slot_file = handle  # held until the process exits
         return slot
-    raise RuntimeError(f"more than {_SLOTS} viewmw test runs at once on this machine")
+    raise RuntimeError(
+        f"more than {_SLOTS} viewmw test processes at once on this machine "
+        "(each worker of a parallel run is one): run fewer, or fewer workers (-n)"
+    )
 
 
-SLOT = _take_slot()
-REDIS = choose_redis(SLOT)
-POSTGRES = choose_postgres(SLOT)
-REDIS_URL = REDIS.url
-DATABASE_URL = POSTGRES.url
+@functools.cache
+def _servers() -> tuple[int, Server, Server]:
+    slot = _take_slot()
+    return slot, choose_redis(slot), choose_postgres(slot)
+
+
+def __getattr__(name: str) -> object:
+    """``SLOT``, ``REDIS``, ``POSTGRES``, ``REDIS_URL``, ``DATABASE_URL``, chosen on first use."""
+    lazy = {
+        "SLOT": lambda: _servers()[0],
+        "REDIS": lambda: _servers()[1],
+        "POSTGRES": lambda: _servers()[2],
+        "REDIS_URL": lambda: _servers()[1].url,
+        "DATABASE_URL": lambda: _servers()[2].url,
+    }
+    if name in lazy:
+        return lazy[name]()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# HYPOTHESIS_PROFILE=thorough (registered in tests/conftest.py): ten times the examples, for a
+# longer run than the everyday suite's.
+HYPOTHESIS_PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "default")
+THOROUGH_FACTOR = 10
+
+
+def examples(everyday: int) -> int:
+    """``max_examples`` for a property that sets its own: ``everyday`` in the everyday run,
+    ten times as many under ``HYPOTHESIS_PROFILE=thorough``."""
+    return everyday * THOROUGH_FACTOR if HYPOTHESIS_PROFILE == "thorough" else everyday
+
+
 # Only the tests marked `rabbitmq` use it; never started by the tests.
 AMQP_URL = os.environ.get("VIEWMW_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 

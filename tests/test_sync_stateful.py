@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from tests.conftest import _fresh_store
-from tests.support import DATABASE_URL, REDIS_URL, FakeClock
+from tests.support import DATABASE_URL, REDIS_URL, FakeClock, examples
 from tests.test_sync import (
     CONTENTS,
     DAY,
@@ -178,7 +178,7 @@ class PostgresSyncMachine(SyncMachine):
 
 
 MACHINE_SETTINGS = settings(
-    max_examples=20,
+    max_examples=examples(20),
     stateful_step_count=30,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
