@@ -12,19 +12,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import subprocess
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
-from tests.asgi_support import free_port
-from tests.cluster_support import local_cluster
-from viewmw import Period, Settings, ViewStats, ViewTracker
+from tests.cluster_support import local_cluster, local_server
+from viewmw import NodeConnections, Period, ScriptConnection, Settings, ViewStats, ViewTracker
 from viewmw.assembly import connect_redis_cluster
 
 CONTENTS = 5_000
@@ -32,31 +27,6 @@ CONTENTS_PER_VIEWER = 5
 WAVE = 500  # views offered at once, as concurrent requests would
 READS = 20  # times each history read is timed per round (the median is kept)
 LEADERS = 60  # contents with distinct counts for the ranking
-
-
-@contextmanager
-def single_server() -> Iterator[str]:
-    """One ``redis-server`` of the cluster's build, without persistence, on a free port."""
-    port = free_port()
-    with tempfile.TemporaryDirectory() as directory:
-        process = subprocess.Popen(
-            ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
-            cwd=directory,
-            stdout=subprocess.DEVNULL,
-        )
-        try:
-            for _ in range(100):
-                try:
-                    subprocess.run(
-                        ["redis-cli", "-p", str(port), "ping"], check=True, capture_output=True
-                    )
-                    break
-                except subprocess.CalledProcessError:
-                    time.sleep(0.05)
-            yield f"redis://127.0.0.1:{port}/0"
-        finally:
-            process.terminate()
-            process.wait()
 
 
 async def _used_memory(redis: Any, clustered: bool) -> int:
@@ -108,7 +78,15 @@ async def _round(
     then the seconds of the two history reads on what they left."""
     clustered = settings.redis_cluster is not None
     await _flush(redis, clustered)
-    tracker = ViewTracker(redis, None, settings)
+    # Views go as a built tracker sends them: on a lean connection to the one server, on one
+    # such connection per primary of the cluster.
+    assert settings.redis_url is not None
+    connection = (
+        NodeConnections(redis, reply_timeout=30.0)
+        if clustered
+        else ScriptConnection.from_url(settings.redis_url, reply_timeout=30.0)
+    )
+    tracker = ViewTracker(redis, None, settings, script_connection=connection)
     for n in range(200):  # warm up: scripts loaded on every node, shared keys made
         await tracker.track_view("story", f"warm{n}", "user:warmup")
     before = await _used_memory(redis, clustered)
@@ -124,6 +102,8 @@ async def _round(
     await tracker.drain()
     after = await _used_memory(redis, clustered)
     views_many, top = await _reads(tracker)
+    if connection is not None:
+        await connection.aclose()
     return views / elapsed, (after - before) / views, views_many, top
 
 
@@ -133,7 +113,7 @@ async def run_cluster_bench(views: int, rounds: int) -> dict[str, dict[str, floa
     figures: dict[str, dict[str, list[float]]] = {
         name: {measure: [] for measure in measures} for name in ("single", "cluster")
     }
-    with single_server() as url, local_cluster() as cluster:
+    with local_server() as url, local_cluster() as cluster:
         # Generous deadlines: a late reply is not what this measures.
         single_settings = Settings(redis_url=url, redis_timeout=30.0)
         cluster_settings = Settings(redis_url=cluster.url, redis_timeout=30.0)

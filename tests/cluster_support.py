@@ -250,3 +250,35 @@ def local_cluster(primaries: int = 3, *, persistent: bool = False) -> Iterator[L
         yield cluster
     finally:
         cluster.stop()
+
+
+@contextmanager
+def local_server() -> Iterator[str]:
+    """One ``redis-server`` of the cluster's build (not a cluster), without persistence, on a
+    free port; yields its URL. Where two servers must be of one build (``DUMP``/``RESTORE``
+    between them), this is the single Redis beside :func:`local_cluster`.
+
+    Raises:
+        ClusterError: ``redis-server`` is missing (with how to install it), or did not start.
+    """
+    missing = missing_binaries()
+    if missing:
+        raise ClusterError(HOW_TO_INSTALL.format(missing=", ".join(missing)))
+    directory = Path(tempfile.mkdtemp(prefix="viewmw-tests-redis-"))
+    node = LocalNode(free_port(), 0, directory)
+    command = [
+        shutil.which("redis-server") or "redis-server",
+        "--port", str(node.port),
+        "--bind", "127.0.0.1",
+        "--dir", str(directory),
+        "--save", "",
+        "--appendonly", "no",
+    ]  # fmt: skip
+    node.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        _wait(lambda: _answers(node), f"redis-server on port {node.port} to answer", node)
+        yield f"redis://127.0.0.1:{node.port}/0"
+    finally:
+        node.process.kill()
+        node.process.wait(timeout=10)
+        shutil.rmtree(directory, ignore_errors=True)

@@ -35,6 +35,12 @@ def test_days_are_23_or_25_hours_long_when_the_clocks_change() -> None:
     assert autumn.start == _at("2026-10-24T22:00:00")
 
 
+def test_a_moment_a_hair_before_midnight_is_in_the_day_it_ends() -> None:
+    # datetime rounds to microseconds: 23:59:59.9999995 must not become the next day.
+    day = calendar_day(2051222399.9999995, ZoneInfo("UTC"))
+    assert (day.name, day.end) == ("2034-12-31", 2051222400)
+
+
 @given(
     st.floats(min_value=0, max_value=4_102_444_800, allow_nan=False),
     st.sampled_from(ZONES),

@@ -79,7 +79,9 @@ async def connected(
     redis = Redis.from_url(REDIS_URL)
     store = Store.from_settings(settings)
     try:
-        yield ViewTracker(redis, store, settings, clock=clock)
+        # Generous deadlines: on a busy machine a late reply must not lose a count read here.
+        generous = settings.replace(redis_timeout=5.0, database_request_timeout=5.0)
+        yield ViewTracker(redis, store, generous, clock=clock)
     finally:
         await redis.aclose()
         await store.close()

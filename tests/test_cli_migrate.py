@@ -10,8 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
-from tests.cluster_support import LocalCluster
-from tests.conftest import REDIS_URL
+from tests.cluster_support import LocalCluster, local_server
 from tests.support import FakeClock
 from viewmw import Limits, Settings, Store, ViewTracker
 from viewmw.cli import main
@@ -29,21 +28,26 @@ def cluster_env(
 async def test_the_command_copies_the_old_redis_into_the_cluster(
     cluster_env: LocalCluster,
     cluster_redis: RedisCluster,
-    real_redis: aioredis.Redis,
     clock: FakeClock,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    old = ViewTracker(real_redis, None, Settings(limits=Limits()), clock=clock)
-    for content_id in ("1", "2"):
-        assert (await old.track_view("story", content_id, "user:1")).counted
-    await old.drain()
+    with local_server() as url:  # the cluster's build: DUMP payloads must be readable there
+        client = aioredis.Redis.from_url(url)
+        old = ViewTracker(client, None, Settings(limits=Limits()), clock=clock)
+        for content_id in ("1", "2"):
+            assert (await old.track_view("story", content_id, "user:1")).counted
+        await old.drain()
+        await client.aclose()
+        await _copy_twice(url, capsys)
 
-    assert await _run(["migrate-keys", "--from", REDIS_URL, "--json"]) == 0
+
+async def _copy_twice(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert await _run(["migrate-keys", "--from", url, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["sessions"] == 2 and report["daily_counters"] == 1
     assert report["sketches"] == 2 and report["already_there"] == 0
 
-    assert await _run(["migrate-keys", "--from", REDIS_URL]) == 0
+    assert await _run(["migrate-keys", "--from", url]) == 0
     assert "copied 0 sessions" in capsys.readouterr().out
 
 

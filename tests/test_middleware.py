@@ -451,7 +451,12 @@ async def test_builds_and_owns_its_clients(real_redis: aioredis.Redis, tmp_path:
 async def test_lifespan_creates_tables_and_closes_owned_clients(
     real_redis: aioredis.Redis, tmp_path: Any
 ) -> None:
-    settings = Settings(redis_url=REDIS_URL, database_url=f"sqlite:///{tmp_path}/life.sqlite3")
+    settings = Settings(
+        redis_url=REDIS_URL,
+        database_url=f"sqlite:///{tmp_path}/life.sqlite3",
+        redis_timeout=5.0,  # generous: a busy machine must not make the count a late one
+        database_request_timeout=5.0,
+    )
     events: list[str] = []
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:

@@ -6,22 +6,34 @@ changes nothing."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import cast
 
+import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
-from tests.cluster_support import LocalCluster
+from tests.cluster_support import LocalCluster, local_server
 from tests.support import FakeClock
-from viewmw import BlockReason, Limits, Settings, Store, ViewTracker
+from viewmw import BlockReason, ConfigurationError, Limits, Settings, Store, ViewTracker
 from viewmw.migration import KeyMigration, MigrationReport
 from viewmw.outage.outbox import Outbox, OutboxEvent
 
 LIMITS = Limits(max_daily_views_per_user=3, view_cooldown_seconds=300)
 
 
+@pytest.fixture
+async def old_redis() -> AsyncIterator[aioredis.Redis]:
+    """The single Redis moved from: a server of the cluster's own build, since ``DUMP`` payloads
+    travel only between compatible versions (the machine's Redis may be another server)."""
+    with local_server() as url:
+        client = aioredis.Redis.from_url(url)
+        yield client
+        await client.aclose()
+
+
 async def test_a_viewer_is_decided_on_the_cluster_as_on_the_old_redis(
-    real_redis: aioredis.Redis,
+    old_redis: aioredis.Redis,
     redis_cluster: LocalCluster,
     cluster_redis: RedisCluster,
     pg_store: Store,
@@ -29,7 +41,7 @@ async def test_a_viewer_is_decided_on_the_cluster_as_on_the_old_redis(
 ) -> None:
     old_settings = Settings(limits=LIMITS, unique_viewers=True)
     new_settings = old_settings.replace(redis_url=redis_cluster.url)
-    old = ViewTracker(real_redis, None, old_settings, clock=clock)
+    old = ViewTracker(old_redis, None, old_settings, clock=clock)
     new = ViewTracker(cast(aioredis.Redis, cluster_redis), None, new_settings, clock=clock)
     for content_id in ("1", "2", "3"):  # user:1 reaches the daily limit
         assert (await old.track_view("story", content_id, "user:1")).counted
@@ -42,7 +54,7 @@ async def test_a_viewer_is_decided_on_the_cluster_as_on_the_old_redis(
     await old.drain()
 
     migration = KeyMigration(
-        real_redis,
+        old_redis,
         cluster_redis,
         old_settings.content_shards(),
         new_settings.content_shards(),
@@ -68,3 +80,24 @@ async def test_a_viewer_is_decided_on_the_cluster_as_on_the_old_redis(
     # Run again: everything is there already, and nothing counted since the move is replaced.
     again = await migration.run()
     assert again == MigrationReport(already_there=6 + 3 + 5 + 1, skipped_markers=1)
+
+
+async def test_keys_the_new_redis_cannot_read_are_refused_with_what_to_do(
+    fake_redis: aioredis.Redis,
+    redis_cluster: LocalCluster,
+    cluster_redis: RedisCluster,
+    clock: FakeClock,
+) -> None:
+    # The embedded stand-in's DUMP payloads are its own: no Redis server reads them, as a server
+    # cannot read those of a newer version.
+    old_settings = Settings(limits=LIMITS)
+    old = ViewTracker(fake_redis, None, old_settings, clock=clock)
+    assert (await old.track_view("story", "1", "user:1")).counted
+    migration = KeyMigration(
+        fake_redis,
+        cluster_redis,
+        old_settings.content_shards(),
+        old_settings.replace(redis_url=redis_cluster.url).content_shards(),
+    )
+    with pytest.raises(ConfigurationError, match="same Redis version"):
+        await migration.run()

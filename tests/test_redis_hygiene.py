@@ -18,6 +18,8 @@ from viewmw.identity import ViewerIdentity
 from viewmw.operator_stats import abuse_stats
 
 SECRET = "test-secret-0123456789"
+# Generous request deadlines: on a busy machine a late reply must not become a missing count.
+GENEROUS: dict[str, float] = {"redis_timeout": 5.0, "database_request_timeout": 5.0}
 HOUR = 3600.0
 
 # What a request might carry: none of it may reach Redis.
@@ -75,7 +77,7 @@ async def all_keys(redis: aioredis.Redis) -> list[str]:
 async def test_every_key_but_counters_and_cached_counts_has_a_ttl(
     real_redis: aioredis.Redis, pg_store: Store, clock: FakeClock, prefix: str
 ) -> None:
-    settings = Settings(key_prefix=prefix, timezone="America/New_York", secret=SECRET)
+    settings = Settings(key_prefix=prefix, timezone="America/New_York", secret=SECRET, **GENEROUS)
     tracker = ViewTracker(real_redis, pg_store, settings, clock=clock)
     await run_workload(tracker, clock)
 
@@ -108,7 +110,9 @@ async def test_ttls_outlive_the_rules_they_serve_and_no_more(
     real_redis: aioredis.Redis, clock: FakeClock, limits: Limits, timezone: str
 ) -> None:
     """TTLs only reclaim memory: a key must not expire while its rule still needs it."""
-    tracker = ViewTracker(real_redis, None, Settings(limits=limits, timezone=timezone), clock=clock)
+    tracker = ViewTracker(
+        real_redis, None, Settings(limits=limits, timezone=timezone, **GENEROUS), clock=clock
+    )
     zone = ZoneInfo(timezone)
     for hours in (0, 11.5, 23.99):  # noon UTC, then near both ends of local days
         clock.now += hours * HOUR
@@ -135,7 +139,7 @@ async def test_ttls_outlive_the_rules_they_serve_and_no_more(
 async def test_no_address_user_agent_or_session_id_reaches_redis(
     real_redis: aioredis.Redis, pg_store: Store, clock: FakeClock
 ) -> None:
-    settings = Settings(secret=SECRET)
+    settings = Settings(secret=SECRET, **GENEROUS)
     tracker = ViewTracker(real_redis, pg_store, settings, clock=clock)
     hashed = await run_workload(tracker, clock)
 
@@ -191,7 +195,7 @@ async def test_no_address_user_agent_or_session_id_reaches_redis(
 async def test_raw_addresses_and_user_agents_are_refused_as_viewers(
     real_redis: aioredis.Redis, clock: FakeClock, viewer: str
 ) -> None:
-    tracker = ViewTracker(real_redis, None, Settings(), clock=clock)
+    tracker = ViewTracker(real_redis, None, Settings(**GENEROUS), clock=clock)
     with pytest.raises(InvalidKeyError):
         await tracker.track_view("story", 7, viewer)
     assert await real_redis.dbsize() == 0

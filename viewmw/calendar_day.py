@@ -6,6 +6,7 @@ way (``YYYY-MM-DD`` in ``Settings.timezone``), so they all ask here.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
@@ -28,7 +29,9 @@ class CalendarDay:
 
 def local_date(moment: float, zone: ZoneInfo) -> date:
     """The date in ``zone`` at ``moment`` (Unix seconds)."""
-    return datetime.fromtimestamp(moment, zone).date()
+    # Whole seconds: every day starts on one, and datetime rounds a fraction to microseconds,
+    # which would carry a moment a hair before midnight into the next day.
+    return datetime.fromtimestamp(math.floor(moment), zone).date()
 
 
 def calendar_day(moment: float, zone: ZoneInfo) -> CalendarDay:

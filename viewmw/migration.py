@@ -28,6 +28,7 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
+from viewmw.errors import ConfigurationError
 from viewmw.outage.outbox import Outbox
 from viewmw.scripts import Scripts
 from viewmw.shards import ContentShards
@@ -165,6 +166,13 @@ class KeyMigration:
         there = 0
         for reply in replies:
             if isinstance(reply, ResponseError):
+                if "payload version" in str(reply):
+                    raise ConfigurationError(
+                        "--from",
+                        "names a Redis whose keys the Redis moved to cannot read (DUMP payload "
+                        f"version: {reply}); run the same Redis version on both, or a later one "
+                        "on the new side",
+                    )
                 if "BUSYKEY" not in str(reply):
                     raise reply
                 there += 1

@@ -57,6 +57,9 @@ WORKER_SETTINGS = {
     "VIEWMW_DATABASE_URL": DATABASE_URL,
     "VIEWMW_TIMEZONE": "Europe/Paris",
     "VIEWMW_CONTENT_TABLES": "story=stories.view_count,fantasy=fantasies.view_count",
+    # Generous request deadlines: on a busy machine a late reply must not lose a page's count.
+    "VIEWMW_REDIS_TIMEOUT": "5",
+    "VIEWMW_DATABASE_REQUEST_TIMEOUT": "5",
 }
 SITE_VIEWS: dict[str, int] = {"/stories/1": 3, "/fantasies/2": 2, "/tasks/fix-the-sync": 1}
 SITE_CONTENTS: dict[str, Content] = {
