@@ -63,9 +63,11 @@ class KeyMigration:
     """Copies the rules' state from ``source`` to ``target``.
 
     Args:
-        source, target: ``redis.asyncio`` clients (``Redis`` or ``RedisCluster``).
-        source_shards, target_shards: the key layout of each (``Settings.content_shards()`` with
-            that side's URL): they name the same content's keys on each side.
+        source: the Redis moved from, a ``redis.asyncio`` client (``Redis`` or ``RedisCluster``).
+        target: the Redis moved to, a client of either kind.
+        source_shards: the source's key layout (``Settings.content_shards()`` with its URL).
+        target_shards: the target's key layout: with ``source_shards``, it names the same
+            content's keys on each side.
         outbox: the app's outbox, to find the content of waiting events' replay markers; without
             one, no marker is copied.
     """

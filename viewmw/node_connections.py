@@ -38,7 +38,9 @@ class NodeConnections:
     Args:
         cluster: the cluster client whose slot map routes the calls (and whose credentials
             the connections use).
-        connect_timeout, reply_timeout: as for :class:`ScriptConnection`.
+        connect_timeout: seconds to open a node's connection, as for :class:`ScriptConnection`.
+        reply_timeout: seconds a node may go without a reply while calls wait, as for
+            :class:`ScriptConnection`.
     """
 
     def __init__(

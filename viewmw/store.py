@@ -407,9 +407,9 @@ class Store:
         ).where(
             unmatched_views.c.content_type == content_type, unmatched_views.c.content_id.in_(ids)
         )
-        committed = select(
-            literal_column("2"), sync_batches.c.batch_id, literal_column("0")
-        ).where(sync_batches.c.batch_id.in_(list(batch_ids)))
+        committed = select(literal_column("2"), sync_batches.c.batch_id, literal_column("0")).where(
+            sync_batches.c.batch_id.in_(list(batch_ids))
+        )
         counts = dict.fromkeys(ids, 0)
         in_ledger: set[str] = set()
         statement = union_all(rows, kept, committed) if batch_ids else union_all(rows, kept)
