@@ -237,11 +237,13 @@ async def test_the_breaker_state_of_a_resilient_tracker_is_shown(
 ) -> None:
     resilient = ResilientTracker(ViewTracker(real_redis, sqlite_store, settings))
     page = StatsPage(SEEDED, resilient, periods=PERIODS)
-    assert "closed" in parse((await get(page)).text).find("p", id="breaker").text()
-
-    for _ in range(resilient.breaker.failure_threshold):
-        resilient.breaker.failure()
-    breaker = parse((await get(page)).text).find("p", id="breaker")
+    try:
+        assert "closed" in parse((await get(page)).text).find("p", id="breaker").text()
+        for _ in range(resilient.breaker.failure_threshold):
+            resilient.breaker.failure()
+        breaker = parse((await get(page)).text).find("p", id="breaker")
+    finally:
+        await resilient.aclose()  # and what it started while the breaker was open
     assert breaker.find("strong").text() == "open"
     assert "opened 1 times" in breaker.text()
     assert breaker.attrs["class"] == "breaker failing"
