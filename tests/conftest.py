@@ -54,6 +54,8 @@ OPTIONAL_BACKENDS = {
     "`nox -s tests-rabbitmq` or `pytest -m rabbitmq`",
     "browser": "headless Chromium (`apt-get install chromium`): run them with "
     "`nox -s tests-browser` or `pytest -m browser`",
+    "soak": "minutes of traffic on a local Redis Cluster with web and Dramatiq workers: run it "
+    "with `nox -s soak` or `pytest -m soak tests/soak`",
 }
 _not_run: dict[str, int] = dict.fromkeys(OPTIONAL_BACKENDS, 0)
 
