@@ -136,7 +136,7 @@ async def _sync_until(
         cast(Redis, redis), store, settings, clock=clock, batch_contents=20, lock_seconds=1.0
     )
     while not stop.is_set():
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(SyncError, RedisError, OSError, AttributeError):
             await sync.run()
         # Pacing, not timing: let the traffic's turns in between two runs.
         with contextlib.suppress(TimeoutError):

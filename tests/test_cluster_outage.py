@@ -15,6 +15,7 @@ from redis.exceptions import (
     ClusterDownError,
     RedisClusterException,
     RedisError,
+    ResponseError,
     SlotNotCoveredError,
 )
 
@@ -52,6 +53,8 @@ def test_keys_of_several_slots_in_one_call_surface_as_a_bug() -> None:
     routing = RedisClusterException("EVALSHA - all keys must map to the same key slot")
     assert classify(routing) is FailureKind.UNEXPECTED
     assert classify(ClusterCrossSlotError("CROSSSLOT Keys in request")) is FailureKind.UNEXPECTED
+    plain_reply = ResponseError("CROSSSLOT Keys in request don't hash to the same slot")
+    assert classify(plain_reply) is FailureKind.UNEXPECTED
 
 
 async def test_a_killed_primary_loses_nothing_the_outage_path_kept(

@@ -285,6 +285,36 @@ async def test_a_cold_list_over_many_shards_reads_the_database_once_for_all(
         await tracker.drain()
 
 
+async def test_a_shard_that_cannot_store_its_counts_leaves_out_only_its_own(
+    redis_cluster: LocalCluster,
+    cluster_redis: RedisCluster,
+    pg_store: Store,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ids = [f"t{n}" for n in range(40)]
+    started = datetime(2025, 11, 24, tzinfo=UTC)
+    await pg_store.commit_batch("seed", started, {("task", i): 5 for i in ids})
+    settings = _settings(redis_cluster).replace(database_request_timeout=10.0)
+    tracker = ViewTracker(cast(Redis, cluster_redis), pg_store, settings, clock=clock)
+    broken = tracker.shards.of("task", "t0").epoch  # the first key of its shard's fill
+    evalsha = cluster_redis.evalsha
+
+    async def one_node_fails(sha: str, numkeys: int, *keys_and_args: Any) -> Any:
+        if sha == tracker.scripts.fill_cache.sha and keys_and_args[0] == broken:
+            raise RedisConnectionError("the node of this shard went away")
+        return await evalsha(sha, numkeys, *keys_and_args)
+
+    monkeypatch.setattr(cluster_redis, "evalsha", one_node_fails)
+    try:
+        counts = await tracker.get_view_counts("task", ids)
+    finally:
+        await tracker.drain()
+    on_broken = {i for i in ids if tracker.shards.of("task", i).epoch == broken}
+    assert counts == {i: 5 for i in ids if i not in on_broken}
+    assert tracker.database_breaker.is_closed  # the database answered
+
+
 async def _offer(
     tracker: ViewTracker, ids: list[str], viewer: str
 ) -> list[TrackResult | BaseException]:

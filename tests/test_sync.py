@@ -472,7 +472,8 @@ async def test_the_run_ends_even_if_a_client_swallows_its_renewals_cancellation(
     in_flight = asyncio.Event()
     hook = Hook()
     hook.call_at("locked", in_flight.wait)  # the run ends while a renewal is under way
-    sync = world.sync(lock_seconds=0.03, on_step=hook)
+    # Renewed after 1 s; the lock itself lasts 3 s, so the run ends long before it expires.
+    sync = world.sync(lock_seconds=3.0, on_step=hook)
     evalsha = world.redis.evalsha
     swallowed: list[int] = []
 

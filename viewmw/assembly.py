@@ -76,14 +76,15 @@ def build_tracker(
 
 
 async def close_clients(tracker: ViewTracker) -> None:
-    """Close the clients of a tracker from :func:`build_tracker`: Redis, the script connection
-    and the database engine (each even if closing another failed)."""
+    """Close the clients of a tracker from :func:`build_tracker`: the script connection (first:
+    on a cluster it reads the slot map through the Redis client), Redis and the database engine
+    (each even if closing another failed)."""
     try:
-        await tracker.redis.aclose()
+        if tracker.script_connection is not None:
+            await tracker.script_connection.aclose()
     finally:
         try:
-            if tracker.script_connection is not None:
-                await tracker.script_connection.aclose()
+            await tracker.redis.aclose()
         finally:
             if tracker.store is not None:
                 await tracker.store.close()

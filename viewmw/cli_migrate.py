@@ -64,7 +64,8 @@ async def migrate_command(
     else:
         console.print(
             f"copied {report.sessions} sessions, {report.daily_counters} daily counters, "
-            f"{report.sketches} unique-viewer sketches, {report.replay_markers} replay markers; "
+            f"{report.sketches} unique-viewer sketches ({report.sketches_merged} more merged into "
+            f"the new Redis' own), {report.replay_markers} replay markers; "
             f"{report.already_there} were there already, {report.skipped_markers} markers "
             "belong to no waiting event",
             markup=False,

@@ -45,6 +45,9 @@ def classify(exc: BaseException) -> FailureKind:
         return FailureKind.LATE
     if _is_cluster_refusal(exc):
         return FailureKind.REDIS
+    if isinstance(exc, RedisError) and str(exc).startswith("CROSSSLOT"):
+        # The same bug, as a node answers it on a lean connection (a plain error reply).
+        return FailureKind.UNEXPECTED
     if isinstance(exc, ClusterCrossSlotError | RedisClusterException):
         # Keys of several slots in one call, a command the client cannot route: a bug in the
         # caller, which must surface instead of opening the breaker.

@@ -54,6 +54,8 @@ class MigrationReport:
     daily_counters: int = 0
     sketches: int = 0
     replay_markers: int = 0
+    sketches_merged: int = 0
+    """Sketches the target had already (viewers seen since the move): the old one added in."""
     already_there: int = 0
     skipped_markers: int = 0
     """Markers of events no longer in the outbox (or of every event, without an outbox)."""
@@ -93,11 +95,12 @@ class KeyMigration:
         async for page in self._pages(f"{self.prefix}viewed:*"):
             copied, there = await self._restore(self._renamed(page, _SESSION, self._session_key))
             report.sessions += copied
-            report.already_there += there
+            report.already_there += len(there)
         async for page in self._pages(f"{self.prefix}*:uniq:*"):
             copied, there = await self._restore(self._renamed(page, _UNIQUES, self._uniques_key))
+            await self._merge_sketches(there)
             report.sketches += copied
-            report.already_there += there
+            report.sketches_merged += len(there)
         async for page in self._pages(f"{self.prefix}daily_views:*"):
             await self._copy_daily(page, report)
         async for page in self._pages(f"{self.prefix}viewmw:replayed:*"):
@@ -147,26 +150,30 @@ class KeyMigration:
             if (match := self._parsed(key, shape)) is not None
         ]
 
-    async def _restore(self, pairs: list[tuple[str, str]]) -> tuple[int, int]:
+    async def _restore(self, pairs: list[tuple[str, str]]) -> tuple[int, list[_Dumped]]:
         """``DUMP`` each source key and ``RESTORE`` it under its target name with the time it
-        has left, never replacing; returns how many were copied and how many were there."""
+        has left, never replacing; returns how many were copied, and the keys the target had
+        already (with what was dumped)."""
         if not pairs:
-            return 0, 0
+            return 0, []
         async with self.source.pipeline(transaction=False) as pipe:
             for key, _ in pairs:
                 pipe.dump(key)
                 pipe.pttl(key)
             dumped = await pipe.execute()
+        wanted = [
+            _Dumped(name, payload, max(int(ttl), 0))
+            for (_, name), payload, ttl in zip(pairs, dumped[::2], dumped[1::2], strict=True)
+            if payload is not None and int(ttl) != -2  # not expired since the SCAN
+        ]
+        if not wanted:
+            return 0, []
         async with self.target.pipeline(transaction=False) as pipe:
-            wanted = 0
-            for (_, name), payload, ttl in zip(pairs, dumped[::2], dumped[1::2], strict=True):
-                if payload is None or int(ttl) == -2:  # expired since the SCAN
-                    continue
-                pipe.restore(name, max(int(ttl), 0), payload)
-                wanted += 1
-            replies = await pipe.execute(raise_on_error=False) if wanted else []
-        there = 0
-        for reply in replies:
+            for item in wanted:
+                pipe.restore(item.name, item.ttl, item.payload)
+            replies = await pipe.execute(raise_on_error=False)
+        there: list[_Dumped] = []
+        for item, reply in zip(wanted, replies, strict=True):
             if isinstance(reply, ResponseError):
                 if "payload version" in str(reply):
                     raise ConfigurationError(
@@ -177,8 +184,18 @@ class KeyMigration:
                     )
                 if "BUSYKEY" not in str(reply):
                     raise reply
-                there += 1
-        return len(replies) - there, there
+                there.append(item)
+        return len(wanted) - len(there), there
+
+    async def _merge_sketches(self, sketches: list[_Dumped]) -> None:
+        """Add old sketches to those the target has (viewers seen since the move): each is
+        restored beside its target, in its slot, merged into it and deleted. A union, so a
+        second run changes nothing."""
+        for key in sketches:
+            scratch = f"{key.name}:moving"  # the same hash tag: the same slot
+            await self.target.restore(scratch, 60_000, key.payload, replace=True)
+            await self.target.pfmerge(key.name, key.name, scratch)
+            await self.target.delete(scratch)
 
     async def _copy_daily(self, page: list[str], report: MigrationReport) -> None:
         parsed = [(key, match) for key in page if (match := self._parsed(key, _DAILY)) is not None]
@@ -198,19 +215,23 @@ class KeyMigration:
             counts = await pipe.execute()
         shape = "hash" if self.target_shards.clustered else ""
         any_keys = self.target_shards.schemas[0]  # a daily counter's name is the viewer's
-        calls = [
-            self.scripts.restore_daily(
-                keys=[any_keys.daily_views(match["viewer"], match["day"])],
-                args=[int(count), int(ttl), shape],
-            )
+        wanted = [
+            (any_keys.daily_views(match["viewer"], match["day"]), int(count), int(ttl))
             for (_, match), count, ttl in zip(parsed, counts, kinds_and_ttls[1::2], strict=True)
             if count is not None and int(ttl) > 0  # not expired since the SCAN
         ]
         # Concurrently, a few at a time: a cluster pipeline takes no scripts.
-        for start in range(0, len(calls), _CONCURRENT):
-            copied = sum(map(int, await asyncio.gather(*calls[start : start + _CONCURRENT])))
+        for start in range(0, len(wanted), _CONCURRENT):
+            chunk = wanted[start : start + _CONCURRENT]
+            replies = await asyncio.gather(
+                *(
+                    self.scripts.restore_daily(keys=[name], args=[count, ttl, shape])
+                    for name, count, ttl in chunk
+                )
+            )
+            copied = sum(map(int, replies))
             report.daily_counters += copied
-            report.already_there += len(calls[start : start + _CONCURRENT]) - copied
+            report.already_there += len(chunk) - copied
 
     async def _copy_markers(self, page: list[str], report: MigrationReport) -> None:
         events = {
@@ -224,7 +245,16 @@ class KeyMigration:
         ]
         copied, there = await self._restore(pairs)
         report.replay_markers += copied
-        report.already_there += there
+        report.already_there += len(there)
+
+
+@dataclass(frozen=True, slots=True)
+class _Dumped:
+    """A source key as ``DUMP`` gave it, with its name on the target and its TTL (ms, 0: none)."""
+
+    name: str
+    payload: bytes
+    ttl: int
 
 
 def _text(value: object) -> str:

@@ -88,10 +88,14 @@ class NodeConnections:
         """Read the slot map again (one reading at a time; callers share it)."""
         if self._refresh is None or self._refresh.done():
             self._refresh = asyncio.ensure_future(self.cluster.nodes_manager.initialize())
+            self._refresh.add_done_callback(_logged)  # seen even if its caller stops waiting
         await asyncio.shield(self._refresh)
 
     def connection_lost(self) -> None:
-        """A node's connection failed: read the slot map again soon, in the background."""
+        """A node's connection failed: read the slot map again soon, in the background (not
+        once closed: the cluster client may be closed too, and would open connections again)."""
+        if self._closed:
+            return
         if self._refresh is None or self._refresh.done():
             self._refresh = asyncio.ensure_future(self.cluster.nodes_manager.initialize())
             self._refresh.add_done_callback(_logged)
@@ -100,10 +104,11 @@ class NodeConnections:
         """Close every node's connection (and wait for a slot-map reading under way)."""
         self._closed = True
         connections, self._connections = list(self._connections.values()), {}
-        for connection in connections:
-            await connection.aclose()
-        if self._refresh is not None:
-            await asyncio.gather(self._refresh, return_exceptions=True)
+        try:
+            await asyncio.gather(*(c.aclose() for c in connections), return_exceptions=True)
+        finally:
+            if self._refresh is not None:
+                await asyncio.gather(self._refresh, return_exceptions=True)
 
 
 class _Watched(ScriptConnection):

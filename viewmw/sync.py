@@ -339,12 +339,15 @@ class ViewSync:
         finally:
             done.set()
             renewal.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewal
+            # Bounded: a renewal stuck in a client's retries is left to end on its own (its
+            # outcome collected), and the lock to expire if it cannot be released in time.
+            await asyncio.wait({renewal}, timeout=self.lock_ms / 1000)
+            renewal.add_done_callback(_collected)
             with contextlib.suppress(Exception):  # a Redis failure here is not a lost lock
-                released = bool(
-                    int(await self.scripts.release_lock(keys=[keys.sync_lock], args=[token]))
-                )
+                async with asyncio.timeout(self.lock_ms / 1000):
+                    released = bool(
+                        int(await self.scripts.release_lock(keys=[keys.sync_lock], args=[token]))
+                    )
         if released is False:
             raise LockLostError(
                 "the sync lock expired before this sync ended; the sync that took it over "
@@ -704,6 +707,12 @@ class ViewSync:
             return 0
         await self._step("cleanup")
         return int(await self.redis.unlink(*keys))
+
+
+def _collected(task: asyncio.Future[None]) -> None:
+    """Retrieve a finished background task's outcome, so that no error goes unseen."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        logger.debug("a sync lock renewal ended with %r", exc)
 
 
 def _batch_of(batch_id: str, started: str) -> _Batch | None:

@@ -743,9 +743,7 @@ class ViewTracker:
     async def _bounded_fill(
         self, content_type: str, missing: list[_ShardRead]
     ) -> dict[str, ViewCount]:
-        # Past the background deadline the database is failing, not merely slow for a request.
-        async with asyncio.timeout(self.settings.database_timeout):
-            filled = await self._fill_cache(content_type, missing)
+        filled = await self._fill_cache(content_type, missing)
         for content_id, count in filled.items():  # the deferred mode shows these next
             self._known_counts[f"{content_type}:{content_id}"] = count.total
         return filled
@@ -783,14 +781,29 @@ class ViewTracker:
         assert self.store is not None
         ids = [content_id for read in missing for content_id in read.raw]
         batches = {read.batch_id for read in missing if read.batch_id}
-        if len(batches) > 1:  # shards of a cluster with batches of their own
-            counts, committed = await self.store.read_counts_and_batches(content_type, ids, batches)
-        else:
-            counts, done = await self.store.read_counts(content_type, ids, next(iter(batches), ""))
-            committed = batches if done else set()
-        stored = await asyncio.gather(
-            *(self._store_counts(content_type, read, counts, committed) for read in missing)
+        # Past the background deadline the database is failing, not merely slow for a request
+        # (the deadline is the database's alone: storing the counts is Redis' work).
+        async with asyncio.timeout(self.settings.database_timeout):
+            if len(batches) > 1:  # shards of a cluster with batches of their own
+                counts, committed = await self.store.read_counts_and_batches(
+                    content_type, ids, batches
+                )
+            else:
+                counts, done = await self.store.read_counts(
+                    content_type, ids, next(iter(batches), "")
+                )
+                committed = batches if done else set()
+        outcomes = await asyncio.gather(
+            *(self._store_counts(content_type, read, counts, committed) for read in missing),
+            return_exceptions=True,
         )
+        stored = [outcome for outcome in outcomes if isinstance(outcome, dict)]
+        failed = [outcome for outcome in outcomes if not isinstance(outcome, dict)]
+        for failure in failed:
+            if not isinstance(failure, _CacheNotStored) or not stored:
+                raise failure
+            # A node that failed leaves its shard's counts out; the other shards' stand.
+            self._database_errors.report(failure.failure)
         return {content_id: count for part in stored for content_id, count in part.items()}
 
     async def _store_counts(
