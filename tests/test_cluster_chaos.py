@@ -20,7 +20,8 @@ from redis.exceptions import RedisError
 
 from tests.cluster_support import local_cluster
 from tests.support import FakeClock
-from viewmw import Limits, Settings, Store, SyncError, ViewSync, ViewTracker
+from tests.test_cluster_outage import EVERY_VIEW
+from viewmw import Settings, Store, SyncError, ViewSync, ViewTracker
 from viewmw.assembly import connect_redis_cluster
 from viewmw.node_connections import NodeConnections
 from viewmw.outage.breaker import CircuitBreaker
@@ -29,12 +30,6 @@ from viewmw.outage.outbox import Outbox
 from viewmw.outage.probe import RedisProbe
 from viewmw.outage.replayer import Replayer
 
-EVERY_VIEW = Limits(
-    max_views_per_session=None,
-    max_daily_views_per_user=None,
-    one_view_per_day=False,
-    view_cooldown_seconds=None,
-)
 CONTENTS = 60
 WAVES, WAVE = 24, 40  # views offered 40 at a time
 KILL_AFTER, RESTART_AFTER = 8, 14  # waves

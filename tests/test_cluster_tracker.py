@@ -261,10 +261,9 @@ async def test_a_cold_list_over_many_shards_reads_the_database_once_for_all(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     ids = [f"t{n}" for n in range(40)]
-    started = datetime(2025, 11, 24, tzinfo=UTC)
-    await pg_store.commit_batch("seed", started, {("task", i): n + 1 for n, i in enumerate(ids)})
-    settings = _settings(redis_cluster).replace(database_request_timeout=10.0)
-    tracker = ViewTracker(cast(Redis, cluster_redis), pg_store, settings, clock=clock)
+    tracker = await _stored_tracker(
+        redis_cluster, cluster_redis, pg_store, clock, {i: n + 1 for n, i in enumerate(ids)}
+    )
     reads: list[int] = []
     original = pg_store.read_counts
 
@@ -293,10 +292,9 @@ async def test_a_shard_that_cannot_store_its_counts_leaves_out_only_its_own(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     ids = [f"t{n}" for n in range(40)]
-    started = datetime(2025, 11, 24, tzinfo=UTC)
-    await pg_store.commit_batch("seed", started, {("task", i): 5 for i in ids})
-    settings = _settings(redis_cluster).replace(database_request_timeout=10.0)
-    tracker = ViewTracker(cast(Redis, cluster_redis), pg_store, settings, clock=clock)
+    tracker = await _stored_tracker(
+        redis_cluster, cluster_redis, pg_store, clock, dict.fromkeys(ids, 5)
+    )
     broken = tracker.shards.of("task", "t0").epoch  # the first key of its shard's fill
     evalsha = cluster_redis.evalsha
 
@@ -313,6 +311,21 @@ async def test_a_shard_that_cannot_store_its_counts_leaves_out_only_its_own(
     on_broken = {i for i in ids if tracker.shards.of("task", i).epoch == broken}
     assert counts == {i: 5 for i in ids if i not in on_broken}
     assert tracker.database_breaker.is_closed  # the database answered
+
+
+async def _stored_tracker(
+    cluster: LocalCluster,
+    redis: RedisCluster,
+    store: Store,
+    clock: FakeClock,
+    counts: dict[str, int],
+) -> ViewTracker:
+    """A tracker on the cluster and ``store``, whose database holds ``counts`` of ``task`` ids
+    (none of them cached in Redis yet)."""
+    started = datetime(2025, 11, 24, tzinfo=UTC)
+    await store.commit_batch("seed", started, {("task", i): n for i, n in counts.items()})
+    settings = _settings(cluster).replace(database_request_timeout=10.0)
+    return ViewTracker(cast(Redis, redis), store, settings, clock=clock)
 
 
 async def _offer(
