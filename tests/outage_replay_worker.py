@@ -31,7 +31,7 @@ async def main(redis_url: str, database_url: str, chunk: int, pause_at: int) -> 
 
     redis = aioredis.Redis.from_url(redis_url)
     engine = create_async_engine(database_url)
-    tracker = ViewTracker(redis, None, Settings(redis_url=redis_url))
+    tracker = ViewTracker(redis, None, Settings(redis_url=redis_url, redis_timeout=30.0))
     await Replayer(tracker, Outbox(engine), chunk=chunk, on_step=on_step).replay()
     print("finished without pausing", flush=True)
 

@@ -111,3 +111,8 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+# Request deadlines for tests that are not about deadlines: a busy machine must not turn a slow
+# round trip into a late reply (a view on the outage path) or a missing count.
+GENEROUS_DEADLINES: dict[str, float] = {"redis_timeout": 30.0, "database_request_timeout": 30.0}

@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
 from tests.cluster_support import LocalCluster, local_server
-from tests.support import FakeClock
+from tests.support import GENEROUS_DEADLINES, FakeClock
 from viewmw import Limits, Settings, Store, ViewTracker
 from viewmw.cli import main
 
@@ -33,7 +33,9 @@ async def test_the_command_copies_the_old_redis_into_the_cluster(
 ) -> None:
     with local_server() as url:  # the cluster's build: DUMP payloads must be readable there
         client = aioredis.Redis.from_url(url)
-        old = ViewTracker(client, None, Settings(limits=Limits()), clock=clock)
+        old = ViewTracker(
+            client, None, Settings(limits=Limits(), **GENEROUS_DEADLINES), clock=clock
+        )
         for content_id in ("1", "2"):
             assert (await old.track_view("story", content_id, "user:1")).counted
         await old.drain()

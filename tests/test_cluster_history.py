@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from tests.cluster_support import LocalCluster
-from tests.support import FakeClock
+from tests.support import GENEROUS_DEADLINES, FakeClock
 from viewmw import Limits, Period, Settings, Store, ViewStats, ViewSync, ViewTracker
 from viewmw.stats_page import StatsPage
 from viewmw.stats_render import Unavailable
@@ -71,7 +71,12 @@ async def test_top_merges_shards_whose_rankings_are_cut(
     """Three shards for 24 contents: each shard's ranking holds more ids than a round asks of
     it, so the shards' lists are cut and merged, with the history's leaders of three days."""
     tracker, sync, stats = _parts(
-        redis_cluster, cluster_redis, pg_store, Settings(), clock, cluster_shards=3
+        redis_cluster,
+        cluster_redis,
+        pg_store,
+        Settings(**GENEROUS_DEADLINES),
+        clock,
+        cluster_shards=3,
     )
     rng = random.Random(5)
     expected: Counter[str] = Counter()
@@ -99,7 +104,12 @@ async def test_top_finds_a_content_behind_the_leaders_of_both_sides(
     shards) four others with 12; story 7 has 9 on each day, so it leads with 18, yet it is among
     neither side's first leaders: only the bound of both sides together sends the search wider."""
     tracker, sync, stats = _parts(
-        redis_cluster, cluster_redis, pg_store, Settings(), clock, cluster_shards=3
+        redis_cluster,
+        cluster_redis,
+        pg_store,
+        Settings(**GENEROUS_DEADLINES),
+        clock,
+        cluster_shards=3,
     )
     expected: Counter[str] = Counter()
     for content_id in (101, 102, 103, 104):
@@ -117,7 +127,9 @@ async def test_top_finds_a_content_behind_the_leaders_of_both_sides(
 async def test_a_read_makes_one_call_per_shard_it_needs(
     redis_cluster: LocalCluster, cluster_redis: RedisCluster, pg_store: Store, clock: FakeClock
 ) -> None:
-    tracker, _, stats = _parts(redis_cluster, cluster_redis, pg_store, Settings(), clock)
+    tracker, _, stats = _parts(
+        redis_cluster, cluster_redis, pg_store, Settings(**GENEROUS_DEADLINES), clock
+    )
     ids = [str(n) for n in range(1, 9)]
     for content_id in ids:
         await tracker.track_view("story", content_id, "user:1")
@@ -148,7 +160,9 @@ async def test_reads_load_the_scripts_a_node_lost(
     redis_cluster: LocalCluster, cluster_redis: RedisCluster, pg_store: Store, clock: FakeClock
 ) -> None:
     """A node that restarted has no scripts: the pipelined calls are sent again once loaded."""
-    tracker, _, stats = _parts(redis_cluster, cluster_redis, pg_store, Settings(), clock)
+    tracker, _, stats = _parts(
+        redis_cluster, cluster_redis, pg_store, Settings(**GENEROUS_DEADLINES), clock
+    )
     ids = [str(n) for n in range(1, 9)]
     for content_id in ids:
         await tracker.track_view("story", content_id, "user:1")
@@ -168,7 +182,7 @@ async def test_the_stats_page_reads_every_panel_on_a_cluster(
         redis_cluster,
         cluster_redis,
         pg_store,
-        Settings(),
+        Settings(**GENEROUS_DEADLINES),
         clock,
         limits=Limits(view_cooldown_seconds=60),
     )

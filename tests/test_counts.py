@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 from sqlalchemy import delete
 
 from tests.conftest import stories
-from tests.support import FakeClock
+from tests.support import GENEROUS_DEADLINES, FakeClock
 from viewmw import Settings, Store, ViewCount, ViewTracker
 from viewmw.operator_stats import abuse_stats
 from viewmw.store import sync_batches, view_counts
@@ -41,7 +41,7 @@ def any_redis(request: pytest.FixtureRequest) -> aioredis.Redis:
 
 @pytest.fixture
 def tracker(real_redis: aioredis.Redis, store: Store, clock: FakeClock) -> ViewTracker:
-    return ViewTracker(real_redis, store, Settings(database_request_timeout=30.0), clock=clock)
+    return ViewTracker(real_redis, store, Settings(**GENEROUS_DEADLINES), clock=clock)
 
 
 async def set_db_count(store: Store, content_type: str, content_id: str | int, count: int) -> None:
@@ -99,7 +99,7 @@ class Exploding:
 async def test_count_is_database_plus_pending(
     any_redis: aioredis.Redis, store: Store, clock: FakeClock
 ) -> None:
-    tracker = ViewTracker(any_redis, store, Settings(database_request_timeout=30.0), clock=clock)
+    tracker = ViewTracker(any_redis, store, Settings(**GENEROUS_DEADLINES), clock=clock)
     await set_db_count(store, "story", 7, 40)
     await set_db_count(store, "story", 8, 0)
     await set_db_count(store, "task", "t-1", 12)
@@ -126,7 +126,7 @@ async def test_count_is_database_plus_pending(
 async def test_without_a_store_the_database_part_is_0(
     real_redis: aioredis.Redis, clock: FakeClock
 ) -> None:
-    tracker = ViewTracker(real_redis, None, Settings(), clock=clock)
+    tracker = ViewTracker(real_redis, None, Settings(**GENEROUS_DEADLINES), clock=clock)
     await add_views(tracker, "story", 7, 2)
     assert await tracker.get_view_count_details("story", [7, 8]) == {
         "7": ViewCount(0, 2, 0),
@@ -353,12 +353,12 @@ async def test_invalidating_drops_cached_counts_and_moves_the_epoch_even_for_non
 async def test_abuse_stats_count_tracking_keys_with_scan(
     real_redis: aioredis.Redis, pg_store: Store, clock: FakeClock
 ) -> None:
-    settings = Settings(key_prefix="app1:", timezone="Asia/Tokyo", database_request_timeout=30.0)
+    settings = Settings(key_prefix="app1:", timezone="Asia/Tokyo", **GENEROUS_DEADLINES)
     tracker = ViewTracker(real_redis, pg_store, settings, clock=clock)
     other = ViewTracker(
         real_redis,
         pg_store,
-        Settings(key_prefix="app2:", database_request_timeout=30.0),
+        Settings(key_prefix="app2:", **GENEROUS_DEADLINES),
         clock=clock,
     )
     for viewer in ("user:1", "user:2", "user:3"):

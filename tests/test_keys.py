@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.support import FakeClock
+from tests.support import GENEROUS_DEADLINES, FakeClock
 from viewmw import InvalidKeyError, KeySchema, Limits, Settings, ViewTracker
 from viewmw.keys import validate_content_id, validate_content_type, validate_viewer
 
@@ -310,7 +310,9 @@ async def test_valid_ids_round_trip_through_real_redis(
     real_redis: aioredis.Redis, clock: FakeClock
 ) -> None:
     limits = Limits(max_daily_views_per_user=None)
-    tracker = ViewTracker(real_redis, None, Settings(limits=limits), clock=clock)
+    tracker = ViewTracker(
+        real_redis, None, Settings(limits=limits, **GENEROUS_DEADLINES), clock=clock
+    )
     for content_id in EDGE_IDS:
         assert (await tracker.track_view("story", content_id, "user:1")).counted
     as_text = [str(content_id) for content_id in EDGE_IDS]
@@ -323,7 +325,7 @@ async def test_valid_ids_round_trip_through_real_redis(
 
 
 async def test_reserved_content_types_are_refused(real_redis: aioredis.Redis) -> None:
-    tracker = ViewTracker(real_redis, None, Settings())
+    tracker = ViewTracker(real_redis, None, Settings(**GENEROUS_DEADLINES))
     for reserved in ("viewmw", "viewed", "daily_views", "views"):
         with pytest.raises(InvalidKeyError, match="not one of"):
             await tracker.track_view(reserved, 7, "user:1")

@@ -20,7 +20,7 @@ from sqlalchemy import select, text
 
 from tests.asgi_support import drive, header, http_scope, plain_app
 from tests.conftest import CONTENT_TABLES, stories
-from tests.support import DATABASE_URL, REDIS_URL
+from tests.support import DATABASE_URL, GENEROUS_DEADLINES, REDIS_URL
 from tests.test_sync import CONTENTS, KEYS, World, backends, world
 from viewmw import Settings, Store, ViewTracker
 from viewmw.cli import EXIT_OK, EXIT_UNAVAILABLE, main
@@ -84,7 +84,9 @@ async def test_getting_started_a_mapping_declared_only_in_the_app(
     app = ViewTrackingMiddleware(
         plain_app(),
         routes=ROUTES,
-        settings=Settings(redis_url=REDIS_URL, database_url=DATABASE_URL, secret=APP_SECRET),
+        settings=Settings(
+            redis_url=REDIS_URL, database_url=DATABASE_URL, secret=APP_SECRET, **GENEROUS_DEADLINES
+        ),
         content_tables=CONTENT_TABLES,
     )
     await app.startup()

@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
 from tests.cluster_support import LocalCluster, local_server
-from tests.support import FakeClock
+from tests.support import GENEROUS_DEADLINES, FakeClock
 from viewmw import BlockReason, ConfigurationError, Limits, Settings, Store, ViewTracker
 from viewmw.migration import KeyMigration, MigrationReport
 from viewmw.outage.outbox import Outbox, OutboxEvent
@@ -39,7 +39,7 @@ async def test_a_viewer_is_decided_on_the_cluster_as_on_the_old_redis(
     pg_store: Store,
     clock: FakeClock,
 ) -> None:
-    old_settings = Settings(limits=LIMITS, unique_viewers=True)
+    old_settings = Settings(limits=LIMITS, unique_viewers=True, **GENEROUS_DEADLINES)
     new_settings = old_settings.replace(redis_url=redis_cluster.url)
     old = ViewTracker(old_redis, None, old_settings, clock=clock)
     new = ViewTracker(cast(aioredis.Redis, cluster_redis), None, new_settings, clock=clock)
@@ -99,7 +99,7 @@ async def test_keys_the_new_redis_cannot_read_are_refused_with_what_to_do(
 ) -> None:
     # The embedded stand-in's DUMP payloads are its own: no Redis server reads them, as a server
     # cannot read those of a newer version.
-    old_settings = Settings(limits=LIMITS)
+    old_settings = Settings(limits=LIMITS, **GENEROUS_DEADLINES)
     old = ViewTracker(fake_redis, None, old_settings, clock=clock)
     assert (await old.track_view("story", "1", "user:1")).counted
     migration = KeyMigration(

@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.support import NOON_UTC, FakeClock
+from tests.support import GENEROUS_DEADLINES, NOON_UTC, FakeClock
 from viewmw import BlockReason, Limits, Settings, ViewTracker
 
 LIMITS = Limits(
@@ -77,11 +77,15 @@ async def run_both(
     one_by_one = ViewTracker(
         redis,
         None,
-        Settings(limits=limits, timezone=ZONE, key_prefix="single:"),
+        Settings(limits=limits, timezone=ZONE, key_prefix="single:", **GENEROUS_DEADLINES),
         clock=clock,
         pipelining=False,
     )
-    batched = ViewTracker(redis, None, Settings(limits=limits, timezone=ZONE, key_prefix="batch:"))
+    batched = ViewTracker(
+        redis,
+        None,
+        Settings(limits=limits, timezone=ZONE, key_prefix="batch:", **GENEROUS_DEADLINES),
+    )
     model = RulesModel(limits, ZoneInfo(ZONE))
     views, batches = [], []
     now = int(NOON_UTC)
