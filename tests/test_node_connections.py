@@ -1,8 +1,10 @@
 """A tracker on a real local Redis Cluster whose script calls go through one lean connection per
 primary (viewmw.node_connections): views conserved over many shards, a slot that moved to
 another node followed (its ``MOVED`` reply means the call never ran, so it is sent once more), and
-a killed primary failing only its own shards' views until it is back. The rules suite runs on
-this path too (tests/test_rules.py, its cluster backend)."""
+a killed primary failing only its own shards' views until it is back, and a slot whose keys are
+being moved (``ASK``: sent to the node named after ``ASKING``; ``TRYAGAIN``: tried again after a
+pause, then given up): a refused call never ran, so none runs twice. The rules suite runs on this
+path too (tests/test_rules.py, its cluster backend)."""
 
 from __future__ import annotations
 
@@ -16,12 +18,13 @@ import pytest
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 
-from tests.cluster_support import LocalCluster, local_cluster
+from tests.cluster_support import LocalCluster, LocalNode, local_cluster
 from tests.support import FakeClock
 from viewmw import Limits, Settings, TrackResult, ViewTracker
 from viewmw.assembly import connect_redis_cluster
-from viewmw.node_connections import NodeConnections
+from viewmw.node_connections import _TRYAGAIN_PAUSES, NodeConnections
 
 
 def _tracker(
@@ -187,3 +190,154 @@ async def _offer_until_answered(
         ids = [i for i, o in zip(ids, outcomes, strict=True) if isinstance(o, RedisConnectionError)]
         await asyncio.sleep(0.1)
     pytest.fail("the restarted primary did not take views again")
+
+
+# Slot moves, as `redis-cli --cluster reshard` makes them ----------------------------------------
+
+_INCR_BOTH = "redis.call('INCR', KEYS[1]) return redis.call('INCR', KEYS[2])"
+
+
+class _SlotMove:
+    """One slot on its way from ``source`` to ``target``: keys move one ``MIGRATE`` at a time,
+    and :meth:`finish` gives the slot to the target on every node."""
+
+    def __init__(self, cluster: LocalCluster, slot: int) -> None:
+        self.cluster, self.slot = cluster, slot
+        self.source = cluster.node_for_slot(slot)
+        self.target: LocalNode = next(n for n in cluster.nodes if n is not self.source)
+        self.target_id = self._id(self.target)
+        with cluster.client(self.target) as to_node:
+            to_node.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", self._id(self.source))
+        with cluster.client(self.source) as from_node:
+            from_node.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", self.target_id)
+
+    def _id(self, node: LocalNode) -> str:
+        with self.cluster.client(node) as client:
+            found = client.execute_command("CLUSTER MYID")
+        return found if isinstance(found, str) else str(found.decode())
+
+    def migrate(self, *keys: str) -> None:
+        with self.cluster.client(self.source) as from_node:
+            from_node.execute_command(
+                "MIGRATE", "127.0.0.1", self.target.port, "", 0, 5000, "KEYS", *keys
+            )
+
+    def keys_left(self) -> list[str]:
+        with self.cluster.client(self.source) as from_node:
+            found = from_node.execute_command("CLUSTER GETKEYSINSLOT", self.slot, 1000)
+        return [key if isinstance(key, str) else key.decode() for key in found]
+
+    def finish(self) -> None:
+        if left := self.keys_left():
+            self.migrate(*left)
+        for node in self.cluster.nodes:
+            with self.cluster.client(node) as client:
+                client.execute_command("CLUSTER SETSLOT", self.slot, "NODE", self.target_id)
+
+    def value(self, key: str) -> int:
+        with self.cluster.client(self.target) as to_node:
+            return int(to_node.get(key) or 0)
+
+
+async def test_a_call_whose_keys_have_left_follows_ask_to_the_new_node() -> None:
+    with local_cluster() as cluster:
+        redis = connect_redis_cluster(Settings(redis_url=cluster.url))
+        nodes = NodeConnections(redis)
+        script = redis.register_script(_INCR_BOTH)
+        keys = ["{moving}a", "{moving}b"]
+        try:
+            assert await nodes.run_script(script, keys, []) == 1
+            move = _SlotMove(cluster, redis.keyslot(keys[0]))
+            move.migrate(*keys)  # both gone from the source: it answers ASK
+            assert await nodes.run_script(script, keys, []) == 2
+            assert move.keys_left() == []
+            move.finish()
+            assert [move.value(key) for key in keys] == [2, 2]  # ran once, on the new node
+            assert await nodes.run_script(script, keys, []) == 3  # MOVED, then the new node
+        finally:
+            await nodes.aclose()
+            await redis.aclose()
+
+
+async def test_a_call_whose_keys_are_split_tries_again_after_a_pause_and_runs_once() -> None:
+    with local_cluster() as cluster:
+        redis = connect_redis_cluster(Settings(redis_url=cluster.url))
+        pauses: list[float] = []
+        move: _SlotMove | None = None
+
+        async def pause(seconds: float) -> None:
+            pauses.append(seconds)
+            if len(pauses) == 2:
+                assert move is not None
+                move.finish()  # the rest of the slot's keys move meanwhile
+
+        nodes = NodeConnections(redis, pause=pause)
+        script = redis.register_script(_INCR_BOTH)
+        keys = ["{split}a", "{split}b"]
+        try:
+            assert await nodes.run_script(script, keys, []) == 1
+            move = _SlotMove(cluster, redis.keyslot(keys[0]))
+            move.migrate(keys[0])  # one key on each node: TRYAGAIN until the move ends
+            assert await nodes.run_script(script, keys, []) == 2
+            assert pauses == list(_TRYAGAIN_PAUSES[:2])
+            assert [move.value(key) for key in keys] == [2, 2]
+        finally:
+            await nodes.aclose()
+            await redis.aclose()
+
+
+async def test_a_call_still_refused_after_every_pause_fails_without_running() -> None:
+    with local_cluster() as cluster:
+        redis = connect_redis_cluster(Settings(redis_url=cluster.url))
+        pauses: list[float] = []
+
+        async def pause(seconds: float) -> None:
+            pauses.append(seconds)
+
+        nodes = NodeConnections(redis, pause=pause)
+        script = redis.register_script(_INCR_BOTH)
+        keys = ["{stuck}a", "{stuck}b"]
+        try:
+            assert await nodes.run_script(script, keys, []) == 1
+            move = _SlotMove(cluster, redis.keyslot(keys[0]))
+            move.migrate(keys[0])
+            with pytest.raises(ResponseError, match=r"^TRYAGAIN"):
+                await nodes.run_script(script, keys, [])
+            assert pauses == list(_TRYAGAIN_PAUSES)
+            move.finish()
+            assert [move.value(key) for key in keys] == [1, 1]  # never ran
+        finally:
+            await nodes.aclose()
+            await redis.aclose()
+
+
+async def test_a_view_offered_while_its_shard_moves_is_counted_once(clock: FakeClock) -> None:
+    with local_cluster() as cluster:
+        redis = connect_redis_cluster(Settings(redis_url=cluster.url))
+        move: _SlotMove | None = None
+
+        async def pause(seconds: float) -> None:
+            assert move is not None
+            move.finish()
+
+        nodes = NodeConnections(redis, pause=pause)
+        # The daily limit off: the view is one call, in its content's shard.
+        tracker = _tracker(
+            redis,
+            cluster.url,
+            clock,
+            nodes,
+            view_cooldown_seconds=None,
+            max_daily_views_per_user=None,
+        )
+        try:
+            assert (await tracker.track_view("story", "7", "user:1")).counted
+            move = _SlotMove(cluster, redis.keyslot(tracker.shards.of("story", "7").epoch))
+            move.migrate(tracker.shards.of("story", "7").pending("story", "7"))
+            assert (await tracker.track_view("story", "7", "user:2")).counted
+            assert move.keys_left() == []
+            assert await _pending(redis, tracker, "7") == 2
+        finally:
+            await tracker.drain()
+            await nodes.aclose()
+            await redis.aclose()

@@ -8,7 +8,7 @@ reads the counts of a list page.
 
 from importlib.metadata import PackageNotFoundError, version
 
-from viewmw.analytics import DayCount, Period, PeriodCount, ViewStats
+from viewmw.analytics import ViewStats
 from viewmw.assembly import BuiltTracker, build_tracker
 from viewmw.contract import BlockReason, RequestTracker, TrackResult, ViewCount
 from viewmw.errors import (
@@ -33,6 +33,7 @@ from viewmw.outage.failover import ResilientTracker
 from viewmw.outage.outbox import Outbox, OutboxEvent
 from viewmw.outage.probe import RedisProbe
 from viewmw.outage.replayer import Replayer, ReplayReport
+from viewmw.periods import DayCount, Period, PeriodCount
 from viewmw.routes import RouteTable
 from viewmw.script_connection import ScriptConnection
 from viewmw.settings import Limits, Settings

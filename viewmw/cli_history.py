@@ -9,7 +9,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from viewmw.analytics import Period, ViewStats
+from viewmw.analytics import ViewStats
+from viewmw.periods import Period
 from viewmw.sync import ViewSync
 from viewmw.tracker import ViewTracker
 

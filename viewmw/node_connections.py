@@ -9,17 +9,21 @@ it are pipelined on that one connection (hiredis packs and parses), so a turn co
 trip per node.
 
 The slot map is redis-py's (``RedisCluster.nodes_manager``): a call goes to the primary that
-serves its first key's slot. A ``MOVED`` reply means the call did not run (the node does not
-serve the slot any more): the map is read again and the call sent once more, to the slot's new
-primary. A lost connection is redis-py's ``ConnectionError``, as on a single Redis; the map is
-read again in the background, in case a replica took over.
+serves its first key's slot. Redirections are replies of calls that did not run, so they are sent
+again: ``MOVED`` (the node does not serve the slot any more) reads the map again; ``ASK`` (the slot
+is being moved and the call's keys are gone from this node) sends the call to the node named,
+right after ``ASKING``; ``TRYAGAIN`` (the slot is being moved and the call's keys are split between
+the two nodes) waits a moment and starts again. A call gives up after a few redirections, about a
+second of waiting in all, with the last reply's error. A lost connection is redis-py's
+``ConnectionError``, as on a single Redis; the map is read again in the background, in case a
+replica took over.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from redis.asyncio.cluster import RedisCluster
@@ -31,6 +35,13 @@ from viewmw.script_connection import ScriptConnection
 
 logger = logging.getLogger("viewmw")
 
+# Pauses before each new try of a call refused with TRYAGAIN (a slot's keys half moved): about a
+# second in all, which a resharding tool moving a slot's keys a batch at a time takes per slot.
+_TRYAGAIN_PAUSES = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.3)
+# Most MOVED and ASK redirections one call follows (a slot moves once; one more for a map that
+# changed again meanwhile).
+_REDIRECTIONS = 3
+
 
 class NodeConnections:
     """One :class:`ScriptConnection` per primary of a Redis Cluster, chosen by slot.
@@ -41,14 +52,21 @@ class NodeConnections:
         connect_timeout: seconds to open a node's connection, as for :class:`ScriptConnection`.
         reply_timeout: seconds a node may go without a reply while calls wait, as for
             :class:`ScriptConnection`.
+        pause: waits between tries of a call refused with ``TRYAGAIN`` (``asyncio.sleep``).
     """
 
     def __init__(
-        self, cluster: RedisCluster, *, connect_timeout: float = 2.0, reply_timeout: float = 2.0
+        self,
+        cluster: RedisCluster,
+        *,
+        connect_timeout: float = 2.0,
+        reply_timeout: float = 2.0,
+        pause: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.cluster = cluster
         self.connect_timeout = connect_timeout
         self.reply_timeout = reply_timeout
+        self.pause = pause
         self._connections: dict[str, ScriptConnection] = {}
         self._refresh: asyncio.Task[None] | None = None
         self._closed = False
@@ -56,27 +74,52 @@ class NodeConnections:
     async def run_script(
         self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]
     ) -> Any:
-        """``EVALSHA`` of ``script`` on the primary of ``keys``' slot (all keys in one slot)."""
+        """``EVALSHA`` of ``script`` on the primary of ``keys``' slot (all keys in one slot),
+        following the cluster's redirections (see the module's docstring)."""
         await self.cluster.initialize()  # learns the slot map at the first call only
-        try:
-            return await self._connection(keys[0]).run_script(script, keys, args)
-        except ResponseError as exc:
-            if not str(exc).startswith("MOVED"):
-                raise
-        # The node refused the call without running it: learn where the slot went, once.
-        await self._read_slot_map()
-        return await self._connection(keys[0]).run_script(script, keys, args)
+        redirections, pauses = 0, iter(_TRYAGAIN_PAUSES)
+        asked: str | None = None  # the node an ASK reply named, for the next try only
+        while True:
+            try:
+                if asked is None:
+                    return await self._connection(keys[0]).run_script(script, keys, args)
+                host, _, port = asked.rpartition(":")
+                connection = self._connection_to(host, int(port))
+                return await connection.run_script(script, keys, args, asking=True)
+            except ResponseError as exc:
+                # Each of these says the call did not run: sending it again cannot count twice.
+                kind, _, where = str(exc).partition(" ")
+                asked = None
+                if kind in ("MOVED", "ASK"):
+                    redirections += 1
+                    if redirections > _REDIRECTIONS:
+                        raise
+                    if kind == "MOVED":
+                        await self._read_slot_map()
+                    else:
+                        asked = where.rpartition(" ")[2]  # "ASK <slot> <host>:<port>"
+                    continue
+                if kind != "TRYAGAIN":
+                    raise
+                pause = next(pauses, None)
+                if pause is None:
+                    raise
+                await self.pause(pause)
 
     def _connection(self, key: Any) -> ScriptConnection:
+        node = self.cluster.nodes_manager.get_node_from_slot(self.cluster.keyslot(key))
+        return self._connection_to(node.host, int(node.port))
+
+    def _connection_to(self, host: str, port: int) -> ScriptConnection:
         if self._closed:
             raise RedisConnectionError("the cluster's script connections are closed")
-        node = self.cluster.nodes_manager.get_node_from_slot(self.cluster.keyslot(key))
-        connection = self._connections.get(node.name)
+        name = f"{host}:{port}"
+        connection = self._connections.get(name)
         if connection is None:
-            connection = self._connections[node.name] = _Watched(
+            connection = self._connections[name] = _Watched(
                 self,
-                node.host,
-                int(node.port),
+                host,
+                port,
                 username=self.cluster.connection_kwargs.get("username"),
                 password=self.cluster.connection_kwargs.get("password"),
                 connect_timeout=self.connect_timeout,
@@ -119,10 +162,10 @@ class _Watched(ScriptConnection):
         self.owner = owner
 
     async def run_script(
-        self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]
+        self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any], *, asking: bool = False
     ) -> Any:
         try:
-            return await super().run_script(script, keys, args)
+            return await super().run_script(script, keys, args, asking=asking)
         except RedisConnectionError:
             self.owner.connection_lost()
             raise

@@ -36,6 +36,8 @@ from viewmw.errors import MalformedReplyError
 
 logger = logging.getLogger("viewmw")
 
+_ASKING = ("ASKING",)
+
 
 class _ReplyProtocol(asyncio.Protocol):
     """Parses replies as they arrive and hands each to the oldest waiting call."""
@@ -198,17 +200,25 @@ class ScriptConnection:
         return self.path if self.path is not None else f"{self.host}:{self.port}"
 
     async def run_script(
-        self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]
+        self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any], *, asking: bool = False
     ) -> Any:
         """``EVALSHA`` of ``script``; loads the script and runs it again if Redis lacks it
-        (``NOSCRIPT``, after a restart or ``SCRIPT FLUSH``)."""
+        (``NOSCRIPT``, after a restart or ``SCRIPT FLUSH``). ``asking``: the call follows a
+        cluster node's ``ASK`` redirection, so ``ASKING`` goes right before it."""
         command = ("EVALSHA", script.sha, len(keys), *keys, *args)
-        reply = await self.execute(command)
+        if asking:
+            asked, answer = self._send(await self._ready(), _ASKING, command)
+            answer.add_done_callback(_retrieve)  # its caller may stop waiting at the first
+            await asked
+            reply = await answer
+        else:
+            reply = await self.execute(command)
         if isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT"):
             protocol = await self._ready()
-            # Both in one write: nothing can run between the load and the call on this
-            # connection, so the call finds the script.
-            loaded, reply = self._send(protocol, ("SCRIPT", "LOAD", script.script), command)
+            # All in one write: nothing can run between the load and the call on this
+            # connection, so the call finds the script (and ASKING still comes right before it).
+            load = ("SCRIPT", "LOAD", script.script)
+            loaded, *_, reply = self._send(protocol, load, *((_ASKING,) if asking else ()), command)
             script.sha = _sha(await loaded)
             reply = await reply
         if isinstance(reply, ResponseError):
