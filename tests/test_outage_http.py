@@ -35,7 +35,7 @@ from tests.outage_support import (
     totals,
     user_of,
 )
-from tests.support import DATABASE_URL, REDIS_URL, FakeClock
+from tests.support import DATABASE_URL, GENEROUS_DEADLINES, REDIS_URL, FakeClock
 from viewmw import (
     CircuitBreaker,
     Outbox,
@@ -152,7 +152,7 @@ async def test_a_flash_crowd_counts_exactly_and_never_opens_the_breaker(
     app = ViewTrackingMiddleware(
         site(), routes=ROUTES, settings=DEFAULTS, viewer=user_of, debug_header=DEBUG_HEADER
     )
-    observer = ViewTracker(real_redis, pg_store, DEFAULTS)
+    observer = ViewTracker(real_redis, pg_store, DEFAULTS.replace(**GENEROUS_DEADLINES))
     rounds: list[dict[str, int]] = []
     async with asyncio.timeout(120), served(app, lifespan="on") as url, browsers(url) as visits:
         for round_number in range(1, 4):

@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+import pytest
 import redis.asyncio as aioredis
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -184,7 +185,12 @@ MACHINE_SETTINGS = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 
+# Hundreds of syncs, views and faults per run: on a loaded machine more than the usual limit.
+MACHINE_TIMEOUT = pytest.mark.timeout(400)
+
 TestSyncOnSQLite = SyncMachine.TestCase
 TestSyncOnSQLite.settings = MACHINE_SETTINGS
+TestSyncOnSQLite.pytestmark = [MACHINE_TIMEOUT]
 TestSyncOnPostgreSQL = PostgresSyncMachine.TestCase
 TestSyncOnPostgreSQL.settings = MACHINE_SETTINGS
+TestSyncOnPostgreSQL.pytestmark = [MACHINE_TIMEOUT]
