@@ -89,7 +89,7 @@ async def test_traffic_racing_syncs_and_a_killed_primary_lose_and_double_nothing
                         unknown[content_id] += 1
                 if restart is not None:
                     await restart  # traffic went on while the primary came back
-            assert sum(unknown.values()) >= 3  # the kill was felt: the breaker opened
+            assert resilient.breaker.opened_count >= 1  # the kill was felt
         finally:
             stop_syncing.set()
             ended = await asyncio.gather(*syncs, return_exceptions=True)

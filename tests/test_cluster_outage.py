@@ -93,8 +93,10 @@ async def test_a_killed_primary_loses_nothing_the_outage_path_kept(
             assert on_dead and on_live
             cluster.kill(dead)
 
-            # Views of the dead node's shards fail until the breaker opens; from then on every
-            # view is kept in the outbox (one breaker for the whole cluster, for now).
+            # Views of the dead node's shards fail until the breaker opens (a call lost with the
+            # node's connection is unknown; one that could not open a connection was never
+            # sent, and is kept); from then on every view is kept in the outbox (one breaker for
+            # the whole cluster, for now).
             unknown = 0
             for content_id in on_dead + on_live:
                 result = await resilient.track_view("story", content_id, "user:2")
@@ -103,7 +105,7 @@ async def test_a_killed_primary_loses_nothing_the_outage_path_kept(
                 else:
                     unknown += 1
                     assert content_id in on_dead
-            assert unknown == 3  # the failures in a row that opened the breaker
+            assert unknown <= 3  # at most the failures in a row that opened the breaker
             assert not resilient.breaker.is_closed
 
             cluster.restart(dead)

@@ -173,11 +173,12 @@ async def test_pages_render_and_count_when_redis_is_down(tmp_path: Path) -> None
     assert {v.status_code for v in visits} == {200} and listing.status_code == 200
     # Each page shows the count its header carries, its own view included.
     assert [count_on_page(v.text) for v in visits] == [header_count(v) for v in visits]
-    # Views go to the outbox once the failures have opened the breaker (a view whose Redis call
-    # failed is not offered again: it may have run).
+    # Views go to the outbox: a refused connection proves the call was never sent, and after
+    # three failures the breaker sends every view there. (A view whose call outlasted the
+    # 0.1 s deadline on a busy machine is unknown instead: it is not offered again.)
     outcomes = [v.headers["x-view-counted"] for v in visits]
-    assert outcomes[0] == "0; reason=unavailable" and outcomes[-1] == "1; queued"
-    assert set(outcomes) == {"0; reason=unavailable", "1; queued"}
+    assert outcomes[-1] == "1; queued"
+    assert set(outcomes) <= {"0; reason=unavailable", "1; queued"}
     queued = outcomes.count("1; queued")
     assert "this visit waits to be counted" in visits[-1].text
     assert f"Docs published</a> — {queued} views" in listing.text

@@ -7,14 +7,25 @@ Redis *failing* is what its connection or its replies say.
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 
 from redis.exceptions import (
+    AskError,
+    BusyLoadingError,
     ClusterCrossSlotError,
+    ClusterDownError,
+    MasterDownError,
+    MovedError,
+    NoScriptError,
+    ReadOnlyError,
     RedisClusterException,
     RedisError,
+    ResponseError,
     SlotNotCoveredError,
+    TryAgainError,
 )
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -79,3 +90,61 @@ def _is_cluster_refusal(exc: BaseException) -> bool:
         return False
     message = str(exc).lower()
     return any(refusal in message for refusal in _CLUSTER_REFUSALS)
+
+
+class NotSentError(RedisConnectionError):
+    """A connection to Redis could not be opened (or was closed by its owner): the call that
+    needed it was never sent."""
+
+
+class NotSentTimeoutError(RedisTimeoutError):
+    """Opening a connection to Redis timed out: the call that needed it was never sent."""
+
+
+# Error replies Redis gives before it runs any of a script: the node is loading its data, busy
+# with another script, a replica that lost its primary or cannot write, the cluster is down, the
+# slot is elsewhere or moving, the script is not loaded. A replica refuses at the script's first
+# write, before which it changed nothing. (Not OOM or NOPERM: Redis can raise those from a
+# command inside a script that has already written.)
+_REFUSED_BEFORE_RUNNING = (
+    BusyLoadingError,
+    ReadOnlyError,
+    MasterDownError,
+    ClusterDownError,
+    MovedError,
+    AskError,
+    TryAgainError,
+    NoScriptError,
+)
+_REFUSAL_CODES = tuple(
+    f"{code} "
+    for code in (
+        "LOADING",
+        "BUSY",
+        "READONLY",
+        "MASTERDOWN",
+        "CLUSTERDOWN",
+        "MOVED",
+        "ASK",
+        "TRYAGAIN",
+        "NOSCRIPT",
+    )
+)
+
+# redis.utils.format_error_message, for a connection redis-py could not open.
+_REDIS_PY_CONNECT_FAILED = re.compile(r"Error (\S+ )?connecting to ")
+
+
+def never_ran(exc: BaseException) -> bool:
+    """Whether ``exc`` proves that Redis ran none of the call: it was never sent, or Redis
+    refused it up front. A view whose call never ran can be kept elsewhere and offered again
+    without being counted twice; any other failure leaves its outcome unknown."""
+    if isinstance(exc, (NotSentError, NotSentTimeoutError, *_REFUSED_BEFORE_RUNNING)):
+        return True
+    # The lean connections pass error replies on as plain ResponseErrors, code included.
+    if type(exc) is ResponseError:
+        return str(exc).startswith(_REFUSAL_CODES)
+    # redis-py opens a connection before it writes a command to it, and words its failure so.
+    if type(exc) is RedisConnectionError:
+        return _REDIS_PY_CONNECT_FAILED.match(str(exc)) is not None
+    return type(exc) is RedisTimeoutError and str(exc) == "Timeout connecting to server"

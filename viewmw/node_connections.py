@@ -31,6 +31,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
+from viewmw.failures import NotSentError
 from viewmw.script_connection import ScriptConnection
 
 logger = logging.getLogger("viewmw")
@@ -112,7 +113,7 @@ class NodeConnections:
 
     def _connection_to(self, host: str, port: int) -> ScriptConnection:
         if self._closed:
-            raise RedisConnectionError("the cluster's script connections are closed")
+            raise NotSentError("the cluster's script connections are closed")
         name = f"{host}:{port}"
         connection = self._connections.get(name)
         if connection is None:

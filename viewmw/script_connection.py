@@ -33,6 +33,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from viewmw.errors import MalformedReplyError
+from viewmw.failures import NotSentError, NotSentTimeoutError
 
 logger = logging.getLogger("viewmw")
 
@@ -259,7 +260,7 @@ class ScriptConnection:
         if protocol is not None and protocol.usable and self._loop is loop:
             return protocol
         if self._closed:
-            raise RedisConnectionError("the script connection is closed")
+            raise NotSentError("the script connection is closed")
         if self._loop is not loop:  # a new event loop (tests): the old connection is unusable
             self._protocol = self._connecting = None
             self._loop = loop
@@ -280,16 +281,16 @@ class ScriptConnection:
                     await loop.create_connection(lambda: protocol, self.host, self.port)
                 await self._handshake(protocol)
         except TimeoutError:
-            protocol.abort(RedisTimeoutError(f"Timeout connecting to {self.address}"))
+            protocol.abort(NotSentTimeoutError(f"Timeout connecting to {self.address}"))
             raise protocol.failure from None  # type: ignore[misc]
         except OSError as exc:
-            protocol.abort(RedisConnectionError(f"Error connecting to {self.address}: {exc}"))
+            protocol.abort(NotSentError(f"Error connecting to {self.address}: {exc}"))
             raise protocol.failure from None  # type: ignore[misc]
         except BaseException as exc:
             protocol.abort(exc if isinstance(exc, Exception) else RedisConnectionError("closed"))
             raise
         if self._closed:  # closed while connecting
-            protocol.abort(RedisConnectionError("the script connection is closed"))
+            protocol.abort(NotSentError("the script connection is closed"))
             raise protocol.failure  # type: ignore[misc]
         self._protocol = protocol
         return protocol

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -24,7 +25,7 @@ from typing import Any
 
 from viewmw.contract import TrackResult, ViewCount
 from viewmw.errorlog import ErrorLog
-from viewmw.failures import FailureKind, classify
+from viewmw.failures import FailureKind, classify, never_ran
 from viewmw.keys import validate_content_id, validate_content_type, validate_viewer
 from viewmw.metrics.recording import recorder
 from viewmw.outage.breaker import BreakerState, CircuitBreaker
@@ -120,8 +121,11 @@ class ResilientTracker:
         """:meth:`track_view` for names the caller has validated already (no second check)."""
         if not self.breaker.allow():
             return await self._queue(content_type, content_id, viewer)
+        # A call Redis refused before running it leaves its view to the outbox, as with the
+        # breaker open: nothing can count it twice.
         return await self._through_breaker(
-            self.tracker.track_valid_view(content_type, content_id, viewer)
+            self.tracker.track_valid_view(content_type, content_id, viewer),
+            if_never_ran=lambda: self._queue(content_type, content_id, viewer),
         )
 
     async def track_valid_crawler_view(self, content_type: str, content_id: str) -> TrackResult:
@@ -135,15 +139,23 @@ class ResilientTracker:
         counts = await self._outage_view_counts(content_type, [content_id])
         return TrackResult(False, None, counts[content_id])
 
-    async def _through_breaker(self, call: Awaitable[TrackResult]) -> TrackResult:
-        """Await a call the breaker let through, and tell the breaker how it ended."""
+    async def _through_breaker(
+        self,
+        call: Awaitable[TrackResult],
+        *,
+        if_never_ran: Callable[[], Awaitable[TrackResult]] | None = None,
+    ) -> TrackResult:
+        """Await a call the breaker let through, and tell the breaker how it ended; the outcome
+        of ``if_never_ran`` instead when Redis failed in a way that proves the call never ran."""
         try:
             result = await call
         except asyncio.CancelledError:
             self._cancelled()
             raise
         except Exception as exc:
-            self._redis_failed(exc)
+            kind = self._redis_failed(exc)
+            if if_never_ran is not None and kind is FailureKind.REDIS and never_ran(exc):
+                return await if_never_ran()
             return _UNKNOWN
         self._succeeded()
         return result
@@ -158,18 +170,29 @@ class ResilientTracker:
         if known is None or self.tracker.backlogged:
             return None
         future = self.tracker.submit_valid_view(content_type, content_id, viewer)
-        future.add_done_callback(self._offered)
+        future.add_done_callback(functools.partial(self._offered, content_type, content_id, viewer))
         return known
 
-    def _offered(self, future: asyncio.Future[Any]) -> None:
-        """The outcome of a deferred view: the breaker learns from it as from any other."""
+    def _offered(
+        self, content_type: str, content_id: str, viewer: str, future: asyncio.Future[Any]
+    ) -> None:
+        """The outcome of a deferred view: the breaker learns from it as from any other, and a
+        view whose call never ran goes to the outbox."""
         if future.cancelled():
             return
         if (exc := future.exception()) is None:
             self._succeeded()
         elif classify(exc) in (FailureKind.LATE, FailureKind.REDIS):
-            self._redis_failed(exc)
+            if self._redis_failed(exc) is FailureKind.REDIS and never_ran(exc):
+                self._spawn(self._keep(content_type, content_id, viewer))
         else:
+            self._errors.report(exc)
+
+    async def _keep(self, content_type: str, content_id: str, viewer: str) -> None:
+        """:meth:`_queue` for a view nobody waits for (the deferred mode)."""
+        try:
+            await self._queue(content_type, content_id, viewer)
+        except Exception as exc:
             self._errors.report(exc)
 
     async def _queue(self, content_type: str, content_id: str, viewer: str) -> TrackResult:
@@ -349,6 +372,7 @@ class ResilientTracker:
     async def drain(self) -> None:
         """Wait for the background work started so far: late calls, probes, a replay."""
         await self.tracker.drain()
+        await asyncio.sleep(0)  # the done callbacks of the calls just answered start their tasks
         while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 

@@ -1,0 +1,126 @@
+"""A view whose Redis call provably never ran (never sent, or refused before Redis ran any of it)
+is kept in the outbox at once, before the breaker opens, in the default and the deferred mode;
+its replay counts it once. A call that may have run (a connection lost after the write, a late
+reply, an error from inside the script) stays an unknown outcome, never kept twice."""
+
+from __future__ import annotations
+
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import (
+    BusyLoadingError,
+    NoPermissionError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    ResponseError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from tests.asgi_support import StubRedis
+from tests.support import REDIS_URL, FakeClock
+from tests.test_outage_failover import ScriptedProbe, resilient
+from viewmw import Outbox, Replayer, Settings, Store, ViewTracker
+from viewmw.assembly import connect_redis
+from viewmw.failures import NotSentError, NotSentTimeoutError, never_ran
+from viewmw.outage.breaker import BreakerState
+from viewmw.pipeline import LateReply
+from viewmw.script_connection import ScriptConnection
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        NotSentError("Error connecting to 127.0.0.1:1: refused"),
+        NotSentTimeoutError("Timeout connecting to 127.0.0.1:1"),
+        # redis-py's own wording for a connection it could not open (nothing written yet).
+        RedisConnectionError("Error 111 connecting to 127.0.0.1:1. Connection refused."),
+        RedisConnectionError("Error connecting to 127.0.0.1:1."),
+        RedisTimeoutError("Timeout connecting to server"),
+        BusyLoadingError("Redis is loading the dataset in memory"),
+        ReadOnlyError("You can't write against a read only replica."),
+        TryAgainError("Multiple keys request during rehashing of slot"),
+        ResponseError("LOADING Redis is loading the dataset in memory"),
+        ResponseError("BUSY Redis is busy running a script."),
+        ResponseError("MASTERDOWN Link with MASTER is down"),
+        ResponseError("CLUSTERDOWN The cluster is down"),
+        ResponseError("TRYAGAIN Multiple keys request during rehashing of slot"),
+        ResponseError("MOVED 3999 127.0.0.1:7001"),
+    ],
+)
+def test_a_failure_before_redis_ran_anything_is_told_apart(failure: Exception) -> None:
+    assert never_ran(failure)
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        RedisConnectionError("Connection lost: reset by peer"),  # after the write: may have run
+        RedisConnectionError("Error while reading from 127.0.0.1:6379 : (104, 'reset')"),
+        RedisConnectionError("Connection closed by server."),
+        RedisTimeoutError("Timeout reading from 127.0.0.1:6379"),
+        LateReply(),
+        TimeoutError(),
+        ResponseError("ERR Error running script (call to f_0123): @user_script:12: boom"),
+        ResponseError("OOM command not allowed when used memory > 'maxmemory'."),
+        OutOfMemoryError("command not allowed when used memory > 'maxmemory'."),
+        NoPermissionError("this user has no permissions to run the 'incr' command"),
+        ResponseError("LOADINGX not a code"),
+    ],
+)
+def test_a_failure_that_may_have_run_is_an_unknown_outcome(failure: Exception) -> None:
+    assert not never_ran(failure)
+
+
+@pytest.mark.parametrize("connection", ["script connection", "redis-py"])
+async def test_views_refused_by_a_loading_redis_are_kept_and_replayed_once(
+    connection: str,
+    real_redis: aioredis.Redis,
+    store: Store,
+    settings: Settings,
+    clock: FakeClock,
+) -> None:
+    loading_reply = b"-LOADING Redis is loading the dataset in memory\r\n"
+    async with StubRedis(reply=loading_reply) as loading:
+        stub_settings = settings.replace(redis_url=loading.url)
+        client = connect_redis(stub_settings)
+        lean = ScriptConnection.from_url(loading.url) if connection == "script connection" else None
+        tracker = ViewTracker(client, store, stub_settings, clock=clock, script_connection=lean)
+        failover = resilient(tracker, store, ScriptedProbe(), FakeClock(now=0.0))
+        try:
+            results = [await failover.track_view("story", "5", f"user:{n}") for n in range(2)]
+        finally:
+            await failover.aclose()
+            await client.aclose()
+            if lean is not None:
+                await lean.aclose()
+    assert [(r.counted, r.queued) for r in results] == [(False, True), (False, True)]
+    # Two failures: below the breaker's three, and kept all the same.
+    assert failover.breaker.state is BreakerState.CLOSED
+    outbox = Outbox(store.engine)
+    assert await outbox.counts("story", ["5"]) == {"5": 2}
+
+    healthy = ViewTracker(real_redis, store, settings, clock=clock)
+    report = await Replayer(healthy, outbox).replay()
+    assert report.counted == 2
+    assert await outbox.counts("story", ["5"]) == {"5": 0}
+    assert await healthy.get_redis_view_count("story", "5") == 2
+
+
+async def test_a_deferred_view_whose_call_was_never_sent_is_kept(
+    real_redis: aioredis.Redis, store: Store, settings: Settings, clock: FakeClock
+) -> None:
+    lean = ScriptConnection.from_url(REDIS_URL)
+    assert lean is not None
+    tracker = ViewTracker(real_redis, store, settings, clock=clock, script_connection=lean)
+    failover = resilient(tracker, store, ScriptedProbe(), FakeClock(now=0.0))
+    try:
+        assert (await failover.track_view("story", "6", "user:1")).counted  # its count known
+        await lean.aclose()  # from now on no call is sent
+        assert failover.offer_valid_view("story", "6", "user:2") == 1
+        await failover.drain()
+    finally:
+        await failover.aclose()
+    assert await Outbox(store.engine).counts("story", ["6"]) == {"6": 1}
+    assert await real_redis.get("story:views:6") == b"1"  # only the first reached Redis
