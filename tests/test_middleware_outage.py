@@ -23,7 +23,15 @@ from tests.asgi_support import (
     plain_app,
 )
 from tests.support import FakeClock
-from viewmw import InvalidKeyError, MalformedReplyError, Outbox, Settings, Store, ViewTracker
+from viewmw import (
+    InvalidKeyError,
+    MalformedReplyError,
+    Outbox,
+    ResilientTracker,
+    Settings,
+    Store,
+    ViewTracker,
+)
 from viewmw.assembly import connect_redis
 from viewmw.errorlog import ErrorLog, error_kind
 from viewmw.middleware import ViewTrackingMiddleware
@@ -299,7 +307,8 @@ async def test_built_tracker_queues_views_in_the_outbox_while_redis_is_down(
     # and shown at once, before the breaker opens (after three) as after.
     assert shown == [(b"1; queued", str(n).encode()) for n in range(1, 7)]
     assert any("database outbox" in r.getMessage() for r in caplog.records)
-    assert middleware.tracker.breaker.opened_count == 1  # type: ignore[union-attr]
+    built = middleware.tracker
+    assert isinstance(built, ResilientTracker) and built.breaker.opened_count == 1
     store = Store.from_url(settings.database_url)
     try:
         assert await Outbox(store.engine).counts("story", ["1"]) == {"1": 6}
