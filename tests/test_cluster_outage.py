@@ -105,7 +105,9 @@ async def test_a_killed_primary_loses_nothing_the_outage_path_kept(
                 else:
                     unknown += 1
                     assert content_id in on_dead
-            assert unknown <= 3  # at most the failures in a row that opened the breaker
+            # At most the view that met the dead node's connection: the others could not open
+            # one, so they were never sent, and were kept.
+            assert unknown <= 1
             assert not resilient.breaker.is_closed
 
             cluster.restart(dead)

@@ -22,8 +22,19 @@ from redis.exceptions import ResponseError
 
 from tests.cluster_support import LocalCluster, LocalNode, local_cluster
 from tests.support import FakeClock
-from viewmw import Limits, Settings, TrackResult, ViewTracker
+from viewmw import (
+    Limits,
+    Outbox,
+    RedisProbe,
+    Replayer,
+    ResilientTracker,
+    Settings,
+    Store,
+    TrackResult,
+    ViewTracker,
+)
 from viewmw.assembly import connect_redis_cluster
+from viewmw.calendar_day import local_date
 from viewmw.node_connections import _TRYAGAIN_PAUSES, NodeConnections
 
 
@@ -338,6 +349,74 @@ async def test_a_view_offered_while_its_shard_moves_is_counted_once(clock: FakeC
             assert move.keys_left() == []
             assert await _pending(redis, tracker, "7") == 2
         finally:
+            await tracker.drain()
+            await nodes.aclose()
+            await redis.aclose()
+
+
+async def test_a_call_sent_on_by_ask_that_finds_keys_missing_waits_on_that_node() -> None:
+    with local_cluster() as cluster:
+        redis = connect_redis_cluster(Settings(redis_url=cluster.url))
+        pauses: list[float] = []
+        move: _SlotMove | None = None
+
+        async def pause(seconds: float) -> None:
+            pauses.append(seconds)
+            assert move is not None
+            move.finish()  # the slot is given to the new node meanwhile
+
+        nodes = NodeConnections(redis, pause=pause)
+        script = redis.register_script(_INCR_BOTH)
+        keys = ["{asked}a", "{asked}b"]  # b exists nowhere yet
+        try:
+            assert await nodes.run_script(script, keys[:1] * 2, []) == 2
+            move = _SlotMove(cluster, redis.keyslot(keys[0]))
+            move.migrate(keys[0])
+            # The old node has none of the keys: ASK. The new one, asked, lacks b: TRYAGAIN,
+            # and the same node is tried again once the slot is its own.
+            assert await nodes.run_script(script, keys, []) == 1
+            assert pauses == [_TRYAGAIN_PAUSES[0]]
+            assert [move.value(key) for key in keys] == [3, 1]
+        finally:
+            await nodes.aclose()
+            await redis.aclose()
+
+
+async def test_a_view_refused_while_its_shard_moves_waits_in_the_outbox_and_keeps_no_place(
+    pg_store: Store, clock: FakeClock
+) -> None:
+    """Default request deadline: the retries end in time for the view to go to the outbox; its
+    viewer's daily place, reserved on another node, is given back; the replay counts it once."""
+    with local_cluster() as cluster:
+        redis = connect_redis_cluster(Settings(redis_url=cluster.url))
+        nodes = NodeConnections(redis)
+        settings = Settings(redis_url=cluster.url, limits=Limits(view_cooldown_seconds=None))
+        tracker = ViewTracker(
+            cast(Redis, redis), pg_store, settings, clock=clock, script_connection=nodes
+        )
+        outbox = Outbox(pg_store.engine)
+        resilient = ResilientTracker(tracker, outbox, probe=RedisProbe(None))
+        day = local_date(clock(), settings.zone).isoformat()
+        place = tracker.shards.schemas[0].daily_views("user:2", day)
+        try:
+            assert (await resilient.track_view("story", "7", "user:1")).counted
+            keys = tracker.shards.of("story", "7")
+            move = _SlotMove(cluster, redis.keyslot(keys.epoch))
+            move.migrate(keys.pending("story", "7"))  # the slot's keys now split: TRYAGAIN
+
+            kept = await resilient.track_view("story", "7", "user:2")
+            assert kept.queued and not kept.counted
+            await tracker.drain()  # the place's release
+            assert int(await redis.hget(place, "n") or 0) == 0
+            assert await outbox.counts("story", ["7"]) == {"7": 1}
+
+            move.finish()
+            report = await Replayer(tracker, outbox).replay()
+            assert report.counted == 1
+            assert await _pending(redis, tracker, "7") == 2
+            assert int(await redis.hget(place, "n") or 0) == 1
+        finally:
+            await resilient.aclose()
             await tracker.drain()
             await nodes.aclose()
             await redis.aclose()

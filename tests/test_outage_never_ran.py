@@ -9,6 +9,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import (
     BusyLoadingError,
+    MaxConnectionsError,
     NoPermissionError,
     OutOfMemoryError,
     ReadOnlyError,
@@ -38,6 +39,12 @@ from viewmw.script_connection import ScriptConnection
         RedisConnectionError("Error 111 connecting to 127.0.0.1:1. Connection refused."),
         RedisConnectionError("Error connecting to 127.0.0.1:1."),
         RedisTimeoutError("Timeout connecting to server"),
+        RedisConnectionError(
+            "Error Multiple exceptions: [Errno 111] refused, [Errno 99] unavailable connecting "
+            "to localhost:6379."
+        ),
+        MaxConnectionsError("Too many connections"),
+        RedisConnectionError("No connection available."),
         BusyLoadingError("Redis is loading the dataset in memory"),
         ReadOnlyError("You can't write against a read only replica."),
         TryAgainError("Multiple keys request during rehashing of slot"),
@@ -81,6 +88,8 @@ async def test_views_refused_by_a_loading_redis_are_kept_and_replayed_once(
     settings: Settings,
     clock: FakeClock,
 ) -> None:
+    # The lean connection is refused at the EVALSHA, redis-py already at its connection's
+    # handshake (CLIENT SETINFO): neither sent the script call.
     loading_reply = b"-LOADING Redis is loading the dataset in memory\r\n"
     async with StubRedis(reply=loading_reply) as loading:
         stub_settings = settings.replace(redis_url=loading.url)
@@ -118,9 +127,28 @@ async def test_a_deferred_view_whose_call_was_never_sent_is_kept(
     try:
         assert (await failover.track_view("story", "6", "user:1")).counted  # its count known
         await lean.aclose()  # from now on no call is sent
+        offered_at = clock.now
         assert failover.offer_valid_view("story", "6", "user:2") == 1
+        clock.now += 3600  # the refusal is handled later: the view keeps its own time
         await failover.drain()
     finally:
         await failover.aclose()
-    assert await Outbox(store.engine).counts("story", ["6"]) == {"6": 1}
+    (kept,) = await Outbox(store.engine).oldest(10)
+    assert (kept.content_id, kept.viewer, kept.viewed_at) == ("6", "user:2", offered_at)
     assert await real_redis.get("story:views:6") == b"1"  # only the first reached Redis
+
+
+async def test_a_deferred_view_refused_as_the_app_stops_is_kept(
+    real_redis: aioredis.Redis, store: Store, settings: Settings, clock: FakeClock
+) -> None:
+    lean = ScriptConnection.from_url(REDIS_URL)
+    assert lean is not None
+    tracker = ViewTracker(real_redis, store, settings, clock=clock, script_connection=lean)
+    failover = resilient(tracker, store, ScriptedProbe(), FakeClock(now=0.0))
+    try:
+        assert (await failover.track_view("story", "8", "user:1")).counted
+        await lean.aclose()
+        assert failover.offer_valid_view("story", "8", "user:2") == 1
+    finally:
+        await failover.aclose()  # at once: the refusal comes while it closes
+    assert await Outbox(store.engine).counts("story", ["8"]) == {"8": 1}

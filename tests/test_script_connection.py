@@ -24,7 +24,7 @@ from tests.support import REDIS_URL, FakeClock
 from viewmw import Settings, ViewTracker
 from viewmw.assembly import build_tracker
 from viewmw.errors import MalformedReplyError
-from viewmw.failures import FailureKind, classify
+from viewmw.failures import FailureKind, NotSentError, classify
 from viewmw.pipeline import LateReply
 from viewmw.script_connection import ScriptConnection
 
@@ -451,3 +451,32 @@ async def test_a_connection_killed_under_load_loses_no_reported_view(
         assert (await tracker.track_view("story", "2", "user:1")).counted
     finally:
         await connection.aclose()
+
+
+async def test_a_refused_script_load_leaves_the_call_its_own_reply() -> None:
+    """NOSCRIPT, then SCRIPT LOAD refused (BUSY) while the call sent after it ran (another
+    client loaded the script meanwhile): the call's reply, not the load's refusal, is its
+    outcome, so a call that ran is never taken for one that never did."""
+    replies = iter([b"-NOSCRIPT No matching script.\r\n", b"-BUSY Redis is busy.\r\n", b":1\r\n"])
+
+    async def answer(command: list[bytes]) -> bytes:
+        return next(replies)
+
+    script = aioredis.Redis().register_script("return 1")
+    async with (
+        fake_server(answer) as (port, received),
+        connection_to(f"redis://127.0.0.1:{port}/0") as connection,
+    ):
+        assert await connection.run_script(script, ["k"], []) == 1
+    assert [command[0] for command in received] == [b"EVALSHA", b"SCRIPT", b"EVALSHA"]
+
+
+async def test_a_call_on_a_connection_that_just_ended_is_not_sent_and_never_hangs() -> None:
+    pong = fake_server(lambda command: asyncio.sleep(0, b"+PONG\r\n"))
+    async with pong as (port, received), connection_to(f"redis://127.0.0.1:{port}/0") as connection:
+        protocol = await connection._ready()
+        protocol.abort(RedisConnectionError("lost"))  # between the opening and the call
+        with pytest.raises(NotSentError):
+            connection._send(protocol, ("PING",))
+        assert await connection.execute(("PING",)) == b"PONG"  # a new connection
+    assert received == [[b"PING"]]

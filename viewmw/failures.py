@@ -7,7 +7,6 @@ Redis *failing* is what its connection or its replies say.
 
 from __future__ import annotations
 
-import re
 from enum import StrEnum
 
 from redis.exceptions import (
@@ -16,6 +15,7 @@ from redis.exceptions import (
     ClusterCrossSlotError,
     ClusterDownError,
     MasterDownError,
+    MaxConnectionsError,
     MovedError,
     NoScriptError,
     ReadOnlyError,
@@ -131,9 +131,6 @@ _REFUSAL_CODES = tuple(
     )
 )
 
-# redis.utils.format_error_message, for a connection redis-py could not open.
-_REDIS_PY_CONNECT_FAILED = re.compile(r"Error (\S+ )?connecting to ")
-
 
 def never_ran(exc: BaseException) -> bool:
     """Whether ``exc`` proves that Redis ran none of the call: it was never sent, or Redis
@@ -144,7 +141,13 @@ def never_ran(exc: BaseException) -> bool:
     # The lean connections pass error replies on as plain ResponseErrors, code included.
     if type(exc) is ResponseError:
         return str(exc).startswith(_REFUSAL_CODES)
-    # redis-py opens a connection before it writes a command to it, and words its failure so.
+    if isinstance(exc, MaxConnectionsError):  # redis-py's pool had no connection to give
+        return True
+    # redis-py opens a connection before it writes a command to it, and words its failure so
+    # (one address or several); a blocking pool that had none to give says so too.
     if type(exc) is RedisConnectionError:
-        return _REDIS_PY_CONNECT_FAILED.match(str(exc)) is not None
+        text = str(exc)
+        return text == "No connection available." or (
+            text.startswith("Error ") and " connecting to " in text
+        )
     return type(exc) is RedisTimeoutError and str(exc) == "Timeout connecting to server"

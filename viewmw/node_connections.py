@@ -13,10 +13,11 @@ serves its first key's slot. Redirections are replies of calls that did not run,
 again: ``MOVED`` (the node does not serve the slot any more) reads the map again; ``ASK`` (the slot
 is being moved and the call's keys are gone from this node) sends the call to the node named,
 right after ``ASKING``; ``TRYAGAIN`` (the slot is being moved and the call's keys are split between
-the two nodes) waits a moment and starts again. A call gives up after a few redirections, about a
-second of waiting in all, with the last reply's error. A lost connection is redis-py's
-``ConnectionError``, as on a single Redis; the map is read again in the background, in case a
-replica took over.
+the two nodes, or not all on the node an ``ASK`` named yet) waits a moment and tries the same node
+again. A call gives up after a few redirections, or a few hundredths of a second of pauses, with
+the last reply's error: its views go to the outbox (``viewmw.failures.never_ran``). A lost
+connection is redis-py's ``ConnectionError``, as on a single Redis; the map is read again in the
+background, in case a replica took over.
 """
 
 from __future__ import annotations
@@ -36,9 +37,11 @@ from viewmw.script_connection import ScriptConnection
 
 logger = logging.getLogger("viewmw")
 
-# Pauses before each new try of a call refused with TRYAGAIN (a slot's keys half moved): about a
-# second in all, which a resharding tool moving a slot's keys a batch at a time takes per slot.
-_TRYAGAIN_PAUSES = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.3)
+# Pauses before each new try of a call refused with TRYAGAIN (its slot is being moved): a few
+# hundredths of a second in all, well inside a request's deadline (0.25 s by default), so that a
+# call still refused fails in time for its views to go to the outbox (they never ran), and one
+# moving slot holds up its batch's other shards only briefly.
+_TRYAGAIN_PAUSES = (0.005, 0.01, 0.02)
 # Most MOVED and ASK redirections one call follows (a slot moves once; one more for a map that
 # changed again meanwhile).
 _REDIRECTIONS = 3
@@ -90,11 +93,11 @@ class NodeConnections:
             except ResponseError as exc:
                 # Each of these says the call did not run: sending it again cannot count twice.
                 kind, _, where = str(exc).partition(" ")
-                asked = None
                 if kind in ("MOVED", "ASK"):
                     redirections += 1
                     if redirections > _REDIRECTIONS:
                         raise
+                    asked = None
                     if kind == "MOVED":
                         await self._read_slot_map()
                     else:
@@ -102,6 +105,8 @@ class NodeConnections:
                     continue
                 if kind != "TRYAGAIN":
                     raise
+                # The keys are split between the two nodes (or, on the node an ASK named, some
+                # are not there yet): the same node again, after a pause.
                 pause = next(pauses, None)
                 if pause is None:
                     raise

@@ -207,21 +207,21 @@ class ScriptConnection:
         (``NOSCRIPT``, after a restart or ``SCRIPT FLUSH``). ``asking``: the call follows a
         cluster node's ``ASK`` redirection, so ``ASKING`` goes right before it."""
         command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+        before = (_ASKING,) if asking else ()
         if asking:
-            asked, answer = self._send(await self._ready(), _ASKING, command)
-            answer.add_done_callback(_retrieve)  # its caller may stop waiting at the first
-            await asked
-            reply = await answer
+            reply = (await self._exchange(*before, command))[-1]
         else:
             reply = await self.execute(command)
         if isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT"):
-            protocol = await self._ready()
             # All in one write: nothing can run between the load and the call on this
             # connection, so the call finds the script (and ASKING still comes right before it).
-            load = ("SCRIPT", "LOAD", script.script)
-            loaded, *_, reply = self._send(protocol, load, *((_ASKING,) if asking else ()), command)
-            script.sha = _sha(await loaded)
-            reply = await reply
+            # The call's own reply says what became of it: the load can be refused (BUSY,
+            # LOADING) while the call, read later, finds the script another client loaded.
+            loaded, *_, reply = await self._exchange(
+                ("SCRIPT", "LOAD", script.script), *before, command
+            )
+            if not isinstance(loaded, ResponseError):
+                script.sha = _sha(loaded)
         if isinstance(reply, ResponseError):
             if str(reply).startswith("NOSCRIPT"):
                 raise NoScriptError(str(reply))
@@ -237,11 +237,23 @@ class ScriptConnection:
         # Cancelling the caller cancels only its future: the reply is still read, and dropped.
         return await waiter
 
+    async def _exchange(self, *commands: Sequence[Any]) -> list[Any]:
+        """Send ``commands`` in one write and return their replies in order (error replies
+        returned, not raised)."""
+        waiters = self._send(await self._ready(), *commands)
+        for waiter in waiters:  # whichever its caller no longer waits for
+            waiter.add_done_callback(_retrieve)
+        return [await waiter for waiter in waiters]
+
     def _send(
         self, protocol: _ReplyProtocol, *commands: Sequence[Any]
     ) -> list[asyncio.Future[Any]]:
         loop = self._loop
         assert loop is not None and protocol.transport is not None
+        if not protocol.usable:
+            # The connection ended between its opening and this call (its waiters were failed
+            # already): nothing is written, and nothing would answer.
+            raise NotSentError(f"the connection to {self.address} ended before the call was sent")
         if len(commands) == 1:
             packed = hiredis.pack_command(tuple(commands[0]))
         else:

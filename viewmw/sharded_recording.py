@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from viewmw.daily_quota import DailyQuota, QuotaClaim, Reservation
+from viewmw.failures import never_ran
 from viewmw.keys import KeySchema
 from viewmw.scripts import ScriptRunner, Scripts, run_on_client
 from viewmw.shards import ContentShards
@@ -100,7 +101,7 @@ class ShardedRecording:
                 positions, _per_view(outcome, parse, positions), strict=True
             ):
                 replies[position] = reply
-        self._release_blocked(claims, answers, replies)
+        self._release_unused(claims, answers, replies)
         return replies
 
     async def _reserve(
@@ -145,13 +146,15 @@ class ShardedRecording:
                 markers.append(marker)
         return await self.run(self.scripts.record_views, call_keys + markers, args)
 
-    def _release_blocked(
+    def _release_unused(
         self,
         claims: list[QuotaClaim | None],
         answers: list[Reservation | None],
         replies: list[Any],
     ) -> None:
-        """Give back, without making anyone wait, the places of views a content rule blocked."""
+        """Give back, without making anyone wait, the places of views a content rule blocked,
+        and of views whose decision Redis never ran (they go to the outbox, and their replay
+        reserves a place of its own)."""
         if self.quota is None:
             return
         blocked = [
@@ -159,8 +162,9 @@ class ShardedRecording:
             for claim, answer, reply in zip(claims, answers, replies, strict=True)
             if claim is not None
             and answer is Reservation.RESERVED
-            and not isinstance(reply, BaseException)
-            and reply[1] in _CONTENT_RULES
+            and (
+                never_ran(reply) if isinstance(reply, BaseException) else reply[1] in _CONTENT_RULES
+            )
         ]
         if blocked:
             task = asyncio.get_running_loop().create_task(self._release(blocked))

@@ -82,6 +82,8 @@ class ResilientTracker:
         self._backlog = outbox is not None  # the outbox may hold events from an earlier run
         self._next_replay_at = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._keeping: set[asyncio.Task[None]] = set()  # deferred views on their way to the outbox
+        self._closed = False
         self._replaying: asyncio.Task[None] | None = None
         self._errors = ErrorLog(what="view tracking during a Redis outage")
         self.late_replies = 0
@@ -122,10 +124,11 @@ class ResilientTracker:
         if not self.breaker.allow():
             return await self._queue(content_type, content_id, viewer)
         # A call Redis refused before running it leaves its view to the outbox, as with the
-        # breaker open: nothing can count it twice.
+        # breaker open, at the time it was offered: nothing can count it twice.
+        at = self.tracker.clock()
         return await self._through_breaker(
             self.tracker.track_valid_view(content_type, content_id, viewer),
-            if_never_ran=lambda: self._queue(content_type, content_id, viewer),
+            if_never_ran=lambda: self._queue(content_type, content_id, viewer, at),
         )
 
     async def track_valid_crawler_view(self, content_type: str, content_id: str) -> TrackResult:
@@ -169,13 +172,13 @@ class ResilientTracker:
         known = self.tracker.known_count(content_type, content_id)
         if known is None or self.tracker.backlogged:
             return None
+        at = self.tracker.clock()
         future = self.tracker.submit_valid_view(content_type, content_id, viewer)
-        future.add_done_callback(functools.partial(self._offered, content_type, content_id, viewer))
+        view = (content_type, content_id, viewer, at)
+        future.add_done_callback(functools.partial(self._offered, view))
         return known
 
-    def _offered(
-        self, content_type: str, content_id: str, viewer: str, future: asyncio.Future[Any]
-    ) -> None:
+    def _offered(self, view: tuple[str, str, str, float], future: asyncio.Future[Any]) -> None:
         """The outcome of a deferred view: the breaker learns from it as from any other, and a
         view whose call never ran goes to the outbox."""
         if future.cancelled():
@@ -184,23 +187,32 @@ class ResilientTracker:
             self._succeeded()
         elif classify(exc) in (FailureKind.LATE, FailureKind.REDIS):
             if self._redis_failed(exc) is FailureKind.REDIS and never_ran(exc):
-                self._spawn(self._keep(content_type, content_id, viewer))
+                if self._closed:
+                    logger.error("a deferred view was refused by Redis after shutdown: not kept")
+                    return
+                task = asyncio.get_running_loop().create_task(self._keep(*view))
+                self._keeping.add(task)
+                task.add_done_callback(self._keeping.discard)
         else:
             self._errors.report(exc)
 
-    async def _keep(self, content_type: str, content_id: str, viewer: str) -> None:
+    async def _keep(self, content_type: str, content_id: str, viewer: str, at: float) -> None:
         """:meth:`_queue` for a view nobody waits for (the deferred mode)."""
         try:
-            await self._queue(content_type, content_id, viewer)
+            await self._queue(content_type, content_id, viewer, at)
         except Exception as exc:
             self._errors.report(exc)
 
-    async def _queue(self, content_type: str, content_id: str, viewer: str) -> TrackResult:
-        """Redis is unreachable: keep the view in the outbox; show database + outbox."""
+    async def _queue(
+        self, content_type: str, content_id: str, viewer: str, at: float | None = None
+    ) -> TrackResult:
+        """Redis is unreachable: keep the view (offered at ``at``, by default now) in the
+        outbox; show database + outbox."""
         if self.outbox is None:
             return _UNKNOWN
         self.tracker.refuse_impossible_id(content_type, content_id)  # as Redis' path would
-        event = OutboxEvent.new(content_type, content_id, viewer, self.tracker.clock())
+        when = self.tracker.clock() if at is None else at
+        event = OutboxEvent.new(content_type, content_id, viewer, when)
         key = (content_type, content_id)
         self._added[key] = self._added.get(key, 0) + 1
         self.metrics.view_queued()
@@ -373,7 +385,8 @@ class ResilientTracker:
         """Wait for the background work started so far: late calls, probes, a replay."""
         await self.tracker.drain()
         await asyncio.sleep(0)  # the done callbacks of the calls just answered start their tasks
-        while self._tasks:
+        while self._tasks or self._keeping:
+            await asyncio.gather(*self._keeping, return_exceptions=True)
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def aclose(self) -> None:
@@ -381,6 +394,10 @@ class ResilientTracker:
         with contextlib.suppress(Exception):
             async with asyncio.timeout(self.settings.redis_probe_timeout):
                 await self.tracker.drain()  # late calls still decide their views
+        await asyncio.sleep(0)  # the done callbacks of the calls just answered run first
+        self._closed = True
+        # Deferred views refused by Redis reach the outbox before it writes what it holds.
+        await asyncio.gather(*self._keeping, return_exceptions=True)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
