@@ -21,6 +21,7 @@ from sqlalchemy import text
 from bench.servers import bench_settings, drop_private_database, fresh_store, private_redis
 from bench.sync_bench import _fill_pending
 from viewmw import Limits, Period, Store, ViewStats, ViewSync, ViewTracker
+from viewmw.history_sql import HistoryReader
 
 BATCH = 100  # views per record_views call, as a busy event loop turn sends them
 CPU_ROUNDS = 9  # samples each way: the ratio is a few per cent, the noise of one sample as much
@@ -83,7 +84,10 @@ async def _hll_memory(redis: aioredis.Redis) -> dict[int, int]:
 
 
 # Every content has a row every day. Popularity follows a Zipf-like law of the content's rank
-# (as page views do), with day-to-day noise of -30 % to +30 %. Every view is a new viewer, and
+# (as page views do), with day-to-day noise of -30 % to +30 %. The rows go in a day at a time,
+# oldest day first, as the daily syncs write them: one content's days sit on as many heap pages,
+# not side by side (written content by content, a read of its period found them on one or two
+# pages, which no production history does). Every view is a new viewer, and
 # each day keeps its estimate and a sketch, as the sync writes them with unique viewers on: the
 # sketch is a real HyperLogLog of the largest of SKETCH_VIEWERS not above the day's views (so
 # that Redis can merge it), as large as the day's own would be.
@@ -99,7 +103,8 @@ _FILL = text(
     )
     + " END FROM (SELECT c, d, "
     "GREATEST(1, floor(20000 / power(c, 0.8) * (0.7 + ((c * 31 + d * 17) % 61) / 100.0)))::bigint"
-    " AS v FROM generate_series(1, :contents) c, generate_series(0, :days - 1) d) AS days"
+    " AS v FROM generate_series(0, :days - 1) d, generate_series(1, :contents) c) AS days"
+    " ORDER BY d DESC, c"
 )
 
 
@@ -156,6 +161,9 @@ async def _reads(redis: aioredis.Redis, contents: int, days: int, figures: Histo
             redis, store, settings.replace(unique_viewers=False), clock=tracker.clock
         )
         ids = [str(n) for n in range(1, contents, contents // 100)][:100]
+        history = HistoryReader(store.engine)
+        first = today - timedelta(days=29)
+        oldest_live = today - timedelta(days=settings.history_retention_days)
         cases: dict[str, Callable[[], Awaitable[object]]] = {
             "top(limit=10), 7 days": lambda: stats.top("story", Period.last_days(7), 10),
             "top(limit=10), 30 days": lambda: stats.top("story", Period.last_days(30), 10),
@@ -166,6 +174,13 @@ async def _reads(redis: aioredis.Redis, contents: int, days: int, figures: Histo
                 "story", ids, Period.last_days(30)
             ),
             "by_day(1 id), 30 days": lambda: stats.by_day("story", 1, Period.last_days(30)),
+            # The history's statement alone, as views_many makes it (the rest is Redis).
+            "HistoryReader.totals(100 ids), 30 days": lambda: history.totals(
+                "story", ids, first, today, sketches_before=oldest_live
+            ),
+            "HistoryReader.totals(100 ids), 30 days, no sketches": lambda: history.totals(
+                "story", ids, first, today, sketches_before=None
+            ),
         }
         await _time_reads(cases, figures)
         # The days the sync wrote since the last vacuum: their pages are not all-visible, so an
@@ -180,6 +195,7 @@ async def _reads(redis: aioredis.Redis, contents: int, days: int, figures: Histo
                 for name in (
                     "views_many(100 ids), 30 days",
                     "views_many(100 ids), 30 days, unique viewers off",
+                    "HistoryReader.totals(100 ids), 30 days, no sketches",
                 )
             },
             figures,

@@ -26,6 +26,15 @@ class HistoryRow:
     sketch: bytes | None
 
 
+def _sketches_needed(first: date | None, sketches_before: date | None) -> date | None:
+    """``sketches_before``, or ``None`` when no day of a period from ``first`` is before it:
+    a statement that names no sketch reads the key alone (an index-only scan on PostgreSQL),
+    no heap page per day."""
+    if sketches_before is None or (first is not None and first >= sketches_before):
+        return None
+    return sketches_before
+
+
 def _in_period(first: date | None, last: date | None) -> Any:
     conditions = []
     if first is not None:
@@ -89,6 +98,7 @@ class HistoryReader:
         """Every stored day of ``content_ids`` within the period, with the sketches of the days
         before ``sketches_before`` (none when it is ``None``)."""
         c = daily_views.c
+        sketches_before = _sketches_needed(first, sketches_before)
         sketch = (
             case((c.day < sketches_before, c.unique_sketch), else_=null())
             if sketches_before is not None
@@ -131,6 +141,7 @@ class HistoryReader:
         (dated ``date.min``; ``unique_viewers`` is the largest day's), then one row per day
         before ``sketches_before`` that kept a sketch (its sketch alone)."""
         c = daily_views.c
+        sketches_before = _sketches_needed(first, sketches_before)
         rows: list[HistoryRow] = []
         async with self.engine.connect() as connection:
             for start in range(0, len(content_ids), CHUNK_ROWS):
