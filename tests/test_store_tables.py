@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -194,3 +195,32 @@ async def test_sqlite_keys_the_history_by_content_and_day(sqlite_store: Store) -
         assert await connection.run_sync(read) == ["content_type", "content_id", "day"]
     await write_days(sqlite_store, "b1")
     assert await period_sums(sqlite_store) == {"a": (5, 2), "b": (50, 2)}
+
+
+def documented_upgrade() -> list[str]:
+    """The statements docs/history.md gives for moving an older table to the covering key."""
+    text_of_page = (Path(__file__).parent.parent / "docs" / "history.md").read_text()
+    block = text_of_page.split("```sql\n", 1)[1].split("```", 1)[0]
+    return [statement.strip() for statement in block.split(";") if statement.strip()]
+
+
+async def test_the_documented_upgrade_gives_an_older_table_the_covering_key(
+    pg_store: Store,
+) -> None:
+    async with pg_store.engine.begin() as connection:
+        await connection.exec_driver_sql("DROP TABLE viewmw_daily_views")
+        await connection.exec_driver_sql(_HISTORY_BEFORE_THE_COVERING_KEY)
+    await write_days(pg_store, "b1")
+
+    async with pg_store.engine.connect() as connection:
+        await connection.execution_options(isolation_level="AUTOCOMMIT")  # CONCURRENTLY
+        for statement in documented_upgrade():
+            await connection.exec_driver_sql(statement)
+
+    assert "INCLUDE (views, crawler_views, unique_viewers)" in await history_key(pg_store)
+    await pg_store.create_tables()  # finds nothing missing
+    await write_days(pg_store, "b2")
+    await vacuum(pg_store)
+    _, plan, sums = await planned(pg_store, lambda: period_sums(pg_store))
+    assert sums == {"a": (10, 4), "b": (100, 4)}
+    assert reads_the_key_alone(plan), plan
