@@ -26,7 +26,9 @@ if not holds_sync(KEYS[4], ARGV[2], ARGV[3]) or redis.call('HGET', KEYS[1], 'id'
   return {-1}
 end
 redis.call('INCR', KEYS[3])
-local SLICE = 1000
+-- Keys per command: each argument and each value of a reply costs an allocation, and a
+-- hundred keys a command keep those small (measured: about a tenth less Redis CPU than 1000).
+local SLICE = 100
 local limit = tonumber(ARGV[5])
 -- include: key_maker
 local syncing_key, database_key = key_maker(ARGV[6]), key_maker(ARGV[7])

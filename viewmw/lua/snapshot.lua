@@ -33,8 +33,9 @@ if not holds_sync(KEYS[1], ARGV[1], ARGV[4]) or redis.call('HGET', KEYS[2], 'id'
     or redis.call('HGET', KEYS[2], 'fence') ~= ARGV[4] or redis.call('HGET', KEYS[2], 'sealed') then
   return {-1}
 end
--- Keys per command: well below Lua's stack limit for unpack().
-local SLICE = 1000
+-- Keys per command: each argument and each value of a reply costs an allocation, and a
+-- hundred keys a command keep those small (measured: about a tenth less Redis CPU than 1000).
+local SLICE = 100
 
 -- The values of keys[first..last] as numbers (0 when missing), one command per slice; and
 -- whether any was there.
