@@ -16,8 +16,9 @@ local out = {page[1]}
 if #flat == 0 then
   return out
 end
--- The days of the whole page in one command per slice (well below unpack()'s stack limit).
-local SLICE = 1000
+-- The days of the whole page in one command per slice of members: small slices keep each
+-- command's arguments and reply small (measured: less Redis CPU than 1000 per command).
+local SLICE = 100
 local members = {}
 for i = 1, #flat, 2 do
   members[#members + 1] = flat[i]
