@@ -250,7 +250,12 @@ async def test_an_outage_shows_in_the_breaker_the_failures_and_the_outbox(
             before = await scrape(client)
             server.kill()
             seen = [await visit(client, "/stories/1", f"user{n}") for n in range(1, 6)]
-            assert seen == ["0; reason=unavailable"] * 3 + ["1; queued"] * 2
+            # The first call meets the dead server's connection (unknown, unless the client saw
+            # it closed first); the others cannot open one, so they were never sent, and are
+            # kept; the third failure opens the breaker.
+            assert seen[0] in ("0; reason=unavailable", "1; queued")
+            assert seen[1:] == ["1; queued"] * 4
+            queued = seen.count("1; queued")
             clock.advance(30)
             outage = await scrape(client)
 
@@ -265,19 +270,19 @@ async def test_an_outage_shows_in_the_breaker_the_failures_and_the_outbox(
 
     grown = increase(before, outage)
     assert grown[key("viewmw_redis_errors_total")] == 3
-    assert grown[key("viewmw_views_queued_total")] == 2
+    assert grown[key("viewmw_views_queued_total")] == queued
     assert grown[key("viewmw_breaker_opened_total", breaker="redis")] == 1
     assert grown[key("viewmw_views_offered_total")] == 5
     assert outage[key("viewmw_breaker_state", breaker="redis")] == 2
     assert outage[key("viewmw_redis_up")] == 0
     assert key("viewmw_pending_contents") not in outage  # unknown, not 0
-    assert outage[key("viewmw_outbox_views")] == 2
+    assert outage[key("viewmw_outbox_views")] == queued
     assert outage[key("viewmw_outbox_oldest_view_age_seconds")] == 30
 
     assert after[key("viewmw_breaker_state", breaker="redis")] == 0
     assert after[key("viewmw_outbox_views")] == 0
-    # The two queued views were replayed through the rules, and counted.
-    assert increase(outage, after)[key("viewmw_views_counted_total")] == 2
+    # The queued views were replayed through the rules, and counted.
+    assert increase(outage, after)[key("viewmw_views_counted_total")] == queued
 
 
 async def test_a_database_down_leaves_its_figures_out(
