@@ -10,6 +10,7 @@ a real local cluster with PostgreSQL, with the default number of content shards.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from datetime import timedelta
 from typing import Any
 
@@ -237,6 +238,27 @@ async def test_many_contents_merge_their_own_sketches_only(
     days = await stats.by_day("story", 4, Period.last_days(5))
     assert [(d.views, d.unique_viewers) for d in days] == [(5, 5)] * 5
     assert [key async for key in redis.scan_iter(match="*scratch*")] == []
+
+    # Views alone: the same counts, no estimate, and neither a sketch read nor a merge.
+    history = stats._history
+    assert history is not None
+    asked: list[object] = []
+    totals = history.totals
+
+    async def spied(*args: Any, sketches_before: Any) -> Any:
+        asked.append(sketches_before)
+        return await totals(*args, sketches_before=sketches_before)
+
+    history.totals = spied  # type: ignore[method-assign]
+    stats.scripts = dataclasses.replace(stats.scripts, count_viewers=None)  # a merge would fail
+    views_only = await stats.views_many(
+        "story", [1, 2, 3, 4, 9, 10], Period.last_days(5), unique_viewers=False
+    )
+    assert {i: (c.views, c.unique_viewers) for i, c in views_only.items()} == {
+        i: (c.views, None) for i, c in counts.items()
+    }
+    assert asked == [None]
+    assert (await stats.views("story", 4, Period.last_days(5), unique_viewers=False)).views == 25
 
 
 async def test_every_viewers_key_expires_when_repeat_viewers_skip_the_expiry(

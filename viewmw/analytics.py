@@ -140,17 +140,38 @@ class ViewStats:
 
     # Counts of contents -------------------------------------------------------------------------
 
-    async def views(self, content_type: str, content_id: str | int, period: Period) -> PeriodCount:
-        """One content's views, distinct viewers and crawler views in ``period``."""
+    async def views(
+        self,
+        content_type: str,
+        content_id: str | int,
+        period: Period,
+        *,
+        unique_viewers: bool = True,
+    ) -> PeriodCount:
+        """One content's views, distinct viewers and crawler views in ``period``
+        (``unique_viewers=False``: without the estimate, see :meth:`views_many`)."""
         content_id = validate_content_id(content_id)
-        return (await self.views_many(content_type, [content_id], period))[content_id]
+        counts = await self.views_many(
+            content_type, [content_id], period, unique_viewers=unique_viewers
+        )
+        return counts[content_id]
 
     async def views_many(
-        self, content_type: str, content_ids: Sequence[str | int], period: Period
+        self,
+        content_type: str,
+        content_ids: Sequence[str | int],
+        period: Period,
+        *,
+        unique_viewers: bool = True,
     ) -> dict[str, PeriodCount]:
         """:meth:`views` of many contents: one Redis read, one history query (per few thousand
         ids), then one Redis call for the estimates and the sync epoch. Keyed by the ids as
-        text, in the order given."""
+        text, in the order given.
+
+        ``unique_viewers=False`` leaves the distinct viewers out (``None``), as when they are
+        off in the settings: a list page that shows views alone reads no sketch and merges no
+        HyperLogLog, several times cheaper over a period longer than the retention of the
+        per-day keys (docs/performance.md, *Views over time*)."""
         content_type, ids = self._validated(content_type, content_ids)
         first, last = period.resolve(self.today())
         days, uniques = await self._days(
@@ -160,6 +181,7 @@ class ViewStats:
             last,
             lambda _: [(content_id, None) for content_id in ids],
             summed=True,
+            viewers=unique_viewers and self.settings.unique_viewers,
         )
         return {
             content_id: PeriodCount(
@@ -181,7 +203,14 @@ class ViewStats:
         def each_day(days: dict[str, _Days]) -> list[tuple[str, list[date] | None]]:
             return [(content_id, [day]) for day in self._span(days[content_id], first, last)]
 
-        held, uniques = await self._days(content_type, [content_id], first, last, each_day)
+        held, uniques = await self._days(
+            content_type,
+            [content_id],
+            first,
+            last,
+            each_day,
+            viewers=self.settings.unique_viewers,
+        )
         days = held[content_id]
         return [
             DayCount(day, days.views[day], uniques[n], days.crawlers[day])
@@ -212,13 +241,14 @@ class ViewStats:
         last: date | None,
         groups: _Groups,
         *,
+        viewers: bool,
         summed: bool = False,
     ) -> tuple[dict[str, _Days], list[int | None]]:
         """Per-day counts of ``ids`` in the period: history + pending + the unsettled batch's
-        part unless the database holds it, all as of one moment between syncs; and the
-        distinct viewers of the ``groups`` those counts call for, estimated in the same round
-        trip that checks the moment held. ``summed`` has the database add up the history's
-        days (they then count as one, ``date.min``).
+        part unless the database holds it, all as of one moment between syncs; and, with
+        ``viewers``, the distinct viewers of the ``groups`` those counts call for, estimated in
+        the same round trip that checks the moment held. ``summed`` has the database add up the
+        history's days (they then count as one, ``date.min``).
 
         One ``read_days`` per content shard of ``ids`` (one call on a single Redis); each
         shard's moment is checked by its own epoch, since a sync moves each shard's views in
@@ -241,7 +271,7 @@ class ViewStats:
             epochs = {shard: int(reply[0]) for shard, reply in zip(by_shard, replies, strict=True)}
             batches = [_text(reply[1]) for reply in replies]
             committed = await self._committed(batches)
-            rows = await self._rows(content_type, ids, first, last, summed)
+            rows = await self._rows(content_type, ids, first, last, summed, viewers)
             if committed != await self._committed(batches):
                 continue  # a batch was committed during the history read: read again
             held: dict[str, list[str]] = {}
@@ -252,7 +282,7 @@ class ViewStats:
                         held[content_id].append(_text(reply[3 + 2 * n]))
             days = _combined(ids, rows, held, first, last)
             current, uniques = await self._unique_viewers(
-                content_type, list(by_shard), groups(days), days, first, last
+                content_type, list(by_shard), groups(days), days, first, last, viewers
             )
             if current != epochs:
                 continue  # a sync moved views between Redis and the database: read again
@@ -272,7 +302,13 @@ class ViewStats:
             return frozenset((await connection.execute(query)).scalars())
 
     async def _rows(
-        self, content_type: str, ids: list[str], first: date | None, last: date | None, summed: bool
+        self,
+        content_type: str,
+        ids: list[str],
+        first: date | None,
+        last: date | None,
+        summed: bool,
+        viewers: bool,
     ) -> list[HistoryRow]:
         if self._history is None:
             return []
@@ -285,7 +321,7 @@ class ViewStats:
             ids,
             first,
             last,
-            sketches_before=oldest_live if self.settings.unique_viewers else None,
+            sketches_before=oldest_live if viewers else None,
         )
 
     async def _unique_viewers(
@@ -296,8 +332,10 @@ class ViewStats:
         days: dict[str, _Days],
         first: date | None,
         last: date | None,
+        viewers: bool,
     ) -> tuple[dict[int, int], list[int | None]]:
-        """The sync epoch of each of ``shards``, and the distinct viewers of each (content,
+        """The sync epoch of each of ``shards``, and (with ``viewers``; else ``None`` each)
+        the distinct viewers of each (content,
         days) group (``None``: the whole period): the days' live HyperLogLogs and the sketches
         kept in the history, merged by one PFCOUNT per group (a viewer seen on several days
         counts once). A day kept without a sketch adds its own estimate as a floor.
@@ -306,7 +344,7 @@ class ViewStats:
         estimated by one ``count_viewers`` call in its slot (with scratch keys of that slot),
         which reads that shard's epoch too. No group spans shards, so no sketch moves between
         them."""
-        if not self.settings.unique_viewers:
+        if not viewers:
             values = await get_each(self.redis, [self.shards.schemas[n].epoch for n in shards])
             return (
                 {shard: int(epoch or 0) for shard, epoch in zip(shards, values, strict=True)},
