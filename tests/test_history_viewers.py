@@ -202,6 +202,9 @@ async def test_days_past_the_retention_merge_from_the_sketches_in_the_history(
     count = await stats.views("story", 1, Period.last_days(3))
     assert (count.views, count.unique_viewers) == (90, 50)  # 50 different viewers, not 90
     assert (await stats.views("story", 1, Period.last_days(1))).unique_viewers == 30
+    # All time has no first day: the kept sketches are read all the same.
+    ever = await stats.views("story", 1, Period.all_time())
+    assert (ever.views, ever.unique_viewers) == (90, 50)
 
 
 async def test_many_contents_merge_their_own_sketches_only(

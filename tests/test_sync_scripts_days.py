@@ -60,10 +60,12 @@ async def test_the_snapshot_moves_each_contents_days_as_the_per_content_steps_wo
 ) -> None:
     """Contents with one day (the common case), several days, crawler views, views older than
     the days hash (undated), days and no pending views; some already items of the batch, with
-    days of their own there."""
+    days of their own there. More contents than the scripts' slice of keys (100), in chunks
+    around it. One content holds as many undated views as crawler views of its only field:
+    not the one-day case, which is a day's views."""
     rng = random.Random(seed)
     await own_batch(any_redis)
-    members = [f"story:{n}" for n in rng.sample(range(1000), 60)]
+    members = [f"story:{n}" for n in rng.sample(range(1000), 250)]
     expected: dict[str, Counter[str]] = {}
     for member in members:
         content = KeySchema.split_member(member)
@@ -73,10 +75,12 @@ async def test_the_snapshot_moves_each_contents_days_as_the_per_content_steps_wo
             for kind in ("", ":c")
             if kind == "" or rng.random() < 0.3
         }
-        if rng.random() < 0.2:  # crawler views only: nothing pending
+        if rng.random() < 0.2:  # crawler views only (and maybe views older than the days)
             days = {f"{DAYS[0]}:c": rng.randint(1, 9)}
         dated = sum(amount for field, amount in days.items() if ":" not in field)
-        pending = dated + (rng.randint(1, 5) if dated and rng.random() < 0.2 else 0)
+        pending = dated + (rng.randint(1, 5) if rng.random() < 0.2 else 0)
+        if member == members[0]:
+            days, dated, pending = {f"{DAYS[0]}:c": 3}, 0, 3
         if pending:
             await any_redis.set(KEYS.pending(*content), pending)
         await any_redis.hset(KEYS.days(*content), mapping=days)
@@ -88,7 +92,7 @@ async def test_the_snapshot_moves_each_contents_days_as_the_per_content_steps_wo
             await any_redis.hset(KEYS.sync_batch_days(BATCH), member, f"{DAYS[1]}=4")
             expected[member][DAYS[1]] += 4
     await any_redis.sadd(KEYS.draining, *members)
-    chunk = rng.choice([1, 7, 1000])
+    chunk = rng.choice([1, 7, 100, 101, 1000])
 
     cursor, left = "0", len(members)
     while left:
@@ -154,3 +158,31 @@ async def test_the_settle_leaves_a_days_ranking_that_is_gone_gone(
         (b"2", 1.0),
     ]
     assert not await any_redis.exists(KEYS.syncing("story", "1"))
+
+
+@pytest.mark.parametrize("page", [100, 101, 1000])
+async def test_the_settle_takes_each_items_days_off_its_own_rankings(
+    any_redis: aioredis.Redis, page: int
+) -> None:
+    """250 items, one day each (the common case) or two, settled a page at a time around the
+    scripts' slice of keys (100): each ranking loses exactly its own items' amounts."""
+    rng = random.Random(page)
+    await own_batch(any_redis)
+    expected: dict[str, dict[str, float]] = {day: {} for day in DAYS}
+    for n in range(1, 251):
+        member = f"story:{n}"
+        amounts = {day: rng.randint(1, 9) for day in rng.sample(DAYS, rng.randint(1, 2))}
+        total = sum(amounts.values())
+        await any_redis.set(KEYS.syncing("story", str(n)), total)
+        await any_redis.hset(KEYS.sync_batch_items(BATCH), member, total)
+        encoded = ",".join(f"{day}={amount}" for day, amount in amounts.items())
+        await any_redis.hset(KEYS.sync_batch_days(BATCH), member, encoded)
+        for day, amount in amounts.items():
+            await any_redis.zadd(KEYS.ranking("story", day), {str(n): 20})
+            expected[day][str(n)] = 20 - amount
+
+    await settle_all(any_redis, page)
+
+    for day in DAYS:
+        scores = await any_redis.zrange(KEYS.ranking("story", day), 0, -1, withscores=True)
+        assert {member.decode(): score for member, score in scores} == expected[day]

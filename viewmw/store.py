@@ -98,9 +98,10 @@ daily_views = Table(
     Column("unique_sketch", LargeBinary, nullable=True),
     # The syncs write a day's rows together, so one content's days lie on as many heap pages:
     # on PostgreSQL the primary key carries the counts, and a period's sums read its range
-    # alone (an index-only scan), not a page per day. It costs the sync nothing measurable
-    # (the counts' updates are never HOT anyway: the index below holds ``views``), where a
-    # second index with them cost a seventh more on the commit. The sketches stay in the heap.
+    # alone (an index-only scan), not a page per day. It cost the sync's commit nothing
+    # measurable (an update of ``views`` was never HOT anyway: the index below holds it; one
+    # that changes only the other counts no longer is), where a second index with them cost a
+    # seventh more. The sketches stay in the heap.
     # A table created before keeps its plain key (see create_tables).
     PrimaryKeyConstraint(
         "content_type",

@@ -35,7 +35,7 @@ local syncing_key, database_key = key_maker(ARGV[6]), key_maker(ARGV[7])
 local ranking_key = key_maker(ARGV[8])
 
 local page = redis.call('HSCAN', KEYS[2], ARGV[4], 'COUNT', limit)
-local cursor, members, amounts, raw, seen = page[1], {}, {}, {}, {}
+local cursor, members, amounts, seen = page[1], {}, {}, {}
 for i = 1, #page[2], 2 do
   local member = page[2][i]
   if not seen[member] then
@@ -47,8 +47,7 @@ for i = 1, #page[2], 2 do
     end
     seen[member] = true
     members[#members + 1] = member
-    raw[#members] = page[2][i + 1]
-    amounts[#members] = tonumber(raw[#members])
+    amounts[#members] = tonumber(page[2][i + 1])
   end
 end
 
@@ -99,9 +98,8 @@ local function unrank(first, last)
   end
   for _, key in ipairs(rankings) do
     local group = by_ranking[key]
-    -- A ranking that is gone (expired) holds none of them: nothing to read or change.
-    local scores = redis.call('EXISTS', key) == 1 and redis.call('ZMSCORE', key, unpack(group.ids))
-        or {}
+    -- A ranking that is gone (expired) answers nil for each: nothing is changed.
+    local scores = redis.call('ZMSCORE', key, unpack(group.ids))
     local kept, gone = {}, {}
     for i = 1, #group.ids do
       if scores[i] then
@@ -143,8 +141,7 @@ local function settle_slice(first, last)
       left[#left + 1] = rest
     end
     if cached[i] then
-      -- The amount as Redis gave it: a number would be formatted back into text.
-      redis.call('INCRBY', database_keys[i], raw[first + i - 1])
+      redis.call('INCRBY', database_keys[i], amount)
     end
   end
   if #gone > 0 then
