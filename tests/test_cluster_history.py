@@ -125,15 +125,21 @@ async def test_top_finds_a_content_behind_the_leaders_of_both_sides(
     assert await stats.top("story", Period.last_days(2), 2) == [("7", 18), ("201", 12)]
 
 
-async def test_a_read_makes_one_call_per_shard_it_needs(
-    redis_cluster: LocalCluster, cluster_redis: RedisCluster, pg_store: Store, clock: FakeClock
-) -> None:
-    tracker, _, stats = _parts(
-        redis_cluster, cluster_redis, pg_store, Settings(**GENEROUS_DEADLINES), clock
-    )
+async def _eight_viewed(
+    cluster: LocalCluster, redis: RedisCluster, store: Store, clock: FakeClock
+) -> tuple[ViewTracker, ViewStats, list[str]]:
+    """A tracker and stats on the cluster, and eight contents viewed once each (several shards)."""
+    tracker, _, stats = _parts(cluster, redis, store, Settings(**GENEROUS_DEADLINES), clock)
     ids = [str(n) for n in range(1, 9)]
     for content_id in ids:
         await tracker.track_view("story", content_id, "user:1")
+    return tracker, stats, ids
+
+
+async def test_a_read_makes_one_call_per_shard_it_needs(
+    redis_cluster: LocalCluster, cluster_redis: RedisCluster, pg_store: Store, clock: FakeClock
+) -> None:
+    tracker, stats, ids = await _eight_viewed(redis_cluster, cluster_redis, pg_store, clock)
     shards = {tracker.shards.index("story", i) for i in ids}
     assert len(shards) > 1
     period = Period.last_days(7)
@@ -164,12 +170,7 @@ async def test_reads_load_the_scripts_a_node_lost(
     redis_cluster: LocalCluster, cluster_redis: RedisCluster, pg_store: Store, clock: FakeClock
 ) -> None:
     """A node that restarted has no scripts: the pipelined calls are sent again once loaded."""
-    tracker, _, stats = _parts(
-        redis_cluster, cluster_redis, pg_store, Settings(**GENEROUS_DEADLINES), clock
-    )
-    ids = [str(n) for n in range(1, 9)]
-    for content_id in ids:
-        await tracker.track_view("story", content_id, "user:1")
+    _, stats, ids = await _eight_viewed(redis_cluster, cluster_redis, pg_store, clock)
     await stats.views_many("story", ids, Period.today())
     await cluster_redis.script_flush()  # every primary
 

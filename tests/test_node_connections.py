@@ -12,6 +12,7 @@ import asyncio
 import random
 from collections import Counter
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any, cast
 
 import pytest
@@ -250,136 +251,116 @@ class _SlotMove:
             return int(to_node.get(key) or 0)
 
 
-async def test_a_call_whose_keys_have_left_follows_ask_to_the_new_node() -> None:
+class _Resharding:
+    """A local cluster's client and node connections, with one slot to move: the connections'
+    pauses before a new try are recorded, and the ``finish_at``-th gives the slot to its new
+    node (``None``: never)."""
+
+    def __init__(self, cluster: LocalCluster, finish_at: int | None) -> None:
+        self.cluster, self.finish_at = cluster, finish_at
+        self.redis = connect_redis_cluster(Settings(redis_url=cluster.url))
+        self.nodes = NodeConnections(self.redis, pause=self._pause)
+        self.pauses: list[float] = []
+        self.move: _SlotMove | None = None
+
+    async def _pause(self, seconds: float) -> None:
+        self.pauses.append(seconds)
+        if len(self.pauses) == self.finish_at:
+            assert self.move is not None
+            self.move.finish()
+
+    def start_move(self, key: str) -> _SlotMove:
+        """Start moving ``key``'s slot to another node."""
+        self.move = _SlotMove(self.cluster, self.redis.keyslot(key))
+        return self.move
+
+
+@asynccontextmanager
+async def resharding(finish_at: int | None = None) -> AsyncIterator[_Resharding]:
     with local_cluster() as cluster:
-        redis = connect_redis_cluster(Settings(redis_url=cluster.url))
-        nodes = NodeConnections(redis)
-        script = redis.register_script(_INCR_BOTH)
-        keys = ["{moving}a", "{moving}b"]
+        harness = _Resharding(cluster, finish_at)
         try:
-            assert await nodes.run_script(script, keys, []) == 1
-            move = _SlotMove(cluster, redis.keyslot(keys[0]))
-            move.migrate(*keys)  # both gone from the source: it answers ASK
-            assert await nodes.run_script(script, keys, []) == 2
-            assert move.keys_left() == []
-            move.finish()
-            assert [move.value(key) for key in keys] == [2, 2]  # ran once, on the new node
-            assert await nodes.run_script(script, keys, []) == 3  # MOVED, then the new node
+            yield harness
         finally:
-            await nodes.aclose()
-            await redis.aclose()
+            await harness.nodes.aclose()
+            await harness.redis.aclose()
+
+
+async def test_a_call_whose_keys_have_left_follows_ask_to_the_new_node() -> None:
+    async with resharding() as cluster:
+        script = cluster.redis.register_script(_INCR_BOTH)
+        keys = ["{moving}a", "{moving}b"]
+        assert await cluster.nodes.run_script(script, keys, []) == 1
+        move = cluster.start_move(keys[0])
+        move.migrate(*keys)  # both gone from the source: it answers ASK
+        assert await cluster.nodes.run_script(script, keys, []) == 2
+        assert move.keys_left() == []
+        move.finish()
+        assert [move.value(key) for key in keys] == [2, 2]  # ran once, on the new node
+        assert await cluster.nodes.run_script(script, keys, []) == 3  # MOVED, then the new node
+        assert cluster.pauses == []
 
 
 async def test_a_call_whose_keys_are_split_tries_again_after_a_pause_and_runs_once() -> None:
-    with local_cluster() as cluster:
-        redis = connect_redis_cluster(Settings(redis_url=cluster.url))
-        pauses: list[float] = []
-        move: _SlotMove | None = None
-
-        async def pause(seconds: float) -> None:
-            pauses.append(seconds)
-            if len(pauses) == 2:
-                assert move is not None
-                move.finish()  # the rest of the slot's keys move meanwhile
-
-        nodes = NodeConnections(redis, pause=pause)
-        script = redis.register_script(_INCR_BOTH)
+    async with resharding(finish_at=2) as cluster:  # the rest of the keys move meanwhile
+        script = cluster.redis.register_script(_INCR_BOTH)
         keys = ["{split}a", "{split}b"]
-        try:
-            assert await nodes.run_script(script, keys, []) == 1
-            move = _SlotMove(cluster, redis.keyslot(keys[0]))
-            move.migrate(keys[0])  # one key on each node: TRYAGAIN until the move ends
-            assert await nodes.run_script(script, keys, []) == 2
-            assert pauses == list(_TRYAGAIN_PAUSES[:2])
-            assert [move.value(key) for key in keys] == [2, 2]
-        finally:
-            await nodes.aclose()
-            await redis.aclose()
+        assert await cluster.nodes.run_script(script, keys, []) == 1
+        move = cluster.start_move(keys[0])
+        move.migrate(keys[0])  # one key on each node: TRYAGAIN until the move ends
+        assert await cluster.nodes.run_script(script, keys, []) == 2
+        assert cluster.pauses == list(_TRYAGAIN_PAUSES[:2])
+        assert [move.value(key) for key in keys] == [2, 2]
 
 
 async def test_a_call_still_refused_after_every_pause_fails_without_running() -> None:
-    with local_cluster() as cluster:
-        redis = connect_redis_cluster(Settings(redis_url=cluster.url))
-        pauses: list[float] = []
-
-        async def pause(seconds: float) -> None:
-            pauses.append(seconds)
-
-        nodes = NodeConnections(redis, pause=pause)
-        script = redis.register_script(_INCR_BOTH)
+    async with resharding() as cluster:
+        script = cluster.redis.register_script(_INCR_BOTH)
         keys = ["{stuck}a", "{stuck}b"]
-        try:
-            assert await nodes.run_script(script, keys, []) == 1
-            move = _SlotMove(cluster, redis.keyslot(keys[0]))
-            move.migrate(keys[0])
-            with pytest.raises(ResponseError, match=r"^TRYAGAIN"):
-                await nodes.run_script(script, keys, [])
-            assert pauses == list(_TRYAGAIN_PAUSES)
-            move.finish()
-            assert [move.value(key) for key in keys] == [1, 1]  # never ran
-        finally:
-            await nodes.aclose()
-            await redis.aclose()
+        assert await cluster.nodes.run_script(script, keys, []) == 1
+        move = cluster.start_move(keys[0])
+        move.migrate(keys[0])
+        with pytest.raises(ResponseError, match=r"^TRYAGAIN"):
+            await cluster.nodes.run_script(script, keys, [])
+        assert cluster.pauses == list(_TRYAGAIN_PAUSES)
+        move.finish()
+        assert [move.value(key) for key in keys] == [1, 1]  # never ran
+
+
+async def test_a_call_sent_on_by_ask_that_finds_keys_missing_waits_on_that_node() -> None:
+    async with resharding(finish_at=1) as cluster:  # the slot is given to the new node
+        script = cluster.redis.register_script(_INCR_BOTH)
+        keys = ["{asked}a", "{asked}b"]  # b exists nowhere yet
+        assert await cluster.nodes.run_script(script, keys[:1] * 2, []) == 2
+        move = cluster.start_move(keys[0])
+        move.migrate(keys[0])
+        # The old node has none of the keys: ASK. The new one, asked, lacks b: TRYAGAIN, and
+        # the same node is tried again once the slot is its own.
+        assert await cluster.nodes.run_script(script, keys, []) == 1
+        assert cluster.pauses == [_TRYAGAIN_PAUSES[0]]
+        assert [move.value(key) for key in keys] == [3, 1]
 
 
 async def test_a_view_offered_while_its_shard_moves_is_counted_once(clock: FakeClock) -> None:
-    with local_cluster() as cluster:
-        redis = connect_redis_cluster(Settings(redis_url=cluster.url))
-        move: _SlotMove | None = None
-
-        async def pause(seconds: float) -> None:
-            assert move is not None
-            move.finish()
-
-        nodes = NodeConnections(redis, pause=pause)
+    async with resharding(finish_at=1) as cluster:
         # The daily limit off: the view is one call, in its content's shard.
         tracker = _tracker(
-            redis,
-            cluster.url,
+            cluster.redis,
+            cluster.cluster.url,
             clock,
-            nodes,
+            cluster.nodes,
             view_cooldown_seconds=None,
             max_daily_views_per_user=None,
         )
         try:
             assert (await tracker.track_view("story", "7", "user:1")).counted
-            move = _SlotMove(cluster, redis.keyslot(tracker.shards.of("story", "7").epoch))
+            move = cluster.start_move(tracker.shards.of("story", "7").epoch)
             move.migrate(tracker.shards.of("story", "7").pending("story", "7"))
             assert (await tracker.track_view("story", "7", "user:2")).counted
             assert move.keys_left() == []
-            assert await _pending(redis, tracker, "7") == 2
+            assert await _pending(cluster.redis, tracker, "7") == 2
         finally:
             await tracker.drain()
-            await nodes.aclose()
-            await redis.aclose()
-
-
-async def test_a_call_sent_on_by_ask_that_finds_keys_missing_waits_on_that_node() -> None:
-    with local_cluster() as cluster:
-        redis = connect_redis_cluster(Settings(redis_url=cluster.url))
-        pauses: list[float] = []
-        move: _SlotMove | None = None
-
-        async def pause(seconds: float) -> None:
-            pauses.append(seconds)
-            assert move is not None
-            move.finish()  # the slot is given to the new node meanwhile
-
-        nodes = NodeConnections(redis, pause=pause)
-        script = redis.register_script(_INCR_BOTH)
-        keys = ["{asked}a", "{asked}b"]  # b exists nowhere yet
-        try:
-            assert await nodes.run_script(script, keys[:1] * 2, []) == 2
-            move = _SlotMove(cluster, redis.keyslot(keys[0]))
-            move.migrate(keys[0])
-            # The old node has none of the keys: ASK. The new one, asked, lacks b: TRYAGAIN,
-            # and the same node is tried again once the slot is its own.
-            assert await nodes.run_script(script, keys, []) == 1
-            assert pauses == [_TRYAGAIN_PAUSES[0]]
-            assert [move.value(key) for key in keys] == [3, 1]
-        finally:
-            await nodes.aclose()
-            await redis.aclose()
 
 
 async def test_a_view_refused_while_its_shard_moves_waits_in_the_outbox_and_keeps_no_place(
@@ -387,12 +368,13 @@ async def test_a_view_refused_while_its_shard_moves_waits_in_the_outbox_and_keep
 ) -> None:
     """Default request deadline: the retries end in time for the view to go to the outbox; its
     viewer's daily place, reserved on another node, is given back; the replay counts it once."""
-    with local_cluster() as cluster:
-        redis = connect_redis_cluster(Settings(redis_url=cluster.url))
-        nodes = NodeConnections(redis)
-        settings = Settings(redis_url=cluster.url, limits=Limits(view_cooldown_seconds=None))
+    async with resharding() as cluster:
+        redis = cluster.redis
+        settings = Settings(
+            redis_url=cluster.cluster.url, limits=Limits(view_cooldown_seconds=None)
+        )
         tracker = ViewTracker(
-            cast(Redis, redis), pg_store, settings, clock=clock, script_connection=nodes
+            cast(Redis, redis), pg_store, settings, clock=clock, script_connection=cluster.nodes
         )
         outbox = Outbox(pg_store.engine)
         resilient = ResilientTracker(tracker, outbox, probe=RedisProbe(None))
@@ -401,11 +383,12 @@ async def test_a_view_refused_while_its_shard_moves_waits_in_the_outbox_and_keep
         try:
             assert (await resilient.track_view("story", "7", "user:1")).counted
             keys = tracker.shards.of("story", "7")
-            move = _SlotMove(cluster, redis.keyslot(keys.epoch))
+            move = cluster.start_move(keys.epoch)
             move.migrate(keys.pending("story", "7"))  # the slot's keys now split: TRYAGAIN
 
             kept = await resilient.track_view("story", "7", "user:2")
             assert kept.queued and not kept.counted
+            assert cluster.pauses == list(_TRYAGAIN_PAUSES)
             await tracker.drain()  # the place's release
             assert int(await redis.hget(place, "n") or 0) == 0
             assert await outbox.counts("story", ["7"]) == {"7": 1}
@@ -418,5 +401,3 @@ async def test_a_view_refused_while_its_shard_moves_waits_in_the_outbox_and_keep
         finally:
             await resilient.aclose()
             await tracker.drain()
-            await nodes.aclose()
-            await redis.aclose()

@@ -22,7 +22,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from tests.asgi_support import StubRedis
 from tests.support import REDIS_URL, FakeClock
 from tests.test_outage_failover import ScriptedProbe, resilient
-from viewmw import Outbox, Replayer, Settings, Store, ViewTracker
+from viewmw import Outbox, Replayer, ResilientTracker, Settings, Store, ViewTracker
 from viewmw.assembly import connect_redis
 from viewmw.failures import NotSentError, NotSentTimeoutError, never_ran
 from viewmw.outage.breaker import BreakerState
@@ -117,16 +117,25 @@ async def test_views_refused_by_a_loading_redis_are_kept_and_replayed_once(
     assert await healthy.get_redis_view_count("story", "5") == 2
 
 
+async def cut_off(
+    redis: aioredis.Redis, store: Store, settings: Settings, clock: FakeClock, content_id: str
+) -> ResilientTracker:
+    """An outage-path tracker on a script connection that has counted one view of the content
+    (so the deferred mode knows its count), then closed its connection: no call is sent since."""
+    lean = ScriptConnection.from_url(REDIS_URL)
+    assert lean is not None
+    tracker = ViewTracker(redis, store, settings, clock=clock, script_connection=lean)
+    failover = resilient(tracker, store, ScriptedProbe(), FakeClock(now=0.0))
+    assert (await failover.track_view("story", content_id, "user:1")).counted
+    await lean.aclose()
+    return failover
+
+
 async def test_a_deferred_view_whose_call_was_never_sent_is_kept(
     real_redis: aioredis.Redis, store: Store, settings: Settings, clock: FakeClock
 ) -> None:
-    lean = ScriptConnection.from_url(REDIS_URL)
-    assert lean is not None
-    tracker = ViewTracker(real_redis, store, settings, clock=clock, script_connection=lean)
-    failover = resilient(tracker, store, ScriptedProbe(), FakeClock(now=0.0))
+    failover = await cut_off(real_redis, store, settings, clock, "6")
     try:
-        assert (await failover.track_view("story", "6", "user:1")).counted  # its count known
-        await lean.aclose()  # from now on no call is sent
         offered_at = clock.now
         assert failover.offer_valid_view("story", "6", "user:2") == 1
         clock.now += 3600  # the refusal is handled later: the view keeps its own time
@@ -141,13 +150,8 @@ async def test_a_deferred_view_whose_call_was_never_sent_is_kept(
 async def test_a_deferred_view_refused_as_the_app_stops_is_kept(
     real_redis: aioredis.Redis, store: Store, settings: Settings, clock: FakeClock
 ) -> None:
-    lean = ScriptConnection.from_url(REDIS_URL)
-    assert lean is not None
-    tracker = ViewTracker(real_redis, store, settings, clock=clock, script_connection=lean)
-    failover = resilient(tracker, store, ScriptedProbe(), FakeClock(now=0.0))
+    failover = await cut_off(real_redis, store, settings, clock, "8")
     try:
-        assert (await failover.track_view("story", "8", "user:1")).counted
-        await lean.aclose()
         assert failover.offer_valid_view("story", "8", "user:2") == 1
     finally:
         await failover.aclose()  # at once: the refusal comes while it closes

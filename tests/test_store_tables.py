@@ -52,6 +52,13 @@ FIRST_DAY = date(2026, 3, 1)
 DAYS = [FIRST_DAY + timedelta(days=n) for n in range(4)]
 
 
+async def older_history_table(store: Store) -> None:
+    """Replace the history table with one as versions before the covering key created it."""
+    async with store.engine.begin() as connection:
+        await connection.exec_driver_sql("DROP TABLE viewmw_daily_views")
+        await connection.exec_driver_sql(_HISTORY_BEFORE_THE_COVERING_KEY)
+
+
 async def history_key(store: Store) -> str:
     """The definition of the history table's primary key index (PostgreSQL)."""
     async with store.engine.connect() as connection:
@@ -169,9 +176,7 @@ async def test_a_period_of_live_days_names_no_sketch(pg_store: Store, read: str)
 async def test_a_history_table_from_before_keeps_its_key_and_stays_exact(
     pg_store: Store,
 ) -> None:
-    async with pg_store.engine.begin() as connection:
-        await connection.exec_driver_sql("DROP TABLE viewmw_daily_views")
-        await connection.exec_driver_sql(_HISTORY_BEFORE_THE_COVERING_KEY)
+    await older_history_table(pg_store)
     before = await history_key(pg_store)
 
     await pg_store.create_tables()
@@ -207,9 +212,7 @@ def documented_upgrade() -> list[str]:
 async def test_the_documented_upgrade_gives_an_older_table_the_covering_key(
     pg_store: Store,
 ) -> None:
-    async with pg_store.engine.begin() as connection:
-        await connection.exec_driver_sql("DROP TABLE viewmw_daily_views")
-        await connection.exec_driver_sql(_HISTORY_BEFORE_THE_COVERING_KEY)
+    await older_history_table(pg_store)
     await write_days(pg_store, "b1")
 
     async with pg_store.engine.connect() as connection:

@@ -144,15 +144,7 @@ async def test_the_snapshot_moves_exactly_what_the_per_content_steps_would(
     cursor, calls, moving_calls, contents, views, left = "0", 0, 0, 0, 0, len(members)
     while left:
         reply = await scripts.snapshot(
-            keys=[
-                KEYS.sync_lock,
-                KEYS.sync_batch,
-                KEYS.sync_batch_items(BATCH),
-                KEYS.draining,
-                KEYS.epoch,
-                KEYS.dirty,
-                KEYS.sync_batch_days(BATCH),
-            ],
+            keys=SNAPSHOT_KEYS,
             args=[TOKEN, BATCH, chunk, FENCE, cursor, "2025-11-24", *TEMPLATES, "poem"],
         )
         moved, moved_views, left, cursor, taken = reply
@@ -174,6 +166,18 @@ SETTLE_KEYS = [
     KEYS.sync_batch_items(BATCH),
     KEYS.epoch,
     KEYS.sync_lock,
+    KEYS.sync_batch_days(BATCH),
+]
+
+
+# The snapshot's keys for the batch BATCH, in its script's order.
+SNAPSHOT_KEYS = [
+    KEYS.sync_lock,
+    KEYS.sync_batch,
+    KEYS.sync_batch_items(BATCH),
+    KEYS.draining,
+    KEYS.epoch,
+    KEYS.dirty,
     KEYS.sync_batch_days(BATCH),
 ]
 

@@ -19,6 +19,7 @@ from tests.test_sync_scripts import (
     SEEDS,
     SETTLE_KEYS,
     SETTLE_TEMPLATES,
+    SNAPSHOT_KEYS,
     TEMPLATES,
     TOKEN,
     settle_all,
@@ -29,15 +30,6 @@ from viewmw.sync import decode_days
 
 DAYS = ("2025-11-22", "2025-11-23")
 FALLBACK = "2025-11-24"
-SNAPSHOT_KEYS = [
-    KEYS.sync_lock,
-    KEYS.sync_batch,
-    KEYS.sync_batch_items(BATCH),
-    KEYS.draining,
-    KEYS.epoch,
-    KEYS.dirty,
-    KEYS.sync_batch_days(BATCH),
-]
 
 
 def summed(encoded: str) -> Counter[str]:
