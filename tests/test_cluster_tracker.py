@@ -175,6 +175,44 @@ async def test_a_shard_whose_reply_cannot_be_read_fails_only_its_own_views(
             assert isinstance(outcome, TrackResult) and outcome.counted, (content_id, outcome)
 
 
+async def test_a_slow_shard_holds_back_only_its_own_views(
+    redis_cluster: LocalCluster,
+    cluster_redis: RedisCluster,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One batch's views go to their shards in separate calls: the views of the healthy shards
+    are answered while one shard's call is still stalled, and the stalled ones once it is back,
+    each counted once."""
+    tracker = _tracker(cluster_redis, _settings(redis_cluster, view_cooldown_seconds=None), clock)
+    ids = [str(n) for n in range(40)]
+    slow = tracker.shards.of("story", "0").epoch  # the second key of its shard's calls
+    back = asyncio.Event()
+    evalsha = cluster_redis.evalsha
+
+    async def stalling(sha: str, numkeys: int, *keys_and_args: Any) -> Any:
+        if sha == tracker.scripts.record_views.sha and keys_and_args[1] == slow:
+            await back.wait()
+        return await evalsha(sha, numkeys, *keys_and_args)
+
+    monkeypatch.setattr(cluster_redis, "evalsha", stalling)
+    on_slow = {i for i in ids if tracker.shards.of("story", i).epoch == slow}
+    assert 0 < len(on_slow) < len(ids)
+    views = {i: asyncio.ensure_future(tracker.track_view("story", i, "user:1")) for i in ids}
+    try:
+        async with asyncio.timeout(30):  # held back with the slow shard, they would never come
+            answered = await asyncio.gather(*(views[i] for i in ids if i not in on_slow))
+        assert all(result.counted for result in answered), answered
+        assert not any(views[i].done() for i in on_slow)
+    finally:
+        back.set()
+        stalled = await asyncio.gather(*(views[i] for i in on_slow), return_exceptions=True)
+        await tracker.drain()
+    assert all(isinstance(r, TrackResult) and r.counted for r in stalled), stalled
+    for content_id in ids:
+        assert await _pending(cluster_redis, tracker, content_id) == 1
+
+
 async def test_a_viewer_shard_that_cannot_reserve_fails_only_its_viewers_views(
     redis_cluster: LocalCluster,
     cluster_redis: RedisCluster,

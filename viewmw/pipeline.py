@@ -34,11 +34,19 @@ class LateReply(TimeoutError):
     """The batch's deadline passed before Redis' reply was read: the outcome is unknown."""
 
 
+Early = Callable[[Sequence[int], Sequence[Any]], None]
+"""Hands some items' replies (or errors) to their requests before the rest of the batch is back:
+their positions in the batch, and a reply for each."""
+
+
 class Batcher(Generic[T, R]):
     """Sends the items submitted in one event-loop turn as one batch.
 
     Args:
-        send: sends a batch and returns one reply per item, in order (or raises for all).
+        send: sends a batch and returns one reply per item, in order (or raises for all). It
+            may hand some replies over earlier through its second argument (a batch that
+            travels as several calls, one per Redis Cluster shard, say): their requests go on
+            without waiting for the slowest call.
         deadline: seconds a request waits for its batch's reply (``None``: no deadline).
         max_batch: most items in one batch.
         max_in_flight: most batches waiting for Redis at once.
@@ -46,7 +54,7 @@ class Batcher(Generic[T, R]):
 
     def __init__(
         self,
-        send: Callable[[list[T]], Awaitable[Sequence[R]]],
+        send: Callable[[list[T], Early], Awaitable[Sequence[R]]],
         *,
         deadline: float | None = None,
         max_batch: int = 256,
@@ -135,8 +143,12 @@ class Batcher(Generic[T, R]):
                 self._turns.popleft()
 
     async def _send(self, items: list[T], futures: list[asyncio.Future[R]]) -> None:
+        def early(positions: Sequence[int], replies: Sequence[Any]) -> None:
+            for position, reply in zip(positions, replies, strict=True):
+                _deliver(futures[position], reply)
+
         try:
-            replies = await self.send(items)
+            replies = await self.send(items, early)
         except BaseException as exc:  # delivered to every request of the batch, never lost
             for future in futures:
                 _deliver(future, exc)
@@ -173,13 +185,13 @@ ScriptCall = tuple[AsyncScript, Sequence[Any], Sequence[Any]]
 """A script, its keys and its arguments."""
 
 
-def script_pipeline(redis: Redis) -> Callable[[list[ScriptCall]], Awaitable[list[Any]]]:
+def script_pipeline(redis: Redis) -> Callable[[list[ScriptCall], Early], Awaitable[list[Any]]]:
     """A ``send`` for :class:`Batcher` that runs script calls in one pipeline (one write, one
     read); a call's error is its own reply. Scripts missing from Redis' cache (after a restart or
     ``SCRIPT FLUSH``) are loaded and only the failed calls are sent again."""
 
-    async def send(batch: list[ScriptCall]) -> list[Any]:
-        replies = await _pipeline(redis, batch)
+    async def send(batch: list[ScriptCall], _early: Early) -> list[Any]:
+        replies = await _pipeline(redis, batch)  # one reply for all: nothing comes early
         missing = [n for n, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if missing:
             for script in {id(batch[n][0]): batch[n][0] for n in missing}.values():

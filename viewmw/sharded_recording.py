@@ -21,6 +21,7 @@ from typing import Any
 from viewmw.daily_quota import DailyQuota, QuotaClaim, Reservation
 from viewmw.failures import never_ran
 from viewmw.keys import KeySchema
+from viewmw.pipeline import Early
 from viewmw.scripts import ScriptRunner, Scripts, run_on_client
 from viewmw.shards import ContentShards
 
@@ -70,10 +71,16 @@ class ShardedRecording:
         self._releases: set[asyncio.Task[None]] = set()
 
     async def send(
-        self, calls: list[ViewCall], parse: Callable[[Any, int], list[Any]]
+        self,
+        calls: list[ViewCall],
+        parse: Callable[[Any, int], list[Any]],
+        early: Early | None = None,
     ) -> list[Any]:
         """Decide ``calls``; per view, its parsed reply, or the exception its shard's call (or
-        its reservation) raised. ``parse`` splits one call's reply into a reply per view."""
+        its reservation) raised. ``parse`` splits one call's reply into a reply per view.
+
+        ``early`` gets each shard's replies (and the failed reservations) as soon as they are
+        known: the views of a healthy shard need not wait for a slow node's."""
         replies: list[Any] = [None] * len(calls)
         claims: list[QuotaClaim | None] = [None] * len(calls)
         answers: list[Reservation | None] = [None] * len(calls)
@@ -84,23 +91,35 @@ class ShardedRecording:
                     replies[position] = answer
                 else:
                     answers[position] = answer
+            failed = [position for position, reply in enumerate(replies) if reply is not None]
+            if early is not None and failed:
+                early(failed, [replies[position] for position in failed])
         groups: dict[int, list[int]] = {}
         for position, (_, view_args, _) in enumerate(calls):
             if replies[position] is None:
                 shard = self.shards.index(*KeySchema.split_member(view_args[_MEMBER]))
                 groups.setdefault(shard, []).append(position)
+
+        async def decide(shard: int, positions: list[int]) -> None:
+            try:
+                outcome = await self._decide(shard, calls, positions, answers)
+            except Exception as exc:
+                outcome = exc
+            shard_replies = _per_view(outcome, parse, positions)
+            for position, reply in zip(positions, shard_replies, strict=True):
+                replies[position] = reply
+            if early is not None:
+                early(positions, shard_replies)
+
+        # Every shard's call is awaited to its end, even when one is cancelled: each view's
+        # reply must be read (only the script may decide it) before the batch ends.
         outcomes = await asyncio.gather(
-            *(
-                self._decide(shard, calls, positions, answers)
-                for shard, positions in groups.items()
-            ),
+            *(decide(shard, positions) for shard, positions in groups.items()),
             return_exceptions=True,
         )
-        for positions, outcome in zip(groups.values(), outcomes, strict=True):
-            for position, reply in zip(
-                positions, _per_view(outcome, parse, positions), strict=True
-            ):
-                replies[position] = reply
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
         self._release_unused(claims, answers, replies)
         return replies
 
@@ -189,9 +208,7 @@ def _per_view(
 ) -> list[Any]:
     """One shard call's outcome as a reply per view: its error, shared, when the call failed
     or its reply could not be read (none of its views is known to be counted)."""
-    if isinstance(outcome, BaseException):
-        if not isinstance(outcome, Exception):  # a cancellation ends the whole batch
-            raise outcome
+    if isinstance(outcome, Exception):
         return [outcome] * len(positions)
     try:
         return parse(outcome, len(positions))

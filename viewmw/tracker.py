@@ -26,7 +26,7 @@ from viewmw.keys import KeySchema, validate_content_id, validate_content_type, v
 from viewmw.metrics.recording import recorder
 from viewmw.node_connections import NodeConnections
 from viewmw.outage.breaker import CircuitBreaker
-from viewmw.pipeline import Batcher, LateReply, ScriptCall, script_pipeline
+from viewmw.pipeline import Batcher, Early, LateReply, ScriptCall, script_pipeline
 from viewmw.script_connection import ScriptConnection
 from viewmw.scripts import ScriptRunner, Scripts, run_on_client
 from viewmw.settings import Settings
@@ -443,14 +443,17 @@ class ViewTracker:
         call = self._view_call(content_type, content_id, "", self.clock(), crawler=True)
         return await self._decide(content_type, content_id, call)
 
-    async def _send_views(self, calls: list[ViewCall]) -> list[_ViewReply]:
+    async def _send_views(
+        self, calls: list[ViewCall], early: Early | None = None
+    ) -> list[_ViewReply]:
         """Decide a batch of views in one ``record_views`` call; one reply per view, in order.
 
         On a cluster, one call per content shard: a view whose shard failed gets the exception
-        as its reply (the views of other shards were decided).
+        as its reply (the views of other shards were decided), and each shard's replies go to
+        ``early`` as they come, so a slow node delays its own views only.
         """
         if self._sharded is not None:
-            replies = await self._sharded.send(calls, _view_replies)
+            replies = await self._sharded.send(calls, _view_replies, early)
             decided = [
                 (call, reply)
                 for call, reply in zip(calls, replies, strict=True)
