@@ -22,7 +22,7 @@ from bench.http_report import render_http, verdict
 from bench.memory_bench import MemoryFigures, run_memory_bench
 from bench.outage_bench import OutageFigures, run_outage_bench
 from bench.reads_bench import ReadFigures, run_reads_bench
-from bench.redis_server import bench_redis_server, server_in_use
+from bench.redis_server import bench_redis_server, bundled_in_use, server_in_use
 from bench.servers import (
     BENCH_SECRET,
     DATABASE_URL,
@@ -126,7 +126,7 @@ WHERE_THE_TIME_GOES = [
     "  command and the commit went in id order. What is left is inside Redis and PostgreSQL; the",
     "  batches run in sequence because two batches in `syncing` at once could not be told apart",
     "  by the count a visitor is shown (within a batch, the history rows are made while the",
-    "  transaction runs: see [sync measurements](sync-measurements.md)).",
+    "  transaction runs: see [measurements](measurements.md)).",
     "",
 ]
 
@@ -161,7 +161,7 @@ def _header() -> list[str]:
 def render(
     http: HttpResults | None,
     syncs: list[SyncFigures],
-    memory: MemoryFigures,
+    memory: list[MemoryFigures],
     reads: ReadFigures,
     outage: OutageFigures,
     flash: FlashFigures,
@@ -187,15 +187,18 @@ def render(
     lines += [
         "",
         "Baselines are measured on a sample of 5 000 rows and extrapolated. The sync's steps,",
-        "measured one by one with the per-day history, and what changed them: [sync",
-        "measurements](sync-measurements.md).",
+        "measured one by one with the per-day history, and what changed them:",
+        "[measurements](measurements.md#the-sync).",
         "",
         "## Redis memory",
         "",
-        f"- {memory.bytes_per_pair:.0f} bytes per tracked (viewer, content) pair for one day's "
-        f"tracking keys, after {memory.views:,} views (5 contents per viewer; `INFO memory`) — "
-        f"target ≤ 200: {verdict(memory.bytes_per_pair <= 200)}",
-        f"- {memory.bytes_per_pending_counter:.0f} bytes per pending counter (`MEMORY USAGE`)",
+        *(
+            f"- {m.server}: {m.bytes_per_pair:.1f} bytes per tracked (viewer, content) pair for "
+            f"one day's tracking keys, after {m.views:,} views (5 contents per viewer; "
+            f"`INFO memory`) — target ≤ 200: {verdict(m.bytes_per_pair <= 200)}; "
+            f"{m.bytes_per_pending_counter:.0f} bytes per pending counter (`MEMORY USAGE`)"
+            for m in memory
+        ),
         "",
         "## Batch count reads",
         "",
@@ -224,12 +227,15 @@ def render(
 
 async def _redis_benchmarks(
     counters: list[int],
-) -> tuple[list[SyncFigures], MemoryFigures, ReadFigures, OutageFigures]:
+) -> tuple[list[SyncFigures], list[MemoryFigures], ReadFigures, OutageFigures]:
     async with private_redis() as (redis, _url):
-        memory = await run_memory_bench(redis)
+        memory = [await run_memory_bench(redis)]
         reads = await run_reads_bench(redis)
         outage = await run_outage_bench(redis)
         syncs = [await run_sync_bench(redis, n) for n in counters]
+    if not bundled_in_use():  # keys cost each server its own bytes: the test suite's server too
+        async with private_redis(bundled=True) as (redis, _url):
+            memory.append(await run_memory_bench(redis))
     return syncs, memory, reads, outage
 
 

