@@ -72,7 +72,7 @@ WHERE_THE_TIME_GOES = [
     "  (1.27×) and 0.81× (1.20×); Redis CPU per tracked view 50 µs and 34 µs. An earlier run of",
     "  8 rounds (before the per-connection watchdog) showed no difference beyond the noise,",
     "  which is ±15% req/s from round to round on this shared machine: the in-process figures",
-    "  above are the steadier evidence. The tables at the top come from a run on the same busy",
+    "  above are the steadier evidence. That day's report came from a run on the same busy",
     "  machine (the bare app's CPU per request 2 to 3 times a quiet run's), which costs the",
     "  variants that also wake Redis on the two shared cores more than the bare app. Both ran",
     "  with `VIEWMW_DATABASE_REQUEST_TIMEOUT=3`: at the default 0.1 s, opening a PostgreSQL",

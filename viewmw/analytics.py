@@ -73,8 +73,10 @@ def _combined(
     result = {content_id: _Days(Counter(), Counter(), {}, {}) for content_id in ids}
     for row in rows:
         days = result[row.content_id]
-        if row.sketch is not None and row.unique_viewers is None:
-            days.sketches[row.day] = row.sketch  # a kept day's sketch alone (period totals)
+        if row.sketch is not None and row.unique_viewers is None and not row.views + row.crawler_views:
+            # A kept day's sketch alone (period totals): a stored day's sketch always comes
+            # with its estimate.
+            days.sketches[row.day] = row.sketch
             continue
         days.views[row.day] += row.views
         days.crawlers[row.day] += row.crawler_views
@@ -172,7 +174,7 @@ class ViewStats:
         ``unique_viewers=False`` leaves the distinct viewers out (``None``), as when they are
         off in the settings: a list page that shows views alone reads no sketch and merges no
         HyperLogLog, several times cheaper over a period longer than the retention of the
-        per-day keys (docs/performance.md, *Views over time*)."""
+        per-day keys (docs/measurements.md, *History reads*)."""
         content_type, ids = self._validated(content_type, content_ids)
         first, last = period.resolve(self.today())
         days, uniques = await self._days(

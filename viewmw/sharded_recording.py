@@ -80,7 +80,9 @@ class ShardedRecording:
         its reservation) raised. ``parse`` splits one call's reply into a reply per view.
 
         ``early`` gets each shard's replies (and the failed reservations) as soon as they are
-        known: the views of a healthy shard need not wait for a slow node's."""
+        known: the views of a healthy shard need not wait for a slow node's ``record_views``
+        call. The daily places of the whole batch are reserved first, so a slow viewer shard
+        still holds back the batch."""
         replies: list[Any] = [None] * len(calls)
         claims: list[QuotaClaim | None] = [None] * len(calls)
         answers: list[Reservation | None] = [None] * len(calls)
@@ -92,8 +94,8 @@ class ShardedRecording:
                 else:
                     answers[position] = answer
             failed = [position for position, reply in enumerate(replies) if reply is not None]
-            if early is not None and failed:
-                early(failed, [replies[position] for position in failed])
+            if failed:
+                _hand_over(early, failed, [replies[position] for position in failed])
         groups: dict[int, list[int]] = {}
         for position, (_, view_args, _) in enumerate(calls):
             if replies[position] is None:
@@ -108,11 +110,10 @@ class ShardedRecording:
             shard_replies = _per_view(outcome, parse, positions)
             for position, reply in zip(positions, shard_replies, strict=True):
                 replies[position] = reply
-            if early is not None:
-                early(positions, shard_replies)
+            _hand_over(early, positions, shard_replies)
 
-        # Every shard's call is awaited to its end, even when one is cancelled: each view's
-        # reply must be read (only the script may decide it) before the batch ends.
+        # One shard's call cancelled on its own does not stop the others: the batch ends with
+        # the cancellation once they have ended (a cancelled batch cancels them all).
         outcomes = await asyncio.gather(
             *(decide(shard, positions) for shard, positions in groups.items()),
             return_exceptions=True,
@@ -201,6 +202,17 @@ class ShardedRecording:
         """Wait until every release started so far has ended."""
         while self._releases:
             await asyncio.gather(*self._releases, return_exceptions=True)
+
+
+def _hand_over(early: Early | None, positions: list[int], replies: list[Any]) -> None:
+    """Give ``replies`` to their requests now; should that fail, they get them when the batch
+    ends (nothing of the batch's own work is skipped)."""
+    if early is None:
+        return
+    try:
+        early(positions, replies)
+    except Exception:
+        logger.exception("handing %d replies over early failed", len(replies))
 
 
 def _per_view(

@@ -450,7 +450,8 @@ class ViewTracker:
 
         On a cluster, one call per content shard: a view whose shard failed gets the exception
         as its reply (the views of other shards were decided), and each shard's replies go to
-        ``early`` as they come, so a slow node delays its own views only.
+        ``early`` as they come: a slow node's decisions do not hold back the other shards'
+        (see :meth:`ShardedRecording.send` for what still does).
         """
         if self._sharded is not None:
             replies = await self._sharded.send(calls, _view_replies, early)
