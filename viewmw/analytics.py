@@ -73,9 +73,10 @@ def _combined(
     result = {content_id: _Days(Counter(), Counter(), {}, {}) for content_id in ids}
     for row in rows:
         days = result[row.content_id]
-        if row.sketch is not None and row.unique_viewers is None and not row.views + row.crawler_views:
-            # A kept day's sketch alone (period totals): a stored day's sketch always comes
-            # with its estimate.
+        # A kept day's sketch alone (period totals): a stored day's sketch always comes with
+        # its estimate, and these rows carry no views.
+        alone = row.unique_viewers is None and not row.views and not row.crawler_views
+        if row.sketch is not None and alone:
             days.sketches[row.day] = row.sketch
             continue
         days.views[row.day] += row.views
