@@ -30,6 +30,7 @@ from viewmw.errors import ServiceUnavailableError
 from viewmw.history_sql import HistoryReader, HistoryRow
 from viewmw.keys import KeySchema, validate_content_id, validate_content_type
 from viewmw.periods import DayCount, Period, PeriodCount
+from viewmw.replies import text_of
 from viewmw.scripts import Scripts
 from viewmw.settings import Settings
 from viewmw.shard_reads import ShardCall, get_each, group_by_shard, run_on_shards
@@ -273,7 +274,7 @@ class ViewStats:
         for _attempt in range(_READ_ATTEMPTS):
             replies = await run_on_shards(self.redis, self.scripts.read_days, calls)
             epochs = {shard: int(reply[0]) for shard, reply in zip(by_shard, replies, strict=True)}
-            batches = [_text(reply[1]) for reply in replies]
+            batches = [text_of(reply[1]) for reply in replies]
             committed = await self._committed(batches)
             rows = await self._rows(content_type, ids, first, last, summed, viewers)
             if committed != await self._committed(batches):
@@ -281,9 +282,9 @@ class ViewStats:
             held: dict[str, list[str]] = {}
             for shard_ids, reply, batch_id in zip(by_shard.values(), replies, batches, strict=True):
                 for n, content_id in enumerate(shard_ids):
-                    held[content_id] = [_text(reply[2 + 2 * n])]
+                    held[content_id] = [text_of(reply[2 + 2 * n])]
                     if batch_id not in committed:  # else the history holds the batch's part
-                        held[content_id].append(_text(reply[3 + 2 * n]))
+                        held[content_id].append(text_of(reply[3 + 2 * n]))
             days = _combined(ids, rows, held, first, last)
             current, uniques = await self._unique_viewers(
                 content_type, list(by_shard), groups(days), days, first, last, viewers
@@ -455,12 +456,6 @@ class ViewStats:
             replies = await pipe.execute()
         for reply in replies:
             for reason, count in reply.items():
-                name = _text(reason)
+                name = text_of(reason)
                 totals[name] = totals.get(name, 0) + int(count)
         return totals
-
-
-def _text(value: object) -> str:
-    if isinstance(value, bytes):
-        return value.decode()
-    return "" if value is None else str(value)

@@ -48,6 +48,7 @@ from viewmw.errors import LockLostError, SyncError
 from viewmw.keys import KeySchema
 from viewmw.mapping import mapping_conflicts
 from viewmw.metrics.recording import record_sync
+from viewmw.replies import text_of
 from viewmw.scripts import Scripts
 from viewmw.settings import Settings
 from viewmw.shard_reads import run_on_shards
@@ -301,7 +302,7 @@ class ViewSync:
             replies = await run_on_shards(self.redis, self.scripts.claim_shard, calls)
             floors = [int(reply[1]) for reply in replies if not int(reply[0])]
             if not floors:
-                batches = [_batch_of(_text(reply[1]), _text(reply[2])) for reply in replies]
+                batches = [_batch_of(text_of(reply[1]), text_of(reply[2])) for reply in replies]
                 return lease, batches, [int(reply[3]) for reply in replies]
             # Redis lost the fence counter, and a shard kept the floor of a sync as new.
             lease = await self._raise_fence(lease, max(floors))
@@ -489,7 +490,7 @@ class ViewSync:
         if int(reply[0]) < 0:
             raise LockLostError("the sync lock expired during the snapshot; the next sync recovers")
         # A walk that came round with members left (none are added during a run) starts again.
-        walk.cursor = _text(reply[3])
+        walk.cursor = text_of(reply[3])
         return int(reply[4]), int(reply[2])
 
     async def _seal(self, lease: _Lease, batch: _Batch) -> None:
@@ -583,11 +584,11 @@ class ViewSync:
                     "the sync lock expired after the commit; the next sync settles the batch"
                 )
             # A walk that came round with items left starts again from the beginning.
-            left, cursor = int(reply[1]), _text(reply[2])
+            left, cursor = int(reply[1]), text_of(reply[2])
 
     async def _current_batch(self) -> _Batch | None:
         fields = await self.redis.hgetall(self.keys.sync_batch)
-        values = {_text(k): _text(v) for k, v in fields.items()}
+        values = {text_of(k): text_of(v) for k, v in fields.items()}
         return _batch_of(values.get("id", ""), values.get("started", ""))
 
     async def _batch_items(
@@ -617,7 +618,7 @@ class ViewSync:
                 _texts(reply[1::3]), reply[2::3], _texts(reply[3::3]), strict=True
             ):
                 items[KeySchema.split_member(member)] = (int(amount), days)
-            if _text(cursor) == "0":
+            if text_of(cursor) == "0":
                 return items
 
     async def _day_deltas(
@@ -694,7 +695,7 @@ class ViewSync:
         removed = 0
         stale: list[str | bytes] = []
         async for key in self.redis.scan_iter(match=self.keys.daily_views_pattern, count=1000):
-            if _text(key).rsplit(":", 1)[-1] < today:
+            if text_of(key).rsplit(":", 1)[-1] < today:
                 stale.append(key)
             if len(stale) >= 1000:
                 removed += await self._unlink(stale)
@@ -756,12 +757,6 @@ def decode_days(encoded: str) -> dict[str, tuple[int, int]]:
         else:
             days[day] = (views + int(amount), crawler)
     return days
-
-
-def _text(value: object) -> str:
-    if isinstance(value, bytes):
-        return value.decode()
-    return "" if value is None else str(value)
 
 
 def _in_id_order(deltas: dict[tuple[str, str], int]) -> dict[tuple[str, str], int]:

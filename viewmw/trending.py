@@ -10,6 +10,7 @@ from __future__ import annotations
 from datetime import date, timedelta
 from typing import TYPE_CHECKING, Any
 
+from viewmw.replies import text_of
 from viewmw.shard_reads import group_by_shard, run_on_shards
 from viewmw.sync import decode_days
 
@@ -49,7 +50,7 @@ async def top_round(
         ],
     )
     epochs = [int(head[0]) for head in heads]
-    batches = [_text(head[1]) for head in heads]
+    batches = [text_of(head[1]) for head in heads]
     seen: dict[str, tuple[int, str]] = {}
     cut = False  # whether some shard had more than its n
     for head in heads:
@@ -137,12 +138,6 @@ async def _history_leaders(
 def _ranking_entries(reply: list[Any]) -> dict[str, tuple[int, str]]:
     """``read_ranking``'s entries: id -> (views not yet settled, the batch's days of it)."""
     return {
-        _text(reply[n]): (int(float(_text(reply[n + 1]))), _text(reply[n + 2]))
+        text_of(reply[n]): (int(float(text_of(reply[n + 1]))), text_of(reply[n + 2]))
         for n in range(2, len(reply), 3)
     }
-
-
-def _text(value: object) -> str:
-    if isinstance(value, bytes):
-        return value.decode()
-    return "" if value is None else str(value)
