@@ -373,7 +373,7 @@ async def test_abuse_stats_count_tracking_keys_with_scan(
     stats = await abuse_stats(real_redis, settings, pg_store)
 
     assert stats["pending_view_keys"] == 3
-    assert stats["session_keys"] == 7
+    assert stats["session_keys"] == 4  # one per viewer
     assert stats["daily_limit_keys"] == 4
     assert stats["dirty_contents"] == 3
     assert {key: stats[key] for key in ("max_views_per_session", "timezone")} == {

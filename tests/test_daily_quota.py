@@ -139,12 +139,13 @@ def _record_call(
         keys.pending("story", content_id),
         keys.syncing("story", content_id),
         keys.database_count("story", content_id),
-        keys.session(viewer, "story", content_id),
+        keys.sessions(viewer),
         daily,
         days,
         keys.uniques("story", content_id, DAY),
         keys.ranking("story", DAY),
         keys.blocked(DAY),
+        keys.pair_session(viewer, "story", content_id),
     ]
     view_args = [NOW, DAY_START, DAY_END, TTL, TTL, f"story:{content_id}", 0, DAY]
     view_args += [content_id, viewer, 0, TTL, quota]

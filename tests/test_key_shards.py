@@ -38,7 +38,8 @@ def _content_keys(keys: KeySchema, content_type: str, content_id: str, viewer: s
         keys.database_count(content_type, content_id),
         keys.days(content_type, content_id),
         keys.uniques(content_type, content_id, DAY),
-        keys.session(viewer, content_type, content_id),
+        keys.sessions(viewer),
+        keys.pair_session(viewer, content_type, content_id),
         keys.ranking(content_type, DAY),
         keys.blocked(DAY),
         keys.dirty,
@@ -61,6 +62,7 @@ def test_a_single_redis_keeps_every_name() -> None:
         "app:story:dbviews:42",
         "app:story:days:42",
         f"app:story:uniq:{DAY}:42",
+        "app:viewed:user:7",
         "app:viewed:user:7:story:42",
         f"app:viewmw:top:story:{DAY}",
         f"app:viewmw:blocked:{DAY}",
@@ -80,7 +82,8 @@ def test_a_single_redis_keeps_every_name() -> None:
 def test_a_shard_tags_its_keys_where_docs_keys_md_says() -> None:
     keys = KeySchema("", 5, 128)
     assert keys.pending("story", "42") == "story:views:{c:5}:42"
-    assert keys.session("user:7", "story", "42") == "viewed:user:7:story:{c:5}:42"
+    assert keys.sessions("user:7") == "viewed:user:7:{c:5}"
+    assert keys.pair_session("user:7", "story", "42") == "viewed:user:7:story:{c:5}:42"
     assert keys.dirty == "viewmw:dirty:{c:5}"
     assert keys.ranking("story", DAY) == f"viewmw:top:story:{DAY}:{{c:5}}"
     assert keys.sync_batch_items(BATCH) == f"viewmw:sync:batch:{{c:5}}:{BATCH}:items"

@@ -264,14 +264,16 @@ def test_valid_names_round_trip_through_every_key(
             content_type,
             content_id,
         )
-        assert keys.session(viewer, content_type, content_id) == (
+        assert keys.sessions(viewer) == f"{prefix}viewed:{viewer}"
+        assert keys.pair_session(viewer, content_type, content_id) == (
             f"{prefix}viewed:{viewer}:{content_type}:{content_id}"
         )
         # Only pending counters match the pattern operators scan for (``*:views:*``), whatever
         # the names; the one exception is a viewer whose token is exactly "views" (see keys.md).
         if token != "views":
             others = [
-                keys.session(viewer, content_type, content_id),
+                keys.sessions(viewer),
+                keys.pair_session(viewer, content_type, content_id),
                 keys.daily_views(viewer, "2025-11-24"),
                 keys.syncing(content_type, content_id),
                 keys.database_count(content_type, content_id),

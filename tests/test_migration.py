@@ -52,6 +52,11 @@ async def test_a_viewer_is_decided_on_the_cluster_as_on_the_old_redis(
     assert await old.replay([waiting, gone]) == [True, True]
     assert await outbox.add(waiting)  # its replay died before the outbox forgot it
     await old.drain()
+    # A session the old Redis still holds in the per-pair layout of earlier versions.
+    await old_redis.hset(
+        "viewed:user:5:story:3", mapping={"n": 1, "s": int(clock()) - 60, "l": int(clock()) - 60}
+    )
+    await old_redis.expire("viewed:user:5:story:3", 86_400)
     # A viewer the cluster saw already (web processes moved first): its sketch gets the old one.
     assert (await new.track_view("story", "1", "user:9")).counted
 
@@ -64,7 +69,7 @@ async def test_a_viewer_is_decided_on_the_cluster_as_on_the_old_redis(
     )
     report = await migration.run()
     assert report == MigrationReport(
-        sessions=6,
+        sessions=7,
         daily_counters=3,
         sketches=4,
         sketches_merged=1,
@@ -75,6 +80,8 @@ async def test_a_viewer_is_decided_on_the_cluster_as_on_the_old_redis(
     try:
         blocked = await new.track_view("story", "1", "user:2")
         assert (blocked.counted, blocked.reason) == (False, BlockReason.COOLDOWN)
+        paired = await new.track_view("story", "3", "user:5")
+        assert (paired.counted, paired.reason) == (False, BlockReason.COOLDOWN)
         over = await new.track_view("story", "4", "user:1")
         assert (over.counted, over.reason) == (False, BlockReason.DAILY_LIMIT)
         assert await new.replay([waiting]) == [None]  # decided once, on either side
@@ -87,7 +94,7 @@ async def test_a_viewer_is_decided_on_the_cluster_as_on_the_old_redis(
     # Run again: everything is there already, nothing counted since the move is replaced, and
     # merging the sketches again changes none of them.
     again = await migration.run()
-    assert again == MigrationReport(sketches_merged=5, already_there=6 + 3 + 1, skipped_markers=1)
+    assert again == MigrationReport(sketches_merged=5, already_there=7 + 3 + 1, skipped_markers=1)
     assert await cluster_redis.pfcount(story_1) == 3
 
 

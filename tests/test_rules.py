@@ -544,7 +544,7 @@ async def test_a_blocked_view_writes_nothing(
     before = await redis_state(any_redis)
     keys = keys_of(any_redis)
     assert {key for key, (_, _, has_ttl) in before.items() if has_ttl} >= {
-        keys.session("user:1", "story", "7").encode(),
+        keys.sessions("user:1").encode(),
         keys.daily_views("user:1", "2025-11-24").encode(),
     }
     await mark_ttls(any_redis)

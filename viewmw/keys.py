@@ -122,8 +122,14 @@ class KeySchema:
         """Views counted in Redis and not yet moved into a sync batch (a counter)."""
         return f"{self.prefix}{content_type}:views:{self._at}{content_id}"
 
-    def session(self, viewer: str, content_type: str, content_id: str) -> str:
-        """One hash per (viewer, content): session count and start, last counted view, its day."""
+    def sessions(self, viewer: str) -> str:
+        """One hash per viewer: a field per content (``{type}:{id}``) holding the session's count
+        and start and the last counted view. On a cluster, one per viewer and content shard."""
+        return f"{self.prefix}viewed:{viewer}{self._of_shard}"
+
+    def pair_session(self, viewer: str, content_type: str, content_id: str) -> str:
+        """The one-hash-per-(viewer, content) session of earlier versions: still read (and
+        folded into :meth:`sessions` at the pair's next counted view) until the last expires."""
         return f"{self.prefix}viewed:{viewer}:{content_type}:{self._at}{content_id}"
 
     def daily_views(self, viewer: str, day: str) -> str:
@@ -294,7 +300,7 @@ class KeySchema:
 
     @property
     def session_pattern(self) -> str:
-        """Matches every per-(viewer, content) tracking hash."""
+        """Matches every viewer's session hash (and the per-pair hashes of earlier versions)."""
         return f"{self.prefix}viewed:*"
 
     @property

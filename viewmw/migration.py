@@ -6,7 +6,8 @@ Pending views are never copied: the sync moves them into the database from the o
 once, before this runs. What is copied is what keeps viewers from being counted again after the
 move, each key under its name in the new layout, with the time it had left to live:
 
-- the (viewer, content) session hashes (``viewed:…``);
+- the viewers' session hashes (``viewed:{viewer}``), each content's field into the hash of its
+  shard on the target (and the per-pair session hashes of earlier versions, renamed);
 - the viewers' daily counters of the days not over yet (a string on a single Redis, the quota
   hash's ``n`` on a cluster);
 - the unique-viewer sketches (``…:uniq:…``), merged into the history at the next syncs;
@@ -38,7 +39,9 @@ _TYPE = r"(?P<type>[a-z][a-z0-9_]{0,31})"
 _ID = r"(?P<id>[A-Za-z0-9_-]{1,64})"
 _DAY = r"(?P<day>\d{4}-\d{2}-\d{2})"
 _CONTENT_TAG = r"(?:\{c:\d+\}:)?"  # a cluster's content shard tag, absent on a single Redis
-_SESSION = re.compile(rf"viewed:{_VIEWER}:{_TYPE}:{_CONTENT_TAG}{_ID}")
+_PAIR_SESSION = re.compile(rf"viewed:{_VIEWER}:{_TYPE}:{_CONTENT_TAG}{_ID}")
+_SESSIONS = re.compile(rf"viewed:{_VIEWER}(?::\{{c:\d+\}})?")
+_MEMBER = re.compile(rf"{_TYPE}:{_ID}")
 _DAILY = re.compile(rf"daily_views:(?:\{{v:\d+\}}:)?{_VIEWER}:{_DAY}")
 _UNIQUES = re.compile(rf"{_TYPE}:uniq:{_DAY}:{_CONTENT_TAG}{_ID}")
 _MARKER = re.compile(rf"viewmw:replayed:{_CONTENT_TAG}(?P<event>[0-9a-f]{{32}})")
@@ -51,6 +54,7 @@ class MigrationReport:
     """What a copy did, per kind of key: copied, or left because the new Redis had it."""
 
     sessions: int = 0
+    """(viewer, content) sessions."""
     daily_counters: int = 0
     sketches: int = 0
     replay_markers: int = 0
@@ -93,9 +97,11 @@ class KeyMigration:
         """Copy every session hash, daily counter, sketch and waiting event's marker."""
         report = MigrationReport()
         async for page in self._pages(f"{self.prefix}viewed:*"):
-            copied, there = await self._restore(self._renamed(page, _SESSION, self._session_key))
+            pairs = self._renamed(page, _PAIR_SESSION, self._pair_session_key)
+            copied, there = await self._restore(pairs)
             report.sessions += copied
             report.already_there += len(there)
+            await self._copy_sessions(page, report)
         async for page in self._pages(f"{self.prefix}*:uniq:*"):
             copied, there = await self._restore(self._renamed(page, _UNIQUES, self._uniques_key))
             await self._merge_sketches(there)
@@ -109,10 +115,10 @@ class KeyMigration:
 
     # Naming keys on the target ------------------------------------------------------------------
 
-    def _session_key(self, match: re.Match[str]) -> str:
+    def _pair_session_key(self, match: re.Match[str]) -> str:
         content_type, content_id = match["type"], match["id"]
         keys = self.target_shards.of(content_type, content_id)
-        return keys.session(match["viewer"], content_type, content_id)
+        return keys.pair_session(match["viewer"], content_type, content_id)
 
     def _uniques_key(self, match: re.Match[str]) -> str:
         content_type, content_id = match["type"], match["id"]
@@ -196,6 +202,42 @@ class KeyMigration:
             await self.target.restore(scratch, 60_000, key.payload, replace=True)
             await self.target.pfmerge(key.name, key.name, scratch)
             await self.target.delete(scratch)
+
+    async def _copy_sessions(self, page: list[str], report: MigrationReport) -> None:
+        """Copy the viewers' session hashes of ``page``: each content's field goes into the
+        viewer's hash of that content's shard on the target, unless that hash has it."""
+        parsed = [
+            (key, match) for key in page if (match := self._parsed(key, _SESSIONS)) is not None
+        ]
+        if not parsed:
+            return
+        async with self.source.pipeline(transaction=False) as pipe:
+            for key, _ in parsed:
+                pipe.hgetall(key)
+                pipe.pttl(key)
+            replies = await pipe.execute()
+        # Per target hash: the longest TTL of its sources, then its fields and values.
+        wanted: dict[str, list[Any]] = {}
+        for (_, match), fields, ttl in zip(parsed, replies[::2], replies[1::2], strict=True):
+            if int(ttl) <= 0:  # expired since the SCAN (or, against every rule, kept forever)
+                continue
+            for field, value in fields.items():
+                member = _MEMBER.fullmatch(_text(field))
+                if member is None:
+                    continue
+                keys = self.target_shards.of(member["type"], member["id"])
+                args = wanted.setdefault(keys.sessions(match["viewer"]), [0])
+                args[0] = max(args[0], int(ttl))
+                args += (_text(field), _text(value))
+        items = list(wanted.items())
+        for start in range(0, len(items), _CONCURRENT):
+            chunk = items[start : start + _CONCURRENT]
+            replies = await asyncio.gather(
+                *(self.scripts.restore_sessions(keys=[name], args=args) for name, args in chunk)
+            )
+            copied = sum(map(int, replies))
+            report.sessions += copied
+            report.already_there += sum(len(args) // 2 for _, args in chunk) - copied
 
     async def _copy_daily(self, page: list[str], report: MigrationReport) -> None:
         parsed = [(key, match) for key in page if (match := self._parsed(key, _DAILY)) is not None]

@@ -69,6 +69,7 @@ class Scripts:
     take_dirty: AsyncScript
     claim_shard: AsyncScript
     restore_daily: AsyncScript
+    restore_sessions: AsyncScript
 
     @classmethod
     def register(cls, client: Any) -> Scripts:

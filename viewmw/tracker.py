@@ -375,7 +375,7 @@ class ViewTracker:
                 pending,
                 syncing,
                 database_count,
-                days if crawler else keys.session(viewer, content_type, content_id),
+                days if crawler else keys.sessions(viewer),
                 # On a cluster the daily counter is in the viewer's slot: the view comes with a
                 # reservation's answer instead (viewmw.sharded_recording), and this place holds
                 # a key of its own slot that the script never touches.
@@ -384,6 +384,8 @@ class ViewTracker:
                 uniques,
                 ranking,
                 blocked,
+                # Read until the last session of the per-pair layout has expired (a day).
+                days if crawler else keys.pair_session(viewer, content_type, content_id),
             ),
             (
                 now,
