@@ -148,7 +148,7 @@ def _record_call(
         keys.pair_session(viewer, "story", content_id),
     ]
     view_args = [NOW, DAY_START, DAY_END, TTL, TTL, f"story:{content_id}", 0, DAY]
-    view_args += [content_id, viewer, 0, TTL, quota]
+    view_args += [content_id, viewer, 0, TTL, "", quota]
     return [keys.dirty, keys.epoch, keys.sync_batch, *view_keys], [*_LIMIT_ARGS, *view_args]
 
 

@@ -88,10 +88,16 @@ def seeded_traffic(views: int, seed: int = 11) -> list[Offer]:
 
 
 async def tracking_state(client: aioredis.Redis) -> dict[bytes, object]:
-    """Every session hash and daily counter: the rules' memory of which views counted."""
+    """Every session and daily counter: the rules' memory of which views counted. A session's
+    expiry is left out: a replayed view's session is written at the replay, so it expires later
+    than the same view's written live."""
     state: dict[bytes, object] = {}
     async for key in client.scan_iter(match="viewed:*", count=1000):
-        state[key] = await client.hgetall(key)
+        state[key] = {
+            field: value.rsplit(b":", 1)[0]
+            for field, value in (await client.hgetall(key)).items()
+            if field != b"~"
+        }
     async for key in client.scan_iter(match="daily_views:*", count=1000):
         state[key] = await client.get(key)
     return state

@@ -15,12 +15,11 @@ HyperLogLogs and its part of a batch are all in its own shard.
 from __future__ import annotations
 
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from redis.asyncio import Redis
 from sqlalchemy import select
@@ -33,10 +32,11 @@ from viewmw.periods import DayCount, Period, PeriodCount
 from viewmw.replies import text_of
 from viewmw.scripts import Scripts
 from viewmw.settings import Settings
-from viewmw.shard_reads import ShardCall, get_each, group_by_shard, run_on_shards
+from viewmw.shard_reads import ShardCall, exists_each, get_each, group_by_shard, run_on_shards
 from viewmw.store import Store, sync_batches
 from viewmw.sync import decode_days
 from viewmw.trending import top_round
+from viewmw.viewer_estimates import ViewerEstimates, ViewerGroup
 
 if TYPE_CHECKING:
     from viewmw.tracker import ViewTracker
@@ -276,7 +276,12 @@ class ViewStats:
             epochs = {shard: int(reply[0]) for shard, reply in zip(by_shard, replies, strict=True)}
             batches = [text_of(reply[1]) for reply in replies]
             committed = await self._committed(batches)
-            rows = await self._rows(content_type, ids, first, last, summed, viewers)
+            # Between two syncs a period's kept sketches are read once, then merged in Redis.
+            merged: dict[str, tuple[str, bool]] = {}
+            if viewers and summed and self._merges(first, batches):
+                merged = await self._merged_sketches(content_type, ids, first, last, epochs)
+            sketches = viewers and not (merged and all(there for _, there in merged.values()))
+            rows = await self._rows(content_type, ids, first, last, summed, sketches)
             if committed != await self._committed(batches):
                 continue  # a batch was committed during the history read: read again
             held: dict[str, list[str]] = {}
@@ -287,12 +292,59 @@ class ViewStats:
                         held[content_id].append(text_of(reply[3 + 2 * n]))
             days = _combined(ids, rows, held, first, last)
             current, uniques = await self._unique_viewers(
-                content_type, list(by_shard), groups(days), days, first, last, viewers
+                content_type,
+                list(by_shard),
+                groups(days),
+                days,
+                first,
+                last,
+                viewers,
+                (epochs, merged),
             )
             if current != epochs:
                 continue  # a sync moved views between Redis and the database: read again
             return days, uniques
         raise ServiceUnavailableError("syncs kept moving views during the read; try again")
+
+    def _merges(self, first: date | None, batches: list[str]) -> bool:
+        """Whether a period from ``first`` may use merged kept sketches: it has kept days (before
+        the per-day keys' retention), and no shard has a batch whose commit could change the
+        history within the read's epoch."""
+        oldest_live = self.today() - timedelta(days=self.settings.history_retention_days)
+        kept = first is None or first < oldest_live
+        return kept and self._history is not None and not any(batches)
+
+    async def _merged_sketches(
+        self,
+        content_type: str,
+        ids: list[str],
+        first: date | None,
+        last: date | None,
+        epochs: dict[int, int],
+    ) -> dict[str, tuple[str, bool]]:
+        """Each id's merged kept sketch of the period in ``epochs``: its name, and whether
+        Redis has it (one ``EXISTS`` each, pipelined) or the read is to make it."""
+        live = self._live_days(first, last)
+        kept_until = (live[0] if live else self.today()) - timedelta(days=1)
+        if last is not None:
+            kept_until = min(kept_until, last)
+        names = []
+        for content_id in ids:
+            shard = self.shards.index(content_type, content_id)
+            names.append(
+                self.shards.schemas[shard].merged_sketch(
+                    content_type,
+                    content_id,
+                    "start" if first is None else first.isoformat(),
+                    kept_until.isoformat(),
+                    epochs[shard],
+                )
+            )
+        there = await exists_each(self.redis, names)
+        return {
+            content_id: (name, bool(found))
+            for content_id, name, found in zip(ids, names, there, strict=True)
+        }
 
     async def _committed(self, batch_ids: Iterable[str]) -> frozenset[str]:
         """Which of ``batch_ids`` (``""``: no batch) the ledger holds: one query, and none
@@ -338,77 +390,59 @@ class ViewStats:
         first: date | None,
         last: date | None,
         viewers: bool,
+        merged: tuple[dict[int, int], dict[str, tuple[str, bool]]] = ({}, {}),
     ) -> tuple[dict[int, int], list[int | None]]:
         """The sync epoch of each of ``shards``, and (with ``viewers``; else ``None`` each)
-        the distinct viewers of each (content,
-        days) group (``None``: the whole period): the days' live HyperLogLogs and the sketches
-        kept in the history, merged by one PFCOUNT per group (a viewer seen on several days
-        counts once). A day kept without a sketch adds its own estimate as a floor.
+        the distinct viewers of each (content, days) group (``None``: the whole period): the
+        days' live HyperLogLogs and the sketches kept in the history, merged by one PFCOUNT per
+        group (a viewer seen on several days counts once). A day kept without a sketch adds
+        its own estimate as a floor.
 
-        A group is one content's days, all in its content's shard: each shard's groups are
-        estimated by one ``count_viewers`` call in its slot (with scratch keys of that slot),
-        which reads that shard's epoch too. No group spans shards, so no sketch moves between
-        them."""
+        ``merged``: the epochs the read saw, and each id's merged kept sketch of that epoch
+        (its name, and whether Redis has it or it is to be made from the sketches in ``days``),
+        for whole-period groups that may use one (see :mod:`viewmw.viewer_estimates`). Each
+        shard's groups are estimated by one call in its slot, which reads its epoch too."""
         if not viewers:
             values = await get_each(self.redis, [self.shards.schemas[n].epoch for n in shards])
             return (
                 {shard: int(epoch or 0) for shard, epoch in zip(shards, values, strict=True)},
                 [None] * len(groups),
             )
+        epochs, names = merged
         period_live = self._live_days(first, last)
         position = {day: n for n, day in enumerate(period_live, start=1)}
-        head: list[Any] = [content_type, len(period_live)]
-        live_names = [day.isoformat() for day in period_live]
-        # Per shard: the group args, the sketches, the most sketches of one group, and which
-        # of the read's groups these are.
-        parts: dict[int, tuple[list[Any], list[bytes], list[int]]] = {
-            n: ([], [], []) for n in shards
-        }
-        scratch = dict.fromkeys(shards, 0)
-        floors: list[int] = []
+        by_shard: dict[int, list[ViewerGroup]] = {n: [] for n in shards}
         for n, (content_id, span) in enumerate(groups):
             held = days[content_id]
             shard = self.shards.index(content_type, content_id)
-            args, sketches, members = parts[shard]
             if span is None:
-                args += [content_id, 1, len(period_live)]
-                kept = list(held.sketches.values())
-                floors.append(max(held.uniques.values(), default=0))
+                floor = max(held.uniques.values(), default=0)
+                group = ViewerGroup(n, content_id, 1, len(period_live), floor)
+                group.kept = list(held.sketches.values())
+                if content_id in names:
+                    group.merged, there = names[content_id]
+                    if there:
+                        group.kept = None  # the merged sketch holds them
             else:
                 # The groups' days are runs of consecutive days: the live ones are a run too.
                 live = [position[day] for day in span if day in position]
-                args += [content_id, live[0] if live else 1, len(live)]
-                kept = [held.sketches[day] for day in span if day in held.sketches]
-                floors.append(max((held.uniques.get(day, 0) for day in span), default=0))
-            args.append(len(kept))
-            sketches += kept
-            members.append(n)
-            scratch[shard] = max(scratch[shard], len(kept))
-        # Scratch keys are shared by a shard's groups: as many as the most sketches of one group.
-        token = uuid.uuid4().hex
-        calls: list[ShardCall] = []
-        for shard, (args, sketches, members) in parts.items():
-            keys = self.shards.schemas[shard]
-            calls.append(
-                (
-                    [keys.epoch, *(keys.scratch(f"{token}:{n}") for n in range(scratch[shard]))],
-                    [
-                        keys.uniques_template,
-                        *head,
-                        len(members),
-                        *live_names,
-                        *args,
-                        *sketches,
-                    ],
-                )
-            )
-        replies = await run_on_shards(self.redis, self.scripts.count_viewers, calls)
-        estimates: list[int | None] = [None] * len(groups)
-        for (_, _, members), reply in zip(parts.values(), replies, strict=True):
-            for n, estimate in zip(members, reply[1:], strict=True):
-                estimates[n] = max(int(estimate), floors[n])
-        epochs = {shard: int(reply[0]) for shard, reply in zip(parts, replies, strict=True)}
-        return epochs, estimates
+                floor = max((held.uniques.get(day, 0) for day in span), default=0)
+                group = ViewerGroup(n, content_id, live[0] if live else 1, len(live), floor)
+                group.kept = [held.sketches[day] for day in span if day in held.sketches]
+            by_shard[shard].append(group)
+
+        async def fetch(ids: list[str]) -> dict[str, list[bytes]]:
+            rows = await self._rows(content_type, ids, first, last, True, True)
+            sketches: dict[str, list[bytes]] = {content_id: [] for content_id in ids}
+            for row in rows:
+                if row.sketch is not None:
+                    sketches[row.content_id].append(row.sketch)
+            return sketches
+
+        found, estimates = await ViewerEstimates(self.redis, self.scripts, self.shards).estimate(
+            content_type, [day.isoformat() for day in period_live], by_shard, epochs, fetch
+        )
+        return found, [estimates.get(n) for n in range(len(groups))]
 
     # Trending -----------------------------------------------------------------------------------
 

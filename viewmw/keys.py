@@ -231,6 +231,16 @@ class KeySchema:
         """Views blocked on ``day``, per reason (a hash)."""
         return f"{self.prefix}viewmw:blocked:{day}{self._of_shard}"
 
+    def merged_sketch(
+        self, content_type: str, content_id: str, first: str, last: str, epoch: int
+    ) -> str:
+        """The viewers of one content's days ``first`` to ``last`` (``start``: from its first
+        day) as the history's sketches hold them, merged by a read for the next reads of the
+        same sync ``epoch`` (a HyperLogLog, with a TTL)."""
+        return (
+            f"{self.prefix}viewmw:kept:{content_type}:{first}:{last}:{epoch}:{self._at}{content_id}"
+        )
+
     def scratch(self, token: str) -> str:
         """A short-lived key a read script fills and deletes in the same call."""
         return f"{self.prefix}viewmw:scratch:{self._at}{token}"

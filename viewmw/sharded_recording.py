@@ -28,7 +28,7 @@ from viewmw.shards import ContentShards
 logger = logging.getLogger("viewmw")
 
 ViewCall = tuple[tuple[str, ...], tuple[Any, ...], str | None]
-"""One view in a ``record_views`` call: its ten keys, its thirteen arguments and its replay
+"""One view in a ``record_views`` call: its ten keys, its fourteen arguments and its replay
 marker, as the tracker builds them (see :mod:`viewmw.tracker`). On a cluster its daily counter's
 place holds a key of its slot and its last argument (the quota) is filled here."""
 

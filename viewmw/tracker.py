@@ -384,7 +384,7 @@ class ViewTracker:
                 uniques,
                 ranking,
                 blocked,
-                # Read until the last session of the per-pair layout has expired (a day).
+                # The per-pair session of 0.1: read until the last of them has expired.
                 days if crawler else keys.pair_session(viewer, content_type, content_id),
             ),
             (
@@ -400,6 +400,8 @@ class ViewTracker:
                 viewer,
                 int(crawler),
                 day.end - now + self._day_keys_seconds,
+                # A replayed view's session is written now, though the view was made at ``at``.
+                "" if replay_marker is None else math.floor(self.clock()),
                 "",  # the daily counter is one of this call's keys (a single Redis)
             ),
             replay_marker,

@@ -20,9 +20,10 @@
 -- ARGV: 1 session limit (0 = off), 2 session seconds, 3 daily limit (0 = off),
 --       4 one view per day (0/1), 5 cooldown seconds (0 = off), 6 replay marker TTL,
 --       7 unique viewers (0/1),
---       then per view 13 values: now, start of its day, end of its day (local midnights),
---       session hash TTL, daily counter TTL, dirty member, marked (0/1), day name (YYYY-MM-DD),
---       content id, viewer, crawler (0/1), TTL of the day's keys (seconds), daily quota.
+--       then per view 14 values: now, start of its day, end of its day (local midnights),
+--       session TTL, daily counter TTL, dirty member, marked (0/1), day name (YYYY-MM-DD),
+--       content id, viewer, crawler (0/1), TTL of the day's keys (seconds), when it is written
+--       (the caller's clock, seconds; "" for a live view: its "now"), daily quota.
 -- The daily quota is "" on a single Redis: the daily counter is a key of this call, checked and
 -- counted here. On a Redis Cluster the counter is in the viewer's slot, not the content's, and
 -- the view comes with reserve_daily.lua's answer instead: "r" reserved (the limit lets it pass;
@@ -33,66 +34,67 @@
 -- Reasons, in the order they are checked: 1 cooldown, 2 viewed today, 3 session limit, 4 daily limit.
 -- "Viewed today" needs no field of its own: the last counted view falls within the view's day.
 -- A viewer's sessions are one hash, a field per content ("{type}:{id}", the dirty member) whose
--- value is "n:s:d": views this session, the session's start, and the last counted view as an
--- offset from the start. One hash per viewer keeps a pair in about a third of the memory of a
--- key per pair. The hash lives as long as its longest-lived field needs; a field no rule can use
--- any more is pruned when a new field brings the hash to 16, 32, 64... fields.
+-- value is "n:s:d:e": views this session, the session's start, the last counted view and the
+-- field's expiry, these two as offsets from the start. One hash per viewer keeps a pair in about
+-- half the memory of a key per pair. A field expires as the key of a pair did: its session TTL
+-- after it was written, on the caller's clock (a replayed view is written now, though made in
+-- the past); an expired field is no session at all, whether or not it was pruned yet. Expired
+-- fields are pruned when a new field brings the hash to its prune mark (field "~": twice the
+-- fields left by the last pruning, at least 16), so that pruning costs little per view.
 -- Earlier versions kept a hash per pair (the last key of a view): it is read as well, the more
 -- recent of the two states wins, and a counted view moves the pair into the viewer's hash.
-
 local session_limit = tonumber(ARGV[1])
 local session_seconds = tonumber(ARGV[2])
 local daily_limit = tonumber(ARGV[3])
 local one_per_day = ARGV[4] == '1'
 local cooldown = tonumber(ARGV[5])
 local uniques = ARGV[7] == '1'
-local views_in_batch = (#ARGV - 7) / 13
+local views_in_batch = (#ARGV - 7) / 14
 local next_marker = 4 + 10 * views_in_batch
--- How long after its session's start and its last counted view a field can still decide a
--- view: the session window, the cooldown, a day (25 h with a DST change) and the hour of grace
--- the keys' TTLs get. Only pruning uses it; the rules never do.
-local field_life = math.max(session_limit > 0 and session_seconds or 0, cooldown, 90000) + 3600
 
--- A viewer's session for one content: views this session, its start and the last counted view,
--- or 0, nil, nil when the hash has no (readable) field for it.
-local function session_of(key, field)
+-- A viewer's session for one content at ``written`` (the caller's clock): views this session,
+-- its start and the last counted view, or 0, nil, nil when the hash has no live field for it.
+local function session_of(key, field, written)
   local packed = redis.call('HGET', key, field)
   if packed then
-    local n, s, d = string.match(packed, '^(%d+):(%-?%d+):(%-?%d+)$')
-    if n then
+    local n, s, d, e = string.match(packed, '^(%d+):(%-?%d+):(%-?%d+):(%-?%d+)$')
+    if n and written < tonumber(s) + tonumber(e) then
       return tonumber(n), tonumber(s), tonumber(s) + tonumber(d)
     end
   end
   return 0, nil, nil
 end
 
--- Drop the fields of a viewer's hash that no rule can use at ``now`` any more.
-local function prune(key, now)
+-- Drop the fields of a viewer's hash that expired by ``written``; set the next prune mark.
+local function prune(key, written)
   local fields = redis.call('HGETALL', key)
+  local left = 0
   for i = 1, #fields, 2 do
-    local _, s, d = string.match(fields[i + 1], '^(%d+):(%-?%d+):(%-?%d+)$')
-    if s == nil or now >= math.max(tonumber(s), tonumber(s) + tonumber(d)) + field_life then
-      redis.call('HDEL', key, fields[i])
+    if fields[i] ~= '~' then
+      local _, s, _, e = string.match(fields[i + 1], '^(%d+):(%-?%d+):(%-?%d+):(%-?%d+)$')
+      if s == nil or written >= tonumber(s) + tonumber(e) then
+        redis.call('HDEL', key, fields[i])
+      else
+        left = left + 1
+      end
     end
   end
+  redis.call('HSET', key, '~', math.max(16, 2 * left))
 end
 
--- Write one content's session into the viewer's hash, which then lives at least ``ttl`` more
--- seconds, never less than it had: another content's session may need longer. A live view's
--- expiry (its day's end or its session's, plus the grace) is never earlier than an earlier
--- view's; only a replayed view, made in the past, can bring an earlier one.
-local function save_session(key, field, views, start, last, ttl, now, replayed)
-  local added = redis.call('HSET', key, field, views .. ':' .. start .. ':' .. (last - start))
-  if not replayed or redis.call('TTL', key) < ttl then
+-- Write one content's session into the viewer's hash at ``written``: the field expires ``ttl``
+-- seconds later, and the hash lives at least that long, never less than it had (another
+-- content's field may need longer).
+local function save_session(key, field, views, start, last, ttl, written)
+  local value = views .. ':' .. start .. ':' .. (last - start) .. ':' .. (written + ttl - start)
+  local added = redis.call('HSET', key, field, value)
+  if redis.call('TTL', key) < ttl then
     redis.call('EXPIRE', key, ttl)
   end
   if added == 1 then
-    local size, mark = redis.call('HLEN', key), 16
-    while mark < size do
-      mark = mark * 2
-    end
-    if size == mark then
-      prune(key, now)
+    local size = redis.call('HLEN', key)
+    if size >= 16 and size >= (tonumber(redis.call('HGET', key, '~')) or 16) then
+      prune(key, written)
     end
   end
 end
@@ -101,8 +103,8 @@ local reason_names = {'cooldown', 'viewed_today', 'session_limit', 'daily_limit'
 local out = {0, ''}
 
 for v = 0, views_in_batch - 1 do
-  local k, a = 3 + 10 * v, 7 + 13 * v
-  local quota = ARGV[a + 13]
+  local k, a = 3 + 10 * v, 7 + 14 * v
+  local quota = ARGV[a + 14]
   local counted, reason = 0, 0
   if ARGV[a + 7] == '1' then
     if not redis.call('SET', KEYS[next_marker], '1', 'NX', 'EX', ARGV[6]) then
@@ -115,7 +117,8 @@ for v = 0, views_in_batch - 1 do
     redis.call('SADD', KEYS[1], ARGV[a + 6])
   elseif counted == 0 then
     local now = tonumber(ARGV[a + 1])
-    local views, start, last = session_of(KEYS[k + 4], ARGV[a + 6])
+    local written = tonumber(ARGV[a + 13]) or now
+    local views, start, last = session_of(KEYS[k + 4], ARGV[a + 6], written)
     local earlier = redis.call('HMGET', KEYS[k + 10], 'n', 's', 'l')
     local earlier_last = tonumber(earlier[3])
     if earlier_last ~= nil and (last == nil or earlier_last > last) then
@@ -137,7 +140,7 @@ for v = 0, views_in_batch - 1 do
     else
       counted = 1
       save_session(KEYS[k + 4], ARGV[a + 6], views + 1, start, math.max(now, last or now),
-        tonumber(ARGV[a + 4]), now, ARGV[a + 7] == '1')
+        tonumber(ARGV[a + 4]), written)
       if earlier_last ~= nil then
         redis.call('DEL', KEYS[k + 10])
       end
