@@ -140,6 +140,11 @@ async def _time_reads(
         figures.read_ms[name] = statistics.median(times)
 
 
+async def _first_of_epoch(redis: aioredis.Redis, stats: ViewStats, ids: list[str]) -> object:
+    await redis.incr(stats.keys.epoch)
+    return await stats.views_many("story", ids, Period.last_days(30))
+
+
 async def _reads(redis: aioredis.Redis, contents: int, days: int, figures: HistoryFigures) -> None:
     store = await fresh_store()
     try:
@@ -172,6 +177,10 @@ async def _reads(redis: aioredis.Redis, contents: int, days: int, figures: Histo
             ),
             "views_many(100 ids), 30 days, unique viewers off": lambda: no_uniques.views_many(
                 "story", ids, Period.last_days(30)
+            ),
+            # As the first read after a sync: a new epoch, no merged kept sketch (one INCR more).
+            "views_many(100 ids), 30 days, first read of an epoch": lambda: _first_of_epoch(
+                redis, stats, ids
             ),
             "by_day(1 id), 30 days": lambda: stats.by_day("story", 1, Period.last_days(30)),
             # The history's statement alone, as views_many makes it (the rest is Redis).

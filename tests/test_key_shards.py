@@ -50,6 +50,7 @@ def _content_keys(keys: KeySchema, content_type: str, content_id: str, viewer: s
         keys.sync_batch_days(BATCH),
         keys.replay_marker(EVENT),
         keys.scratch("t1"),
+        keys.merged_sketch(content_type, content_id, "start", DAY, 7),
     ]
 
 
@@ -74,6 +75,7 @@ def test_a_single_redis_keeps_every_name() -> None:
         f"app:viewmw:sync:batch:{BATCH}:days",
         f"app:viewmw:replayed:{EVENT}",
         "app:viewmw:scratch:t1",
+        f"app:viewmw:kept:story:start:{DAY}:7:42",
     ]
     assert keys.daily_views("user:7", DAY) == f"app:daily_views:user:7:{DAY}"
     assert (keys.sync_lock, keys.sync_fence) == ("app:viewmw:sync:lock", "app:viewmw:sync:fence")

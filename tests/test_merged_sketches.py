@@ -17,7 +17,7 @@ from sqlalchemy import update
 from tests.support import FakeClock
 from tests.test_history_viewers import DAY, backend, make, offer
 from tests.test_sync import Hook, InjectedCrash
-from viewmw import Period, Settings, Store, ViewStats, ViewSync, ViewTracker, daily_views
+from viewmw import Period, Settings, Store, ViewStats, ViewSync, ViewTracker, analytics, daily_views
 from viewmw.viewer_estimates import MERGED_SKETCH_MS
 
 __all__ = ["backend"]  # a fixture, imported to be used here
@@ -128,6 +128,42 @@ async def test_a_sync_retires_the_merged_sketches_of_its_epoch(
     await offer(tracker, 2, range(1))
     await sync.run()
     assert (await stats.views("story", 1, Period.last_days(3))).unique_viewers == 60
+
+
+async def test_a_few_missing_merged_sketches_are_made_from_their_own_sketches_alone(
+    backend: tuple[Any, Store, Settings], clock: FakeClock
+) -> None:
+    redis = backend[0]
+    _, _, stats = await five_days(backend, clock)
+    expected = await stats.views_many("story", IDS, Period.last_days(5))
+    gone = [key for key in await merged_keys(redis) if key.endswith(b":3")]
+    assert len(gone) == 1
+    await redis.delete(*gone)
+    asked = spy_on_sketches(stats)
+
+    assert await stats.views_many("story", IDS, Period.last_days(5)) == expected
+    # The counts alone, then the sketches of the one content whose merged sketch was gone.
+    assert len(asked) == 2 and asked[0] is None and asked[1] is not None
+    assert len(await merged_keys(redis)) == len(IDS)
+
+
+async def test_a_merged_sketch_that_expires_during_the_read_is_made_again(
+    backend: tuple[Any, Store, Settings], clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    redis = backend[0]
+    _, _, stats = await five_days(backend, clock)
+    expected = await stats.views_many("story", IDS, Period.last_days(5))
+    # Every merged sketch found, then gone before the estimates (their TTL ran out between).
+    found = analytics.exists_each
+
+    async def found_then_gone(client: Any, keys: list[str]) -> list[bool]:
+        there = await found(client, keys)
+        await redis.delete(*keys)
+        return there
+
+    monkeypatch.setattr(analytics, "exists_each", found_then_gone)
+    assert await stats.views_many("story", IDS, Period.last_days(5)) == expected
+    assert len(await merged_keys(redis)) == len(IDS)
 
 
 @pytest.mark.parametrize("step", ["sealed", "committed"])

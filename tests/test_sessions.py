@@ -97,6 +97,22 @@ async def test_a_replayed_view_keeps_its_session_however_old_it_is(
     assert await tracker.replay([second]) == [False]  # viewed story:70 that day already
 
 
+async def test_a_replayed_view_never_shortens_what_a_live_view_needs(
+    any_redis: aioredis.Redis, clock: FakeClock
+) -> None:
+    """With a one-hour session a view at 09:00 is remembered to the end of its day; a view of
+    23:59 the day before, replayed at 10:00, needs two hours: the later expiry stands."""
+    tracker = tracker_on(any_redis, clock, Limits(session_seconds=3600))
+    clock.now += DAY - clock.now % DAY + 9 * 3600  # 09:00
+    assert (await tracker.track_view("story", 1, "user:1")).counted
+    clock.advance(3600)
+    late = OutboxEvent.new("story", "1", "user:1", clock() - 10 * 3600 - 60)  # 23:59 yesterday
+    assert await tracker.replay([late]) == [True]
+    clock.advance(3 * 3600)  # 13:00
+    again = await tracker.track_view("story", 1, "user:1")
+    assert (again.counted, again.reason) == (False, BlockReason.VIEWED_TODAY)
+
+
 @pytest.mark.parametrize("replayed_first", [True, False])
 async def test_the_hash_lives_as_long_as_its_longest_lived_field(
     any_redis: aioredis.Redis, clock: FakeClock, replayed_first: bool

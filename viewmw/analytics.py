@@ -280,7 +280,10 @@ class ViewStats:
             merged: dict[str, tuple[str, bool]] = {}
             if viewers and summed and self._merges(first, batches):
                 merged = await self._merged_sketches(content_type, ids, first, last, epochs)
-            sketches = viewers and not (merged and all(there for _, there in merged.values()))
+            # The sketches come with the counts when no merged sketch can serve, or when most
+            # are missing (the first read after a sync); a few missing ones are read apart.
+            missing = sum(not there for _, there in merged.values())
+            sketches = viewers and (not merged or 2 * missing > len(merged))
             rows = await self._rows(content_type, ids, first, last, summed, sketches)
             if committed != await self._committed(batches):
                 continue  # a batch was committed during the history read: read again
@@ -299,7 +302,7 @@ class ViewStats:
                 first,
                 last,
                 viewers,
-                (epochs, merged),
+                (epochs, merged, sketches),
             )
             if current != epochs:
                 continue  # a sync moved views between Redis and the database: read again
@@ -390,7 +393,7 @@ class ViewStats:
         first: date | None,
         last: date | None,
         viewers: bool,
-        merged: tuple[dict[int, int], dict[str, tuple[str, bool]]] = ({}, {}),
+        merged: tuple[dict[int, int], dict[str, tuple[str, bool]], bool] = ({}, {}, True),
     ) -> tuple[dict[int, int], list[int | None]]:
         """The sync epoch of each of ``shards``, and (with ``viewers``; else ``None`` each)
         the distinct viewers of each (content, days) group (``None``: the whole period): the
@@ -398,9 +401,10 @@ class ViewStats:
         group (a viewer seen on several days counts once). A day kept without a sketch adds
         its own estimate as a floor.
 
-        ``merged``: the epochs the read saw, and each id's merged kept sketch of that epoch
-        (its name, and whether Redis has it or it is to be made from the sketches in ``days``),
-        for whole-period groups that may use one (see :mod:`viewmw.viewer_estimates`). Each
+        ``merged``: the epochs the read saw, each id's merged kept sketch of that epoch (its
+        name, and whether Redis has it) for whole-period groups that may use one, and whether
+        ``days`` holds the kept sketches to make the missing ones from (else they are read
+        apart): see :mod:`viewmw.viewer_estimates`. Each
         shard's groups are estimated by one call in its slot, which reads its epoch too."""
         if not viewers:
             values = await get_each(self.redis, [self.shards.schemas[n].epoch for n in shards])
@@ -408,7 +412,7 @@ class ViewStats:
                 {shard: int(epoch or 0) for shard, epoch in zip(shards, values, strict=True)},
                 [None] * len(groups),
             )
-        epochs, names = merged
+        epochs, names, sketches_read = merged
         period_live = self._live_days(first, last)
         position = {day: n for n, day in enumerate(period_live, start=1)}
         by_shard: dict[int, list[ViewerGroup]] = {n: [] for n in shards}
@@ -421,8 +425,8 @@ class ViewStats:
                 group.kept = list(held.sketches.values())
                 if content_id in names:
                     group.merged, there = names[content_id]
-                    if there:
-                        group.kept = None  # the merged sketch holds them
+                    if there or not sketches_read:
+                        group.kept = None  # the merged sketch holds them, or is to be made
             else:
                 # The groups' days are runs of consecutive days: the live ones are a run too.
                 live = [position[day] for day in span if day in position]

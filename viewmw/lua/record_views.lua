@@ -53,16 +53,17 @@ local views_in_batch = (#ARGV - 7) / 14
 local next_marker = 4 + 10 * views_in_batch
 
 -- A viewer's session for one content at ``written`` (the caller's clock): views this session,
--- its start and the last counted view, or 0, nil, nil when the hash has no live field for it.
+-- its start, the last counted view and the field's expiry, or 0, nil, nil, nil when the hash has
+-- no live field for it.
 local function session_of(key, field, written)
   local packed = redis.call('HGET', key, field)
   if packed then
     local n, s, d, e = string.match(packed, '^(%d+):(%-?%d+):(%-?%d+):(%-?%d+)$')
     if n and written < tonumber(s) + tonumber(e) then
-      return tonumber(n), tonumber(s), tonumber(s) + tonumber(d)
+      return tonumber(n), tonumber(s), tonumber(s) + tonumber(d), tonumber(s) + tonumber(e)
     end
   end
-  return 0, nil, nil
+  return 0, nil, nil, nil
 end
 
 -- Drop the fields of a viewer's hash that expired by ``written``; set the next prune mark.
@@ -83,13 +84,15 @@ local function prune(key, written)
 end
 
 -- Write one content's session into the viewer's hash at ``written``: the field expires ``ttl``
--- seconds later, and the hash lives at least that long, never less than it had (another
--- content's field may need longer).
-local function save_session(key, field, views, start, last, ttl, written)
-  local value = views .. ':' .. start .. ':' .. (last - start) .. ':' .. (written + ttl - start)
+-- seconds later, or when it expired before if that is later (a view replayed from the past
+-- needs less than the live view before it did), and the hash lives at least that long, never
+-- less than it had (another content's field may need longer).
+local function save_session(key, field, views, start, last, ttl, written, expiry)
+  expiry = math.max(written + ttl, expiry or 0)
+  local value = views .. ':' .. start .. ':' .. (last - start) .. ':' .. (expiry - start)
   local added = redis.call('HSET', key, field, value)
-  if redis.call('TTL', key) < ttl then
-    redis.call('EXPIRE', key, ttl)
+  if redis.call('TTL', key) < expiry - written then
+    redis.call('EXPIRE', key, expiry - written)
   end
   if added == 1 then
     local size = redis.call('HLEN', key)
@@ -118,7 +121,7 @@ for v = 0, views_in_batch - 1 do
   elseif counted == 0 then
     local now = tonumber(ARGV[a + 1])
     local written = tonumber(ARGV[a + 13]) or now
-    local views, start, last = session_of(KEYS[k + 4], ARGV[a + 6], written)
+    local views, start, last, expiry = session_of(KEYS[k + 4], ARGV[a + 6], written)
     local earlier = redis.call('HMGET', KEYS[k + 10], 'n', 's', 'l')
     local earlier_last = tonumber(earlier[3])
     if earlier_last ~= nil and (last == nil or earlier_last > last) then
@@ -140,7 +143,7 @@ for v = 0, views_in_batch - 1 do
     else
       counted = 1
       save_session(KEYS[k + 4], ARGV[a + 6], views + 1, start, math.max(now, last or now),
-        tonumber(ARGV[a + 4]), written)
+        tonumber(ARGV[a + 4]), written, expiry)
       if earlier_last ~= nil then
         redis.call('DEL', KEYS[k + 10])
       end
