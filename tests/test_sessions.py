@@ -5,6 +5,8 @@ of earlier versions keep deciding until they expire, then move into the viewer's
 
 from __future__ import annotations
 
+from collections import Counter
+from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -15,6 +17,7 @@ from hypothesis import strategies as st
 from tests.support import GENEROUS_DEADLINES, NOON_UTC, FakeClock
 from tests.test_record_batches import RulesModel
 from viewmw import BlockReason, Limits, Settings, ViewTracker
+from viewmw.calendar_day import calendar_day
 from viewmw.keys import KeySchema
 from viewmw.outage.outbox import OutboxEvent
 
@@ -111,6 +114,94 @@ async def test_a_replayed_view_never_shortens_what_a_live_view_needs(
     clock.advance(3 * 3600)  # 13:00
     again = await tracker.track_view("story", 1, "user:1")
     assert (again.counted, again.reason) == (False, BlockReason.VIEWED_TODAY)
+
+
+@dataclass
+class ExpiringSessions:
+    """The rules with a key per (viewer, content) that expires as the per-pair hashes did: its
+    TTL (the session window or cooldown, or the rest of the view's day, and the hour of grace)
+    counted from when it was written, never lowered; a replayed view is written at the replay."""
+
+    limits: Limits
+    zone: ZoneInfo
+    sessions: dict[tuple[int, int], tuple[int, int, int, int]] = field(default_factory=dict)
+    pending: Counter[int] = field(default_factory=Counter)
+
+    def offer(self, now: int, written: int, viewer: int, content: int) -> BlockReason | None:
+        limits = self.limits
+        day = calendar_day(now, self.zone)
+        views, start, last, expiry = self.sessions.get((viewer, content), (0, None, None, 0))
+        if written >= expiry:
+            views, start, last, expiry = 0, None, None, 0
+        if start is None or now - start >= limits.session_seconds:
+            views, start = 0, now
+        cooldown = limits.view_cooldown_seconds or 0
+        if cooldown and last is not None and abs(now - last) < cooldown:
+            return BlockReason.COOLDOWN
+        if limits.one_view_per_day and last is not None and last in day:
+            return BlockReason.VIEWED_TODAY
+        if limits.max_views_per_session and views >= limits.max_views_per_session:
+            return BlockReason.SESSION_LIMIT
+        ttl = max(limits.session_seconds, cooldown, day.end - now) + 3600
+        self.sessions[viewer, content] = (
+            views + 1,
+            start,
+            max(now, last if last is not None else now),
+            max(expiry, written + ttl),
+        )
+        self.pending[content] += 1
+        return None
+
+
+@settings(
+    max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    traffic=st.lists(
+        st.tuples(
+            st.sampled_from([0, 1, 299, 300, 3600, 5000, 20_000, DAY, 2 * DAY]),
+            st.sampled_from([None, None, 60, 3600, 20_000, 40_000, DAY]),
+            st.integers(0, 1),
+            st.integers(0, 19),
+        ),
+        min_size=30,
+        max_size=120,
+    ),
+    zone=st.sampled_from(["UTC", "America/New_York", "Australia/Lord_Howe"]),
+)
+async def test_live_and_replayed_views_are_decided_as_with_a_key_per_pair(
+    any_redis: aioredis.Redis, traffic: list[tuple[int, int | None, int, int]], zone: str
+) -> None:
+    """Views now and views replayed from an outage (made up to two days before), many contents
+    per viewer: every decision is the one keys of their own would have given, pruning or not."""
+    await any_redis.flushdb()
+    clock = FakeClock(now=NOON_UTC)
+    limits = Limits(
+        max_views_per_session=2,
+        session_seconds=3600,
+        max_daily_views_per_user=None,
+        view_cooldown_seconds=300,
+    )
+    tracker = ViewTracker(
+        any_redis,
+        None,
+        Settings(limits=limits, timezone=zone, **GENEROUS_DEADLINES),
+        clock=clock,
+        pipelining=False,
+    )
+    model = ExpiringSessions(limits, ZoneInfo(zone))
+    for step, age, viewer, content in traffic:
+        clock.advance(step)
+        now = int(clock.now)
+        if age is None:
+            result = await tracker.track_view("story", content, f"user:{viewer}")
+            assert result.reason == model.offer(now, now, viewer, content)
+        else:
+            event = OutboxEvent.new("story", str(content), f"user:{viewer}", now - age)
+            counted = model.offer(now - age, now, viewer, content) is None
+            assert await tracker.replay([event]) == [counted]
+    for content, counted in model.pending.items():
+        assert await any_redis.get(KEYS.pending("story", str(content))) == str(counted).encode()
 
 
 @pytest.mark.parametrize("replayed_first", [True, False])
