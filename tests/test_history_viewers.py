@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from datetime import timedelta
+from datetime import date, timedelta
 from typing import Any
 
 import pytest
@@ -72,6 +72,39 @@ async def offer(tracker: ViewTracker, content_id: int, viewers: range) -> int:
         )
         counted += sum(result.counted for result in results)
     return counted
+
+
+async def five_days(
+    backend: tuple[Any, Store, Settings], clock: FakeClock
+) -> tuple[ViewTracker, ViewSync, ViewStats]:
+    """Content n viewed on the last n + 1 of five days (5 viewers a day, 2 of them new), a
+    retention of one day: most days' viewers are in the history's sketches alone."""
+    tracker, sync, stats = make(*backend, clock, history_retention_days=1)
+    for day in range(5):
+        for n in range(1, 5):
+            if day >= 4 - n:
+                await offer(tracker, n, range(2 * day, 2 * day + 5))
+        await sync.run()
+        clock.advance(DAY)
+    clock.advance(-DAY)
+    await offer(tracker, 1, range(100, 103))  # pending today
+    await offer(tracker, 9, range(3))  # only pending
+    return tracker, sync, stats
+
+
+def spy_on_sketches(stats: ViewStats) -> list[date | None]:
+    """Each history statement's ``sketches_before`` (``None``: no sketch read)."""
+    history = stats._history
+    assert history is not None
+    asked: list[date | None] = []
+    totals = history.totals
+
+    async def spied(*args: Any, sketches_before: date | None) -> Any:
+        asked.append(sketches_before)
+        return await totals(*args, sketches_before=sketches_before)
+
+    history.totals = spied  # type: ignore[method-assign]
+    return asked
 
 
 async def test_small_counts_are_exact_and_days_merge(
@@ -215,17 +248,7 @@ async def test_many_contents_merge_their_own_sketches_only(
     though the read shares its scratch keys between the contents (of a shard, on a cluster),
     and none is left behind."""
     redis = backend[0]
-    tracker, sync, stats = make(*backend, clock, history_retention_days=1)
-    # Content n is viewed on the last n + 1 of five days, by 5 viewers a day, 2 of them new.
-    for day in range(5):
-        for n in range(1, 5):
-            if day >= 4 - n:
-                await offer(tracker, n, range(2 * day, 2 * day + 5))
-        await sync.run()
-        clock.advance(DAY)
-    clock.advance(-DAY)
-    await offer(tracker, 1, range(100, 103))  # pending today, not synced
-    await offer(tracker, 9, range(3))  # only pending
+    _, _, stats = await five_days(backend, clock)
 
     counts = await stats.views_many("story", [1, 2, 3, 4, 9, 10], Period.last_days(5))
     expected_viewers = {"1": 10, "2": 9, "3": 11, "4": 13, "9": 3, "10": 0}
@@ -243,16 +266,7 @@ async def test_many_contents_merge_their_own_sketches_only(
     assert [key async for key in redis.scan_iter(match="*scratch*")] == []
 
     # Views alone: the same counts, no estimate, and neither a sketch read nor a merge.
-    history = stats._history
-    assert history is not None
-    asked: list[object] = []
-    totals = history.totals
-
-    async def spied(*args: Any, sketches_before: Any) -> Any:
-        asked.append(sketches_before)
-        return await totals(*args, sketches_before=sketches_before)
-
-    history.totals = spied  # type: ignore[method-assign]
+    asked = spy_on_sketches(stats)
     stats.scripts = dataclasses.replace(stats.scripts, count_viewers=None)  # a merge would fail
     views_only = await stats.views_many(
         "story", [1, 2, 3, 4, 9, 10], Period.last_days(5), unique_viewers=False

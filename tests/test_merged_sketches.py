@@ -15,47 +15,14 @@ import redis.asyncio as aioredis
 from sqlalchemy import update
 
 from tests.support import FakeClock
-from tests.test_history_viewers import DAY, backend, make, offer
+from tests.test_history_viewers import DAY, backend, five_days, make, offer, spy_on_sketches
 from tests.test_sync import Hook, InjectedCrash
-from viewmw import Period, Settings, Store, ViewStats, ViewSync, ViewTracker, analytics, daily_views
+from viewmw import Period, Settings, Store, ViewStats, ViewSync, analytics, daily_views
 from viewmw.viewer_estimates import MERGED_SKETCH_MS
 
 __all__ = ["backend"]  # a fixture, imported to be used here
 
 IDS = [1, 2, 3, 4, 9, 10]
-
-
-async def five_days(
-    backend: tuple[Any, Store, Settings], clock: FakeClock
-) -> tuple[ViewTracker, ViewSync, ViewStats]:
-    """Content n viewed on the last n + 1 of five days (5 viewers a day, 2 of them new), a
-    retention of one day: most days' viewers are in the history's sketches alone."""
-    tracker, sync, stats = make(*backend, clock, history_retention_days=1)
-    for day in range(5):
-        for n in range(1, 5):
-            if day >= 4 - n:
-                await offer(tracker, n, range(2 * day, 2 * day + 5))
-        await sync.run()
-        clock.advance(DAY)
-    clock.advance(-DAY)
-    await offer(tracker, 1, range(100, 103))  # pending today
-    await offer(tracker, 9, range(3))  # only pending
-    return tracker, sync, stats
-
-
-def spy_on_sketches(stats: ViewStats) -> list[date | None]:
-    """Each history statement's ``sketches_before`` (``None``: no sketch read)."""
-    history = stats._history
-    assert history is not None
-    asked: list[date | None] = []
-    totals = history.totals
-
-    async def spied(*args: Any, sketches_before: date | None) -> Any:
-        asked.append(sketches_before)
-        return await totals(*args, sketches_before=sketches_before)
-
-    history.totals = spied  # type: ignore[method-assign]
-    return asked
 
 
 def merging_every_sketch(stats: ViewStats) -> ViewStats:

@@ -404,8 +404,8 @@ class ViewStats:
         ``merged``: the epochs the read saw, each id's merged kept sketch of that epoch (its
         name, and whether Redis has it) for whole-period groups that may use one, and whether
         ``days`` holds the kept sketches to make the missing ones from (else they are read
-        apart): see :mod:`viewmw.viewer_estimates`. Each
-        shard's groups are estimated by one call in its slot, which reads its epoch too."""
+        apart): see :mod:`viewmw.viewer_estimates`. Each shard's groups are estimated by one
+        call in its slot, which reads its epoch too."""
         if not viewers:
             values = await get_each(self.redis, [self.shards.schemas[n].epoch for n in shards])
             return (

@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from redis.commands.core import AsyncScript
 from redis.exceptions import ResponseError
 
 from viewmw.errors import ConfigurationError
@@ -229,15 +230,9 @@ class KeyMigration:
                 args = wanted.setdefault(keys.sessions(match["viewer"]), [0])
                 args[0] = max(args[0], int(ttl))
                 args += (_text(field), _text(value))
-        items = list(wanted.items())
-        for start in range(0, len(items), _CONCURRENT):
-            chunk = items[start : start + _CONCURRENT]
-            replies = await asyncio.gather(
-                *(self.scripts.restore_sessions(keys=[name], args=args) for name, args in chunk)
-            )
-            copied = sum(map(int, replies))
-            report.sessions += copied
-            report.already_there += sum(len(args) // 2 for _, args in chunk) - copied
+        copied = sum(await _each(self.scripts.restore_sessions, list(wanted.items())))
+        report.sessions += copied
+        report.already_there += sum(len(args) // 2 for args in wanted.values()) - copied
 
     async def _copy_daily(self, page: list[str], report: MigrationReport) -> None:
         parsed = [(key, match) for key in page if (match := self._parsed(key, _DAILY)) is not None]
@@ -262,18 +257,10 @@ class KeyMigration:
             for (_, match), count, ttl in zip(parsed, counts, kinds_and_ttls[1::2], strict=True)
             if count is not None and int(ttl) > 0  # not expired since the SCAN
         ]
-        # Concurrently, a few at a time: a cluster pipeline takes no scripts.
-        for start in range(0, len(wanted), _CONCURRENT):
-            chunk = wanted[start : start + _CONCURRENT]
-            replies = await asyncio.gather(
-                *(
-                    self.scripts.restore_daily(keys=[name], args=[count, ttl, shape])
-                    for name, count, ttl in chunk
-                )
-            )
-            copied = sum(map(int, replies))
-            report.daily_counters += copied
-            report.already_there += len(chunk) - copied
+        calls = [(name, [count, ttl, shape]) for name, count, ttl in wanted]
+        copied = sum(await _each(self.scripts.restore_daily, calls))
+        report.daily_counters += copied
+        report.already_there += len(calls) - copied
 
     async def _copy_markers(self, page: list[str], report: MigrationReport) -> None:
         events = {
@@ -297,6 +284,17 @@ class _Dumped:
     name: str
     payload: bytes
     ttl: int
+
+
+async def _each(script: AsyncScript, calls: list[tuple[str, list[Any]]]) -> list[int]:
+    """``script`` run once per (key, arguments), concurrently, a few at a time: a cluster
+    pipeline takes no scripts. Its replies, as integers, in order."""
+    replies: list[int] = []
+    for start in range(0, len(calls), _CONCURRENT):
+        chunk = calls[start : start + _CONCURRENT]
+        done = await asyncio.gather(*(script(keys=[key], args=args) for key, args in chunk))
+        replies += map(int, done)
+    return replies
 
 
 def _text(value: object) -> str:

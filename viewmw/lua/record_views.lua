@@ -43,6 +43,7 @@
 -- fields left by the last pruning, at least 16), so that pruning costs little per view.
 -- Earlier versions kept a hash per pair (the last key of a view): it is read as well, the more
 -- recent of the two states wins, and a counted view moves the pair into the viewer's hash.
+
 local session_limit = tonumber(ARGV[1])
 local session_seconds = tonumber(ARGV[2])
 local daily_limit = tonumber(ARGV[3])
@@ -51,6 +52,7 @@ local cooldown = tonumber(ARGV[5])
 local uniques = ARGV[7] == '1'
 local views_in_batch = (#ARGV - 7) / 14
 local next_marker = 4 + 10 * views_in_batch
+local session_field = '^(%d+):(%-?%d+):(%-?%d+):(%-?%d+)$'  -- n:s:d:e
 
 -- A viewer's session for one content at ``written`` (the caller's clock): views this session,
 -- its start, the last counted view and the field's expiry, or 0, nil, nil, nil when the hash has
@@ -58,7 +60,7 @@ local next_marker = 4 + 10 * views_in_batch
 local function session_of(key, field, written)
   local packed = redis.call('HGET', key, field)
   if packed then
-    local n, s, d, e = string.match(packed, '^(%d+):(%-?%d+):(%-?%d+):(%-?%d+)$')
+    local n, s, d, e = string.match(packed, session_field)
     if n and written < tonumber(s) + tonumber(e) then
       return tonumber(n), tonumber(s), tonumber(s) + tonumber(d), tonumber(s) + tonumber(e)
     end
@@ -72,7 +74,7 @@ local function prune(key, written)
   local left = 0
   for i = 1, #fields, 2 do
     if fields[i] ~= '~' then
-      local _, s, _, e = string.match(fields[i + 1], '^(%d+):(%-?%d+):(%-?%d+):(%-?%d+)$')
+      local _, s, _, e = string.match(fields[i + 1], session_field)
       if s == nil or written >= tonumber(s) + tonumber(e) then
         redis.call('HDEL', key, fields[i])
       else
