@@ -388,7 +388,11 @@ async def test_a_view_refused_while_its_shard_moves_waits_in_the_outbox_and_keep
 
             kept = await resilient.track_view("story", "7", "user:2")
             assert kept.queued and not kept.counted
-            assert cluster.pauses == list(_TRYAGAIN_PAUSES)
+            # Every pause taken, then refused. On a loaded machine the request's deadline can
+            # pass during the tries: the view then goes to the outbox on the outage path, whose
+            # own try meets the same refusals; either way the view waits in the outbox once.
+            pauses = list(_TRYAGAIN_PAUSES)
+            assert cluster.pauses in (pauses, pauses * 2), cluster.pauses
             await tracker.drain()  # the place's release
             assert int(await redis.hget(place, "n") or 0) == 0
             assert await outbox.counts("story", ["7"]) == {"7": 1}
