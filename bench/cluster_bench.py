@@ -1,5 +1,6 @@
 """Views per second and Redis memory per view on a local 3-primary Redis Cluster,
-against one Redis server of the same build, on the same machine, in one run; and the time of
+against one Redis server of the same build, on the same machine, in one run; the memory of the
+viewers' own keys (sessions and daily counters) per (viewer, content) pair; and the time of
 two history reads on the views each round leaves: ``views_many`` of 100 ids and ``top(limit=10)``
 of the last 7 days (Redis' side alone: no database, so the figures are the Redis calls').
 
@@ -15,6 +16,7 @@ import statistics
 import time
 from typing import Any
 
+import redis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
@@ -27,6 +29,9 @@ CONTENTS_PER_VIEWER = 5
 WAVE = 500  # views offered at once, as concurrent requests would
 READS = 20  # times each history read is timed per round (the median is kept)
 LEADERS = 60  # contents with distinct counts for the ranking
+# The keys a viewer leaves, one set per (viewer, content) pair it reads: everything else is
+# per content (counters, days, sketches, rankings) and shared by all of the content's viewers.
+VIEWER_KEYS = (b"viewed:", b"daily_views:")
 
 
 async def _used_memory(redis: Any, clustered: bool) -> int:
@@ -41,6 +46,49 @@ async def _flush(redis: Any, clustered: bool) -> None:
         await redis.flushall(target_nodes=RedisCluster.PRIMARIES)
     else:
         await redis.flushall()
+
+
+def _drop_content_keys(nodes: list[redis.Redis]) -> None:
+    """Delete every key but the viewers' own on each node (``nodes``: every primary)."""
+    for node in nodes:
+        doomed = [key for key in node.scan_iter(count=1000) if not key.startswith(VIEWER_KEYS)]
+        # One key per command: a cluster node refuses keys of several slots in one.
+        for start in range(0, len(doomed), 1000):
+            with node.pipeline(transaction=False) as pipe:
+                for key in doomed[start : start + 1000]:
+                    pipe.unlink(key)
+                pipe.execute()
+
+
+async def _bytes_per_pair(
+    client: Any, nodes: list[redis.Redis], tracker: ViewTracker, views: int, offset: int
+) -> float:
+    """Bytes of the viewers' own keys per (viewer, content) pair: ``views`` views of distinct
+    pairs on a flushed server, with every per-content key deleted before and after (their
+    memory is per content, not per pair). ``INFO memory`` counts what the keys' TTLs cost too."""
+    clustered = isinstance(client, RedisCluster)
+    await _flush(client, clustered)
+    for n in range(200):  # scripts loaded, the warm-up viewer's keys made
+        await tracker.track_view("story", f"warm{n}", "user:warmup")
+    await tracker.drain()
+    _drop_content_keys(nodes)
+    before = await _used_memory(client, clustered)
+    await _offer(tracker, range(offset, offset + views))
+    await tracker.drain()
+    _drop_content_keys(nodes)
+    return (await _used_memory(client, clustered) - before) / views
+
+
+async def _offer(tracker: ViewTracker, numbers: range) -> None:
+    """View ``n`` of ``numbers``: content ``n % CONTENTS`` by viewer ``n // CONTENTS_PER_VIEWER``,
+    ``WAVE`` views at once, as concurrent requests would offer them."""
+    for start in range(numbers.start, numbers.stop, WAVE):
+        await asyncio.gather(
+            *(
+                tracker.track_view("story", n % CONTENTS, f"anon:{n // CONTENTS_PER_VIEWER:016d}")
+                for n in range(start, min(start + WAVE, numbers.stop))
+            )
+        )
 
 
 async def _reads(tracker: ViewTracker) -> tuple[float, float]:
@@ -72,44 +120,46 @@ async def _reads(tracker: ViewTracker) -> tuple[float, float]:
 
 
 async def _round(
-    redis: Any, settings: Settings, views: int, offset: int
-) -> tuple[float, float, float, float]:
+    client: Any, nodes: list[redis.Redis], settings: Settings, views: int, offset: int
+) -> tuple[float, float, float, float, float]:
     """Views per second and bytes of Redis memory (every node) per view, for ``views`` views;
-    then the seconds of the two history reads on what they left."""
+    then the seconds of the two history reads on what they left; then the bytes per pair of the
+    viewers' own keys (``nodes``: a plain client of every primary)."""
     clustered = settings.redis_cluster is not None
-    await _flush(redis, clustered)
+    await _flush(client, clustered)
     # Views go as a built tracker sends them: on a lean connection to the one server, on one
     # such connection per primary of the cluster.
     assert settings.redis_url is not None
     connection = (
-        NodeConnections(redis, reply_timeout=30.0)
+        NodeConnections(client, reply_timeout=30.0)
         if clustered
         else ScriptConnection.from_url(settings.redis_url, reply_timeout=30.0)
     )
-    tracker = ViewTracker(redis, None, settings, script_connection=connection)
+    tracker = ViewTracker(client, None, settings, script_connection=connection)
     for n in range(200):  # warm up: scripts loaded on every node, shared keys made
         await tracker.track_view("story", f"warm{n}", "user:warmup")
-    before = await _used_memory(redis, clustered)
+    before = await _used_memory(client, clustered)
     started = time.perf_counter()
-    for start in range(offset, offset + views, WAVE):
-        await asyncio.gather(
-            *(
-                tracker.track_view("story", n % CONTENTS, f"anon:{n // CONTENTS_PER_VIEWER:016d}")
-                for n in range(start, min(start + WAVE, offset + views))
-            )
-        )
+    await _offer(tracker, range(offset, offset + views))
     elapsed = time.perf_counter() - started
     await tracker.drain()
-    after = await _used_memory(redis, clustered)
+    after = await _used_memory(client, clustered)
     views_many, top = await _reads(tracker)
+    per_pair = await _bytes_per_pair(client, nodes, tracker, views, offset)
     if connection is not None:
         await connection.aclose()
-    return views / elapsed, (after - before) / views, views_many, top
+    return views / elapsed, (after - before) / views, views_many, top, per_pair
 
 
 async def run_cluster_bench(views: int, rounds: int) -> dict[str, dict[str, float]]:
     """Alternating rounds on one server and on the cluster; medians per backend."""
-    measures = ("views_per_second", "bytes_per_view", "views_many_seconds", "top_seconds")
+    measures = (
+        "views_per_second",
+        "bytes_per_view",
+        "views_many_seconds",
+        "top_seconds",
+        "bytes_per_pair",
+    )
     figures: dict[str, dict[str, list[float]]] = {
         name: {measure: [] for measure in measures} for name in ("single", "cluster")
     }
@@ -119,18 +169,22 @@ async def run_cluster_bench(views: int, rounds: int) -> dict[str, dict[str, floa
         cluster_settings = Settings(redis_url=cluster.url, redis_timeout=30.0)
         single = aioredis.Redis.from_url(url)
         clustered = connect_redis_cluster(cluster_settings)
+        single_nodes = [redis.Redis.from_url(url)]
+        cluster_nodes = [cluster.client(node) for node in cluster.nodes]
         try:
             for round_ in range(rounds):
-                for name, redis, settings in (
-                    ("single", single, single_settings),
-                    ("cluster", clustered, cluster_settings),
+                for name, client, nodes, settings in (
+                    ("single", single, single_nodes, single_settings),
+                    ("cluster", clustered, cluster_nodes, cluster_settings),
                 ):
-                    measured = await _round(redis, settings, views, round_ * views)
+                    measured = await _round(client, nodes, settings, views, round_ * views)
                     for measure, value in zip(measures, measured, strict=True):
                         figures[name][measure].append(value)
         finally:
             await single.aclose()
             await clustered.aclose()
+            for node in single_nodes + cluster_nodes:
+                node.close()
     return {
         name: {key: statistics.median(values) for key, values in measured.items()}
         for name, measured in figures.items()
@@ -151,6 +205,10 @@ def main() -> None:
     print(
         f"3-primary cluster: {cluster['views_per_second']:,.0f} views/s, "
         f"{cluster['bytes_per_view']:.0f} B of Redis memory per view (every key it leaves)"
+    )
+    print(
+        f"the viewers' own keys per (viewer, content) pair: one server "
+        f"{single['bytes_per_pair']:.1f} B, cluster {cluster['bytes_per_pair']:.1f} B"
     )
     print(
         f"cluster / one server: "
