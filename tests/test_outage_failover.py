@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from collections import Counter
 
@@ -110,6 +111,38 @@ async def test_refused_connections_open_the_breaker_after_three(
     assert [r.queued for r in results] == [True] * 5
     assert failover.breaker.opened_count == 1
     assert await Outbox(store.engine).counts("story", ["1"]) == {"1": 5}
+
+
+async def test_a_view_kept_whose_count_cannot_be_read_says_which_part_failed(
+    store: Store,
+    settings: Settings,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from tests.asgi_support import free_port
+    from viewmw.assembly import connect_redis
+
+    async def database_gone(*_: object) -> object:
+        raise OSError("the database went away")
+
+    down = connect_redis(settings.replace(redis_url=f"redis://127.0.0.1:{free_port()}/0"))
+    failover = resilient(
+        ViewTracker(down, store, settings, clock=clock), store, ScriptedProbe(), FakeClock(0.0)
+    )
+    monkeypatch.setattr(store, "read_counts", database_gone)
+    try:
+        with caplog.at_level(logging.ERROR, logger="viewmw"):
+            result = await failover.track_view("story", "1", "user:1")
+    finally:
+        await failover.aclose()
+        await down.aclose()
+    # The view is kept; only the count shown with it is missing, and the log says so.
+    assert result.queued and result.count is None
+    assert await Outbox(store.engine).counts("story", ["1"]) == {"1": 1}
+    [line] = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert "reading a count from the database during a Redis outage failed" in line
+    assert line.endswith("the response went out without a count")
 
 
 async def test_a_hanging_redis_is_found_by_the_probe_timed_off_the_loop() -> None:

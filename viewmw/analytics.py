@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
 from sqlalchemy import select
@@ -32,7 +32,7 @@ from viewmw.periods import DayCount, Period, PeriodCount
 from viewmw.replies import text_of
 from viewmw.scripts import Scripts
 from viewmw.settings import Settings
-from viewmw.shard_reads import ShardCall, exists_each, get_each, group_by_shard, run_on_shards
+from viewmw.shard_reads import ShardCall, get_each, group_by_shard, run_on_shards
 from viewmw.store import Store, sync_batches
 from viewmw.sync import decode_days
 from viewmw.trending import top_round
@@ -259,15 +259,25 @@ class ViewStats:
         shard's moment is checked by its own epoch, since a sync moves each shard's views in
         batches of its own."""
         by_shard = group_by_shard(self.shards, content_type, ids)
+        # Between two syncs a period's kept sketches are read once, then merged in Redis: the
+        # same call asks whether each content's merged sketch of the epoch it reads exists.
+        span = self._kept_span(first, last) if viewers and summed and self._merges(first) else None
         calls: list[ShardCall] = []
         for shard, shard_ids in by_shard.items():
             keys = self.shards.schemas[shard]
+            merged_names = (
+                []
+                if span is None
+                else [keys.merged_sketch_template(content_type, i, *span) for i in shard_ids]
+            )
             calls.append(
                 (
                     [keys.epoch, keys.sync_batch, *(keys.days(content_type, i) for i in shard_ids)],
                     [
                         keys.sync_batch_days_template,
+                        "0" if span is None else "1",
                         *(KeySchema.member(content_type, i) for i in shard_ids),
+                        *merged_names,
                     ],
                 )
             )
@@ -276,10 +286,10 @@ class ViewStats:
             epochs = {shard: int(reply[0]) for shard, reply in zip(by_shard, replies, strict=True)}
             batches = [text_of(reply[1]) for reply in replies]
             committed = await self._committed(batches)
-            # Between two syncs a period's kept sketches are read once, then merged in Redis.
+            # A batch whose commit could change the history within the epoch: no merged sketch.
             merged: dict[str, tuple[str, bool]] = {}
-            if viewers and summed and self._merges(first, batches):
-                merged = await self._merged_sketches(content_type, ids, first, last, epochs)
+            if span is not None and not any(batches):
+                merged = self._merged_sketches(content_type, by_shard, replies, span, epochs)
             # The sketches come with the counts when no merged sketch can serve, or when most
             # are missing (the first read after a sync); a few missing ones are read apart.
             missing = sum(not there for _, there in merged.values())
@@ -309,45 +319,39 @@ class ViewStats:
             return days, uniques
         raise ServiceUnavailableError("syncs kept moving views during the read; try again")
 
-    def _merges(self, first: date | None, batches: list[str]) -> bool:
-        """Whether a period from ``first`` may use merged kept sketches: it has kept days (before
-        the per-day keys' retention), and no shard has a batch whose commit could change the
-        history within the read's epoch."""
+    def _merges(self, first: date | None) -> bool:
+        """Whether a period from ``first`` may use merged kept sketches: it has kept days
+        (before the per-day keys' retention) and there is a history to keep them."""
         oldest_live = self.today() - timedelta(days=self.settings.history_retention_days)
         kept = first is None or first < oldest_live
-        return kept and self._history is not None and not any(batches)
+        return kept and self._history is not None
 
-    async def _merged_sketches(
-        self,
-        content_type: str,
-        ids: list[str],
-        first: date | None,
-        last: date | None,
-        epochs: dict[int, int],
-    ) -> dict[str, tuple[str, bool]]:
-        """Each id's merged kept sketch of the period in ``epochs``: its name, and whether
-        Redis has it (one ``EXISTS`` each, pipelined) or the read is to make it."""
+    def _kept_span(self, first: date | None, last: date | None) -> tuple[str, str]:
+        """The first and last kept day of a period, as a merged sketch's name holds them."""
         live = self._live_days(first, last)
         kept_until = (live[0] if live else self.today()) - timedelta(days=1)
         if last is not None:
             kept_until = min(kept_until, last)
-        names = []
-        for content_id in ids:
-            shard = self.shards.index(content_type, content_id)
-            names.append(
-                self.shards.schemas[shard].merged_sketch(
-                    content_type,
-                    content_id,
-                    "start" if first is None else first.isoformat(),
-                    kept_until.isoformat(),
-                    epochs[shard],
-                )
-            )
-        there = await exists_each(self.redis, names)
-        return {
-            content_id: (name, bool(found))
-            for content_id, name, found in zip(ids, names, there, strict=True)
-        }
+        return ("start" if first is None else first.isoformat(), kept_until.isoformat())
+
+    def _merged_sketches(
+        self,
+        content_type: str,
+        by_shard: dict[int, list[str]],
+        replies: list[Any],
+        span: tuple[str, str],
+        epochs: dict[int, int],
+    ) -> dict[str, tuple[str, bool]]:
+        """Each id's merged kept sketch of ``span`` in the epoch its shard's ``read_days``
+        read: its name, and whether that call found it (else the read is to make it)."""
+        merged: dict[str, tuple[str, bool]] = {}
+        for (shard, shard_ids), reply in zip(by_shard.items(), replies, strict=True):
+            keys = self.shards.schemas[shard]
+            found = reply[2 + 2 * len(shard_ids) :]
+            for content_id, there in zip(shard_ids, found, strict=True):
+                name = keys.merged_sketch(content_type, content_id, *span, epochs[shard])
+                merged[content_id] = (name, bool(int(there)))
+        return merged
 
     async def _committed(self, batch_ids: Iterable[str]) -> frozenset[str]:
         """Which of ``batch_ids`` (``""``: no batch) the ledger holds: one query, and none

@@ -232,7 +232,7 @@ class KeySchema:
         return f"{self.prefix}viewmw:blocked:{day}{self._of_shard}"
 
     def merged_sketch(
-        self, content_type: str, content_id: str, first: str, last: str, epoch: int
+        self, content_type: str, content_id: str, first: str, last: str, epoch: int | str
     ) -> str:
         """The viewers of one content's days ``first`` to ``last`` (``start``: from its first
         day) as the history's sketches hold them, merged by a read for the next reads of the
@@ -301,6 +301,12 @@ class KeySchema:
         """:meth:`uniques` as a ``string.format`` template of (type, day, id): the order in
         which the key names them."""
         return self._escaped.uniques("%s", "%s", "%s")
+
+    def merged_sketch_template(
+        self, content_type: str, content_id: str, first: str, last: str
+    ) -> str:
+        """:meth:`merged_sketch` as a ``string.format`` template of (epoch)."""
+        return self._escaped.merged_sketch(content_type, content_id, first, last, "%s")
 
     # Patterns for SCAN (statistics and cleanup only; never on the request path).
     @property

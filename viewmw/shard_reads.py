@@ -69,14 +69,6 @@ async def get_each(redis: Any, keys: Sequence[str]) -> list[Any]:
         return list(await pipe.execute())
 
 
-async def exists_each(redis: Any, keys: Sequence[str]) -> list[bool]:
-    """Whether each key (of any slots) exists: one pipeline (per node)."""
-    async with redis.pipeline(transaction=False) as pipe:
-        for key in keys:
-            pipe.exists(key)
-        return [bool(found) for found in await pipe.execute()]
-
-
 def group_by_shard(
     shards: ContentShards, content_type: str, ids: Sequence[str]
 ) -> dict[int, list[str]]:

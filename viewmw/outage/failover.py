@@ -85,7 +85,15 @@ class ResilientTracker:
         self._keeping: set[asyncio.Task[None]] = set()  # deferred views on their way to the outbox
         self._closed = False
         self._replaying: asyncio.Task[None] | None = None
-        self._errors = ErrorLog(what="view tracking during a Redis outage")
+        # One log per consequence: a line names what failed and what it cost.
+        self._count_errors = ErrorLog(
+            what="reading a count from the database during a Redis outage"
+        )
+        self._deferred_errors = ErrorLog(what="a deferred view", consequence="it was not counted")
+        self._replay_errors = ErrorLog(
+            what="replaying the outbox",
+            consequence="its views wait there for the next replay",
+        )
         self.late_replies = 0
         self.metrics = recorder()
 
@@ -194,14 +202,14 @@ class ResilientTracker:
                 self._keeping.add(task)
                 task.add_done_callback(self._keeping.discard)
         else:
-            self._errors.report(exc)
+            self._deferred_errors.report(exc)
 
     async def _keep(self, content_type: str, content_id: str, viewer: str, at: float) -> None:
         """:meth:`_queue` for a view nobody waits for (the deferred mode)."""
         try:
             await self._queue(content_type, content_id, viewer, at)
         except Exception as exc:
-            self._errors.report(exc)
+            self._deferred_errors.report(exc)
 
     async def _queue(
         self, content_type: str, content_id: str, viewer: str, at: float | None = None
@@ -289,7 +297,7 @@ class ResilientTracker:
                     database.inconclusive()  # our deadline, not the database's failure
                 else:
                     database.failure()
-                self._errors.report(exc)
+                self._count_errors.report(exc)
             else:
                 database.success()
                 for content_id in stale:
@@ -363,7 +371,7 @@ class ResilientTracker:
                 return  # the database still refuses them; the next success tries again
             await self.replayer.replay()
         except Exception as exc:
-            self._errors.report(exc)
+            self._replay_errors.report(exc)
             return
         self._backlog = bool(self.outbox.in_memory)
         self._outage_counts.clear()
