@@ -49,31 +49,33 @@ async def _flush(redis: Any, clustered: bool) -> None:
 
 
 def _drop_content_keys(nodes: list[redis.Redis]) -> None:
-    """Delete every key but the viewers' own on each node (``nodes``: every primary)."""
+    """Delete every key but the viewers' own on each node (``nodes``: every primary). ``DEL``,
+    not ``UNLINK``: a large value's memory must be freed before ``INFO memory`` is read."""
     for node in nodes:
         doomed = [key for key in node.scan_iter(count=1000) if not key.startswith(VIEWER_KEYS)]
         # One key per command: a cluster node refuses keys of several slots in one.
         for start in range(0, len(doomed), 1000):
             with node.pipeline(transaction=False) as pipe:
                 for key in doomed[start : start + 1000]:
-                    pipe.unlink(key)
+                    pipe.delete(key)
                 pipe.execute()
 
 
 async def _bytes_per_pair(
     client: Any, nodes: list[redis.Redis], tracker: ViewTracker, views: int, offset: int
 ) -> float:
-    """Bytes of the viewers' own keys per (viewer, content) pair: ``views`` views of distinct
-    pairs on a flushed server, with every per-content key deleted before and after (their
-    memory is per content, not per pair). ``INFO memory`` counts what the keys' TTLs cost too."""
+    """Bytes of the viewers' own keys per (viewer, content) pair, on a flushed server: the
+    memory ``views`` views of new pairs add, over the same contents, after as many views made
+    the keyspace's tables as large as the content keys make them (Redis keeps a table's size
+    while it is over a tenth full). Every per-content key is deleted before each reading (its
+    memory is per content, not per pair); ``INFO memory`` counts what the keys' TTLs cost too."""
     clustered = isinstance(client, RedisCluster)
     await _flush(client, clustered)
-    for n in range(200):  # scripts loaded, the warm-up viewer's keys made
-        await tracker.track_view("story", f"warm{n}", "user:warmup")
+    await _offer(tracker, range(offset, offset + views))
     await tracker.drain()
     _drop_content_keys(nodes)
     before = await _used_memory(client, clustered)
-    await _offer(tracker, range(offset, offset + views))
+    await _offer(tracker, range(offset + views, offset + 2 * views))
     await tracker.drain()
     _drop_content_keys(nodes)
     return (await _used_memory(client, clustered) - before) / views

@@ -131,7 +131,10 @@ async def test_a_merged_sketch_that_expires_during_the_read_is_made_again(
         return found
 
     monkeypatch.setattr(stats, "_rows", rows_then_gone)
+    asked = spy_on_sketches(stats)
     assert await stats.views_many("story", IDS, Period.last_days(5)) == expected
+    # Found at first (the counts came alone), then made again from their own sketches.
+    assert len(asked) == 2 and asked[0] is None and asked[1] is not None
     assert len(await merged_keys(redis)) == len(IDS)
 
 

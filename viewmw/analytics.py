@@ -259,29 +259,13 @@ class ViewStats:
         shard's moment is checked by its own epoch, since a sync moves each shard's views in
         batches of its own."""
         by_shard = group_by_shard(self.shards, content_type, ids)
-        # Between two syncs a period's kept sketches are read once, then merged in Redis: the
-        # same call asks whether each content's merged sketch of the epoch it reads exists.
-        span = self._kept_span(first, last) if viewers and summed and self._merges(first) else None
-        calls: list[ShardCall] = []
-        for shard, shard_ids in by_shard.items():
-            keys = self.shards.schemas[shard]
-            merged_names = (
-                []
-                if span is None
-                else [keys.merged_sketch_template(content_type, i, *span) for i in shard_ids]
-            )
-            calls.append(
-                (
-                    [keys.epoch, keys.sync_batch, *(keys.days(content_type, i) for i in shard_ids)],
-                    [
-                        keys.sync_batch_days_template,
-                        "0" if span is None else "1",
-                        *(KeySchema.member(content_type, i) for i in shard_ids),
-                        *merged_names,
-                    ],
-                )
-            )
+        merges = viewers and summed and self._merges(first)
         for _attempt in range(_READ_ATTEMPTS):
+            # Between two syncs a period's kept sketches are read once, then merged in Redis:
+            # the call that reads the days asks whether each content's merged sketch of the
+            # epoch it reads exists. Its days are those of this attempt's today.
+            span = self._kept_span(first, last) if merges else None
+            calls = self._read_days_calls(content_type, by_shard, span)
             replies = await run_on_shards(self.redis, self.scripts.read_days, calls)
             epochs = {shard: int(reply[0]) for shard, reply in zip(by_shard, replies, strict=True)}
             batches = [text_of(reply[1]) for reply in replies]
@@ -318,6 +302,31 @@ class ViewStats:
                 continue  # a sync moved views between Redis and the database: read again
             return days, uniques
         raise ServiceUnavailableError("syncs kept moving views during the read; try again")
+
+    def _read_days_calls(
+        self, content_type: str, by_shard: dict[int, list[str]], span: tuple[str, str] | None
+    ) -> list[ShardCall]:
+        """One ``read_days`` call per shard; with ``span``, asking for its merged sketches."""
+        calls: list[ShardCall] = []
+        for shard, shard_ids in by_shard.items():
+            keys = self.shards.schemas[shard]
+            merged_names = (
+                []
+                if span is None
+                else [keys.merged_sketch_template(content_type, i, *span) for i in shard_ids]
+            )
+            calls.append(
+                (
+                    [keys.epoch, keys.sync_batch, *(keys.days(content_type, i) for i in shard_ids)],
+                    [
+                        keys.sync_batch_days_template,
+                        "0" if span is None else "1",
+                        *(KeySchema.member(content_type, i) for i in shard_ids),
+                        *merged_names,
+                    ],
+                )
+            )
+        return calls
 
     def _merges(self, first: date | None) -> bool:
         """Whether a period from ``first`` may use merged kept sketches: it has kept days

@@ -32,7 +32,10 @@ for i = 3, #KEYS do
 end
 if ARGV[2] == '1' then
   for i = 1, contents do
-    out[#out + 1] = redis.call('EXISTS', string.format(ARGV[2 + contents + i], epoch))
+    -- Not among KEYS: while its slot moves, a cluster node may refuse a key it does not hold.
+    -- Taken as missing, the sketch is then made by count_viewers, which names it.
+    local found = redis.pcall('EXISTS', string.format(ARGV[2 + contents + i], epoch))
+    out[#out + 1] = type(found) == 'number' and found or 0
   end
 end
 return out

@@ -89,7 +89,9 @@ class ResilientTracker:
         self._count_errors = ErrorLog(
             what="reading a count from the database during a Redis outage"
         )
-        self._deferred_errors = ErrorLog(what="a deferred view", consequence="it was not counted")
+        self._deferred_errors = ErrorLog(
+            what="a deferred view", consequence="its outcome is unknown"
+        )
         self._replay_errors = ErrorLog(
             what="replaying the outbox",
             consequence="its views wait there for the next replay",
