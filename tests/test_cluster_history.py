@@ -19,6 +19,8 @@ from tests.cluster_support import LocalCluster
 from tests.support import GENEROUS_DEADLINES, FakeClock
 from viewmw import Limits, Period, Settings, Store, ViewStats, ViewSync, ViewTracker
 from viewmw.health import HealthThresholds
+from viewmw.keys import KeySchema
+from viewmw.scripts import script_source
 from viewmw.stats_page import StatsPage
 from viewmw.stats_render import Unavailable
 
@@ -214,3 +216,39 @@ async def test_the_stats_page_reads_every_panel_on_a_cluster(
         assert not isinstance(blocked, Unavailable)
         assert blocked["cooldown"] == 2
     assert not isinstance(page.syncs, Unavailable) and len(page.syncs) == 3  # a batch per shard
+
+
+async def test_read_days_answers_while_its_slot_moves_and_a_merged_sketch_it_lacks_is_missing(
+    redis_cluster: LocalCluster, cluster_redis: RedisCluster
+) -> None:
+    # While a slot moves, its node refuses a script's access to a key of the slot it does not
+    # hold. A merged sketch is not among read_days' keys: one the node lacks must count as
+    # missing (count_viewers, which names it, then makes it), not fail the whole read.
+    keys = KeySchema(shard=5, shards=128)
+    await cluster_redis.set(keys.epoch, 7)
+    await cluster_redis.hset(keys.sync_batch, "started", 1)
+    await cluster_redis.hset(keys.days("story", "1"), "2026-12-01", 3)
+    slot = cluster_redis.keyslot(keys.epoch)
+    source = redis_cluster.node_for_slot(slot)
+    target = next(node for node in redis_cluster.nodes if node is not source)
+    with redis_cluster.client(source) as from_node, redis_cluster.client(target) as to_node:
+        source_id = from_node.execute_command("CLUSTER MYID").decode()
+        target_id = to_node.execute_command("CLUSTER MYID").decode()
+        to_node.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", source_id)
+        from_node.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", target_id)
+        try:
+            reply = from_node.eval(
+                script_source("read_days"),
+                3,
+                keys.epoch,
+                keys.sync_batch,
+                keys.days("story", "1"),
+                keys.sync_batch_days_template,
+                "1",
+                "story:1",
+                keys.merged_sketch_template("story", "1", "start", "2026-11-30"),
+            )
+        finally:
+            for node in (from_node, to_node):
+                node.execute_command("CLUSTER SETSLOT", slot, "STABLE")
+    assert reply == [7, b"", b"2026-12-01=3", b"", 0]
