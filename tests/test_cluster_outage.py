@@ -24,7 +24,8 @@ from tests.support import FakeClock
 from viewmw import Limits, Settings, Store, ViewSync, ViewTracker
 from viewmw.assembly import connect_redis_cluster
 from viewmw.failures import FailureKind, classify
-from viewmw.outage.breaker import CircuitBreaker
+from viewmw.node_connections import NodeConnections
+from viewmw.outage.breaker import BreakerState, CircuitBreaker
 from viewmw.outage.failover import ResilientTracker
 from viewmw.outage.outbox import Outbox
 from viewmw.outage.probe import RedisProbe
@@ -127,12 +128,89 @@ async def test_a_killed_primary_loses_nothing_the_outage_path_kept(
             await redis.aclose()
 
 
-async def _replay_when_back(replayer: Replayer) -> ReplayReport:
+async def _replay_when_back(
+    replayer: Replayer, node_clock: FakeClock | None = None
+) -> ReplayReport:
     """Replay once the restarted primary answers (a pooled connection's first command to it
-    may fail, and the client never resends; each retry is idempotent through the markers)."""
+    may fail, and the client never resends; each retry is idempotent through the markers),
+    each try after its breaker's longest back-off when it has one (``node_clock``)."""
     for _attempt in range(50):
+        if node_clock is not None:
+            node_clock.advance(60.0)
         try:
             return await replayer.replay()
         except RedisError:
             continue
     pytest.fail("the restarted primary did not take the replay")
+
+
+async def test_a_dead_primary_sends_only_its_own_views_to_the_outbox(
+    pg_store: Store, clock: FakeClock
+) -> None:
+    with local_cluster(persistent=True) as cluster:
+        settings = Settings(
+            redis_url=cluster.url,
+            limits=EVERY_VIEW,
+            redis_timeout=5.0,
+            database_request_timeout=5.0,
+        )
+        redis = connect_redis_cluster(settings)
+        node_clock = FakeClock(now=0.0)  # the primaries' own breakers
+        nodes = NodeConnections(redis, reply_timeout=5.0, clock=node_clock)
+        tracker = ViewTracker(
+            cast(Redis, redis), pg_store, settings, clock=clock, script_connection=nodes
+        )
+        outbox = Outbox(pg_store.engine)
+        breaker_clock = FakeClock(now=0.0)  # the whole-Redis breaker
+        resilient = ResilientTracker(
+            tracker,
+            outbox,
+            breaker=CircuitBreaker(failure_threshold=3, clock=breaker_clock),
+            probe=RedisProbe(None),
+        )
+        expected: Counter[str] = Counter()
+        try:
+            ids = [str(n) for n in range(40)]
+            for content_id in ids:
+                assert (await resilient.track_view("story", content_id, "user:1")).counted
+                expected[content_id] += 1
+            dead = cluster.nodes[0]
+            on_dead = [
+                i
+                for i in ids
+                if cluster.node_for_slot(redis.keyslot(tracker.shards.of("story", i).epoch)) is dead
+            ]
+            on_live = [i for i in ids if i not in on_dead]
+            assert len(on_dead) > 3 and on_live
+            cluster.kill(dead)
+
+            # Its first views find no connection: never sent, kept. Three of them open the
+            # node's breaker (and, in a row, the whole-Redis breaker for its back-off).
+            for content_id in on_dead[:3]:
+                assert (await resilient.track_view("story", content_id, "user:2")).queued
+                expected[content_id] += 1
+            assert nodes.breakers[dead.address].state is BreakerState.OPEN
+            breaker_clock.advance(60.0)
+
+            # From then on the live nodes' views are counted and the dead node's are kept at
+            # once, and the whole-Redis breaker stays closed.
+            for content_id in on_live + on_dead[3:]:
+                result = await resilient.track_view("story", content_id, "user:3")
+                assert result.queued if content_id in on_dead else result.counted
+                expected[content_id] += 1
+            assert resilient.breaker.is_closed
+            assert await outbox.counts("story", on_live) == dict.fromkeys(on_live, 0)
+
+            cluster.restart(dead)
+            report = await _replay_when_back(Replayer(tracker, outbox), node_clock)
+            # Every kept view of the dead node (an attempt cut short may have replayed some).
+            assert report.events == report.counted + report.already_replayed == len(on_dead)
+            sync = await ViewSync(cast(Redis, redis), pg_store, settings, clock=clock).run()
+            assert sync.views == sum(expected.values())
+            for content_id in ids:
+                assert await pg_store.read_count("story", content_id) == expected[content_id]
+        finally:
+            await resilient.aclose()
+            await tracker.drain()
+            await nodes.aclose()
+            await redis.aclose()

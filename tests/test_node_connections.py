@@ -36,7 +36,9 @@ from viewmw import (
 )
 from viewmw.assembly import connect_redis_cluster
 from viewmw.calendar_day import local_date
+from viewmw.failures import NodeDownError
 from viewmw.node_connections import _TRYAGAIN_PAUSES, NodeConnections
+from viewmw.outage.breaker import BreakerState
 
 
 def _tracker(
@@ -138,7 +140,8 @@ async def test_a_killed_primary_fails_only_its_shards_views_until_it_is_back(
 ) -> None:
     with local_cluster(persistent=True) as cluster:
         redis = connect_redis_cluster(Settings(redis_url=cluster.url))
-        nodes = NodeConnections(redis, connect_timeout=2.0, reply_timeout=5.0)
+        node_clock = FakeClock(now=0.0)  # the primaries' breakers' back-off
+        nodes = NodeConnections(redis, connect_timeout=2.0, reply_timeout=5.0, clock=node_clock)
         # The daily limit off: each view is one call, in its content's shard only.
         tracker = _tracker(
             redis,
@@ -169,12 +172,24 @@ async def test_a_killed_primary_fails_only_its_shards_views_until_it_is_back(
                         outcome,
                     )
 
+            # The dead node's breaker is open: its views now fail at once, never sent, while
+            # the other nodes' views are decided as ever.
+            assert nodes.breakers[dead.address].state is BreakerState.OPEN
+            again = await _offer(tracker, ids, "user:4")
+            for content_id, outcome in zip(ids, again, strict=True):
+                if content_id in on_dead:
+                    assert isinstance(outcome, NodeDownError), (content_id, outcome)
+                else:
+                    assert isinstance(outcome, TrackResult) and outcome.counted
+
             cluster.restart(dead)
-            back = await _offer_until_answered(tracker, sorted(on_dead), "user:3")
+            back = await _offer_until_answered(tracker, sorted(on_dead), "user:3", node_clock)
             assert all(isinstance(r, TrackResult) and r.counted for r in back)
-            # Every content has two views: user:1's and user:2's, or on the dead node user:1's
-            # and user:3's (user:2's was refused, never decided).
-            assert [await _pending(redis, tracker, i) for i in ids] == [2] * len(ids)
+            assert nodes.breakers[dead.address].state is BreakerState.CLOSED
+            # A live node's content has three views: user:1's, user:2's and user:4's; the dead
+            # node's two: user:1's and user:3's (user:2's and user:4's were never decided).
+            expected = [2 if i in on_dead else 3 for i in ids]
+            assert [await _pending(redis, tracker, i) for i in ids] == expected
         finally:
             await tracker.drain()
             await nodes.aclose()
@@ -191,11 +206,13 @@ async def _offer(
 
 
 async def _offer_until_answered(
-    tracker: ViewTracker, ids: list[str], viewer: str
+    tracker: ViewTracker, ids: list[str], viewer: str, node_clock: FakeClock
 ) -> list[TrackResult | BaseException]:
     """Offer the views again until the restarted node takes them: the first attempt may find
-    the old connection closed (never resent: the view was not decided, and is offered again)."""
+    the old connection closed (never resent: the view was not decided, and is offered again).
+    Each attempt comes after the node's breaker's longest back-off."""
     for _attempt in range(20):
+        node_clock.advance(60.0)
         outcomes = await _offer(tracker, ids, viewer)
         if not any(isinstance(o, RedisConnectionError) for o in outcomes):
             return outcomes

@@ -24,7 +24,7 @@ from tests.support import REDIS_URL, FakeClock
 from tests.test_outage_failover import ScriptedProbe, resilient
 from viewmw import Outbox, Replayer, ResilientTracker, Settings, Store, ViewTracker
 from viewmw.assembly import connect_redis
-from viewmw.failures import NotSentError, NotSentTimeoutError, never_ran
+from viewmw.failures import NodeDownError, NotSentError, NotSentTimeoutError, never_ran
 from viewmw.outage.breaker import BreakerState
 from viewmw.pipeline import LateReply
 from viewmw.script_connection import ScriptConnection
@@ -35,6 +35,7 @@ from viewmw.script_connection import ScriptConnection
     [
         NotSentError("Error connecting to 127.0.0.1:1: refused"),
         NotSentTimeoutError("Timeout connecting to 127.0.0.1:1"),
+        NodeDownError("Redis Cluster primary 127.0.0.1:1 is failing: the call was not sent"),
         # redis-py's own wording for a connection it could not open (nothing written yet).
         RedisConnectionError("Error 111 connecting to 127.0.0.1:1. Connection refused."),
         RedisConnectionError("Error connecting to 127.0.0.1:1."),
@@ -115,6 +116,40 @@ async def test_views_refused_by_a_loading_redis_are_kept_and_replayed_once(
     assert report.counted == 2
     assert await outbox.counts("story", ["5"]) == {"5": 0}
     assert await healthy.get_redis_view_count("story", "5") == 2
+
+
+class _OnePrimaryDown(ScriptConnection):
+    """A script connection whose every call is bound for a cluster primary whose own breaker is
+    open: refused at once, never sent."""
+
+    def __init__(self) -> None:
+        super().__init__("127.0.0.1", 1)
+
+    async def run_script(self, *_: object, **__: object) -> object:
+        raise NodeDownError("Redis Cluster primary 127.0.0.1:1 is failing: the call was not sent")
+
+
+async def test_views_bound_for_a_primary_whose_breaker_is_open_are_kept_and_open_nothing_more(
+    real_redis: aioredis.Redis, store: Store, settings: Settings, clock: FakeClock
+) -> None:
+    down = _OnePrimaryDown()
+    tracker = ViewTracker(real_redis, store, settings, clock=clock, script_connection=down)
+    breaker_clock = FakeClock(now=0.0)
+    failover = resilient(tracker, store, ScriptedProbe(), breaker_clock)
+    try:
+        results = [await failover.track_view("story", "8", f"user:{n}") for n in range(5)]
+        # That primary's breaker speaks for it: the whole-Redis breaker stays closed.
+        assert failover.breaker.state is BreakerState.CLOSED
+        # A whole-Redis breaker already open lets one view through after its back-off; that
+        # view meeting the primary's breaker decides nothing, and the next may try again.
+        failover.breaker.trip()
+        breaker_clock.advance(60.0)
+        after = [await failover.track_view("story", "8", f"user:{n}") for n in range(5, 7)]
+        assert failover.breaker.state is BreakerState.HALF_OPEN
+    finally:
+        await failover.aclose()
+    assert all(r.queued and not r.counted for r in results + after)
+    assert await Outbox(store.engine).counts("story", ["8"]) == {"8": 7}
 
 
 async def cut_off(

@@ -101,6 +101,11 @@ class NotSentTimeoutError(RedisTimeoutError):
     """Opening a connection to Redis timed out: the call that needed it was never sent."""
 
 
+class NodeDownError(NotSentError):
+    """A primary of a Redis Cluster failed its last calls, and its back-off has not ended: the
+    call was not sent (see :class:`viewmw.node_connections.NodeConnections`)."""
+
+
 # Error replies Redis gives before it runs any of a script: the node is loading its data, busy
 # with another script, a replica that lost its primary or cannot write, the cluster is down, the
 # slot is elsewhere or moving, the script is not loaded. A replica refuses at the script's first

@@ -18,12 +18,19 @@ again. A call gives up after a few redirections, or a few hundredths of a second
 the last reply's error: its views go to the outbox (``viewmw.failures.never_ran``). A lost
 connection is redis-py's ``ConnectionError``, as on a single Redis; the map is read again in the
 background, in case a replica took over.
+
+Each primary has a circuit breaker of its own: after three calls in a row that could not reach
+it (a refused or lost connection, a node that stopped answering), calls bound for it fail at once
+with :class:`~viewmw.failures.NodeDownError`, a call never sent, until one call let through after
+a back-off reaches it again. Its views go to the outbox without waiting for a connection, while
+the other primaries' views are decided as ever.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -31,8 +38,10 @@ from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from viewmw.failures import NotSentError
+from viewmw.failures import NodeDownError, NotSentError
+from viewmw.outage.breaker import CircuitBreaker
 from viewmw.script_connection import ScriptConnection
 
 logger = logging.getLogger("viewmw")
@@ -57,6 +66,7 @@ class NodeConnections:
         reply_timeout: seconds a node may go without a reply while calls wait, as for
             :class:`ScriptConnection`.
         pause: waits between tries of a call refused with ``TRYAGAIN`` (``asyncio.sleep``).
+        clock: monotonic seconds for the primaries' breakers; inject one in tests.
     """
 
     def __init__(
@@ -66,12 +76,16 @@ class NodeConnections:
         connect_timeout: float = 2.0,
         reply_timeout: float = 2.0,
         pause: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.cluster = cluster
         self.connect_timeout = connect_timeout
         self.reply_timeout = reply_timeout
         self.pause = pause
+        self.clock = clock
         self._connections: dict[str, ScriptConnection] = {}
+        self.breakers: dict[str, CircuitBreaker] = {}
+        """Each primary's breaker, by ``host:port``, made at its first call."""
         self._refresh: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -86,10 +100,12 @@ class NodeConnections:
         while True:
             try:
                 if asked is None:
-                    return await self._connection(keys[0]).run_script(script, keys, args)
+                    node = self.cluster.nodes_manager.get_node_from_slot(
+                        self.cluster.keyslot(keys[0])
+                    )
+                    return await self._call(node.host, int(node.port), script, keys, args)
                 host, _, port = asked.rpartition(":")
-                connection = self._connection_to(host, int(port))
-                return await connection.run_script(script, keys, args, asking=True)
+                return await self._call(host, int(port), script, keys, args, asking=True)
             except ResponseError as exc:
                 # Each of these says the call did not run: sending it again cannot count twice.
                 kind, _, where = str(exc).partition(" ")
@@ -112,9 +128,42 @@ class NodeConnections:
                     raise
                 await self.pause(pause)
 
-    def _connection(self, key: Any) -> ScriptConnection:
-        node = self.cluster.nodes_manager.get_node_from_slot(self.cluster.keyslot(key))
-        return self._connection_to(node.host, int(node.port))
+    async def _call(
+        self,
+        host: str,
+        port: int,
+        script: AsyncScript,
+        keys: Sequence[Any],
+        args: Sequence[Any],
+        *,
+        asking: bool = False,
+    ) -> Any:
+        """One try of a call on one primary, through that primary's breaker."""
+        connection = self._connection_to(host, port)
+        name = f"{host}:{port}"
+        breaker = self.breakers.get(name)
+        if breaker is None:
+            breaker = self.breakers[name] = CircuitBreaker(
+                clock=self.clock,
+                subject=f"Redis Cluster primary {name}",
+                fallback="views bound for it go to the database outbox",
+                name="redis_node",
+            )
+        if not breaker.allow():
+            raise NodeDownError(f"Redis Cluster primary {name} is failing: the call was not sent")
+        try:
+            reply = await connection.run_script(script, keys, args, asking=asking)
+        except ResponseError:
+            breaker.success()  # the node answered, if only to refuse
+            raise
+        except (RedisConnectionError, RedisTimeoutError):
+            breaker.failure()
+            raise
+        except BaseException:
+            breaker.inconclusive()  # cancelled, or a reply that did not parse: not the node
+            raise
+        breaker.success()
+        return reply
 
     def _connection_to(self, host: str, port: int) -> ScriptConnection:
         if self._closed:

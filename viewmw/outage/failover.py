@@ -25,7 +25,7 @@ from typing import Any
 
 from viewmw.contract import TrackResult, ViewCount
 from viewmw.errorlog import ErrorLog
-from viewmw.failures import FailureKind, classify, never_ran
+from viewmw.failures import FailureKind, NodeDownError, classify, never_ran
 from viewmw.keys import validate_content_id, validate_content_type, validate_viewer
 from viewmw.metrics.recording import recorder
 from viewmw.outage.breaker import BreakerState, CircuitBreaker
@@ -325,6 +325,10 @@ class ResilientTracker:
         if kind is FailureKind.LATE:
             self.late_replies += 1
             self._spawn(self._check_redis())
+        elif isinstance(exc, NodeDownError):
+            # One primary of a cluster is failing, and its own breaker keeps its calls back: the
+            # other primaries still answer, so this is no failure of Redis as a whole.
+            self.breaker.inconclusive()
         elif kind is FailureKind.REDIS:
             logger.debug("Redis call failed: %r", exc)
             self.breaker.failure()
