@@ -102,8 +102,11 @@ class NotSentTimeoutError(RedisTimeoutError):
 
 
 class NodeDownError(NotSentError):
-    """A primary of a Redis Cluster failed its last calls, and its back-off has not ended: the
-    call was not sent (see :class:`viewmw.node_connections.NodeConnections`)."""
+    """A primary of a Redis Cluster cannot take calls now, and ran none of this one: its last
+    calls could not reach it and its back-off has not ended (the call was not sent), or it
+    refused the call before running any of it because of its own state (loading its data, busy
+    with a script, cut off from the cluster). See :class:`viewmw.node_connections.NodeConnections`.
+    """
 
 
 # Error replies Redis gives before it runs any of a script: the node is loading its data, busy

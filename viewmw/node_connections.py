@@ -20,10 +20,13 @@ connection is redis-py's ``ConnectionError``, as on a single Redis; the map is r
 background, in case a replica took over.
 
 Each primary has a circuit breaker of its own: after three calls in a row that could not reach
-it (a refused or lost connection, a node that stopped answering), calls bound for it fail at once
-with :class:`~viewmw.failures.NodeDownError`, a call never sent, until one call let through after
-a back-off reaches it again. Its views go to the outbox without waiting for a connection, while
-the other primaries' views are decided as ever.
+it (a refused or lost connection, a node that stopped answering) or that it refused for its own
+state (``LOADING``, ``BUSY``, ``MASTERDOWN``, ``CLUSTERDOWN``: raised as
+:class:`~viewmw.failures.NodeDownError`), calls bound for it fail at once with ``NodeDownError``,
+never sent, until one call let through after a back-off reaches it again. Its views go to the
+outbox without waiting for a connection, while the other primaries' views are decided as ever.
+A refused call also has the slot map read again (at most once a second), in case a replica took
+over: the next calls then go to the new primary.
 """
 
 from __future__ import annotations
@@ -54,6 +57,11 @@ _TRYAGAIN_PAUSES = (0.005, 0.01, 0.02)
 # Most MOVED and ASK redirections one call follows (a slot moves once; one more for a map that
 # changed again meanwhile).
 _REDIRECTIONS = 3
+# Error replies that say the node itself cannot run calls now (before running any of this one):
+# they count against its breaker as a lost connection does.
+_NODE_REFUSALS = ("LOADING", "BUSY", "MASTERDOWN", "CLUSTERDOWN")
+# Least seconds between two readings of the slot map asked for by a refused call.
+_REFRESH_INTERVAL = 1.0
 
 
 class NodeConnections:
@@ -86,6 +94,7 @@ class NodeConnections:
         self._connections: dict[str, ScriptConnection] = {}
         self.breakers: dict[str, CircuitBreaker] = {}
         """Each primary's breaker, by ``host:port``, made at its first call."""
+        self._refreshed_at = float("-inf")
         self._refresh: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -150,11 +159,17 @@ class NodeConnections:
                 name="redis_node",
             )
         if not breaker.allow():
+            self._refresh_soon()  # a replica may have taken over its slots
             raise NodeDownError(f"Redis Cluster primary {name} is failing: the call was not sent")
         try:
             reply = await connection.run_script(script, keys, args, asking=asking)
-        except ResponseError:
-            breaker.success()  # the node answered, if only to refuse
+        except ResponseError as exc:
+            if str(exc).partition(" ")[0] in _NODE_REFUSALS:
+                breaker.failure()
+                self._refresh_soon()
+                refused = f"Redis Cluster primary {name} refused the call: {exc}"
+                raise NodeDownError(refused) from exc
+            breaker.success()  # the node answered, if only to redirect the call
             raise
         except (RedisConnectionError, RedisTimeoutError):
             breaker.failure()
@@ -188,6 +203,13 @@ class NodeConnections:
             self._refresh = asyncio.ensure_future(self.cluster.nodes_manager.initialize())
             self._refresh.add_done_callback(_logged)  # seen even if its caller stops waiting
         await asyncio.shield(self._refresh)
+
+    def _refresh_soon(self) -> None:
+        """:meth:`connection_lost`'s reading of the slot map, at most once a second."""
+        now = self.clock()
+        if now - self._refreshed_at >= _REFRESH_INTERVAL:
+            self._refreshed_at = now
+            self.connection_lost()
 
     def connection_lost(self) -> None:
         """A node's connection failed: read the slot map again soon, in the background (not
