@@ -228,6 +228,24 @@ async def test_every_blocking_rule_has_its_label(real_redis: aioredis.Redis) -> 
     assert samples[key("viewmw_views_counted_total")] == 1
 
 
+def test_a_cluster_primarys_breaker_is_exported_by_its_address() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from viewmw.metrics.recording import PRIMARY_BREAKER
+
+    registry = CollectorRegistry()
+    recorder = PrometheusRecorder(registry)
+    for state in ("closed", "open", "half-open", "open"):
+        recorder.breaker_changed(PRIMARY_BREAKER + "127.0.0.1:7001", state)
+    recorder.breaker_changed(PRIMARY_BREAKER + "127.0.0.1:7002", "closed")
+    samples = parse(generate_latest(registry).decode())
+    assert samples[key("viewmw_redis_primary_breaker_state", primary="127.0.0.1:7001")] == 2
+    assert samples[key("viewmw_redis_primary_breaker_state", primary="127.0.0.1:7002")] == 0
+    assert samples[key("viewmw_redis_primary_breaker_opened_total", primary="127.0.0.1:7001")] == 2
+    # The process's own breaker is not moved by a primary's.
+    assert samples[key("viewmw_breaker_state", breaker="redis")] == 0
+
+
 async def test_an_outage_shows_in_the_breaker_the_failures_and_the_outbox(
     pg_store: Store, settings: Settings, clock: FakeClock, tmp_path: Path
 ) -> None:
@@ -487,6 +505,7 @@ def test_the_grafana_dashboard_queries_only_metrics_viewmw_exports() -> None:
     assert exported - used <= {
         "viewmw_sync_last_success_timestamp_seconds",
         "viewmw_breaker_opened_total",
+        "viewmw_redis_primary_breaker_opened_total",
     }
 
 

@@ -44,6 +44,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from viewmw.failures import NodeDownError, NotSentError
+from viewmw.metrics.recording import PRIMARY_BREAKER
 from viewmw.outage.breaker import CircuitBreaker
 from viewmw.script_connection import ScriptConnection
 
@@ -156,7 +157,7 @@ class NodeConnections:
                 clock=self.clock,
                 subject=f"Redis Cluster primary {name}",
                 fallback="views bound for it go to the database outbox",
-                name="redis_node",
+                name=PRIMARY_BREAKER + name,
             )
         if not breaker.allow():
             self._refresh_soon()  # a replica may have taken over its slots

@@ -40,7 +40,13 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from viewmw.failures import FailureKind
-from viewmw.metrics.recording import SYNC_OUTCOMES, SYNC_SUCCESS, Recorder, recorder
+from viewmw.metrics.recording import (
+    PRIMARY_BREAKER,
+    SYNC_OUTCOMES,
+    SYNC_SUCCESS,
+    Recorder,
+    recorder,
+)
 from viewmw.outage.breaker import BreakerState
 from viewmw.tracker import _REASONS
 
@@ -125,6 +131,20 @@ class PrometheusRecorder(Recorder):
             "viewmw_breaker_opened",
             "Times a circuit breaker opened.",
             ["breaker"],
+            registry=registry,
+        )
+        self._primary_state = Gauge(
+            "viewmw_redis_primary_breaker_state",
+            "A Redis Cluster primary's own breaker: 0 closed, 1 half-open, 2 open (worst live "
+            "process).",
+            ["primary"],
+            multiprocess_mode="livemax",
+            registry=registry,
+        )
+        self._primary_opened = Counter(
+            "viewmw_redis_primary_breaker_opened",
+            "Times a Redis Cluster primary's own breaker opened.",
+            ["primary"],
             registry=registry,
         )
         sync_runs = Counter(
@@ -248,6 +268,12 @@ class PrometheusRecorder(Recorder):
 
     def breaker_changed(self, breaker: str, state: str) -> None:
         """See :meth:`viewmw.metrics.recording.Recorder.breaker_changed`."""
+        if breaker.startswith(PRIMARY_BREAKER):
+            primary = breaker.removeprefix(PRIMARY_BREAKER)
+            self._primary_state.labels(primary).set(BREAKER_STATE_VALUES[BreakerState(state)])
+            if state == BreakerState.OPEN:
+                self._primary_opened.labels(primary).inc()
+            return
         gauge = self._breaker_state.get(breaker)
         if gauge is None:  # a breaker built by hand under another name: not exported
             return

@@ -63,12 +63,16 @@ class Recorder:
         """A request-path Redis call failed (``REDIS``) or its reply was late (``LATE``)."""
 
     def breaker_changed(self, breaker: str, state: str) -> None:
-        """The breaker named ``breaker`` (``redis``, ``database``) moved to ``state``."""
+        """The breaker named ``breaker`` (``redis``, ``database``, or a Redis Cluster primary's:
+        :data:`PRIMARY_BREAKER` and its ``host:port``) moved to ``state``."""
 
     def sync_finished(self, outcome: str, seconds: float, views: int) -> None:
         """A sync run ended with ``outcome`` (one of :data:`SYNC_OUTCOMES`) after ``seconds``,
         having moved ``views`` views into the database."""
 
+
+PRIMARY_BREAKER = "redis_primary:"
+"""The start of a Redis Cluster primary's breaker's name; its ``host:port`` follows."""
 
 _recorder: Recorder | None = None
 
