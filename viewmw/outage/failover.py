@@ -92,6 +92,9 @@ class ResilientTracker:
         self._deferred_errors = ErrorLog(
             what="a deferred view", consequence="its outcome is unknown"
         )
+        self._keep_errors = ErrorLog(
+            what="keeping a deferred view in the outbox", consequence="that view is not counted"
+        )
         self._replay_errors = ErrorLog(
             what="replaying the outbox",
             consequence="its views wait there for the next replay",
@@ -211,7 +214,7 @@ class ResilientTracker:
         try:
             await self._queue(content_type, content_id, viewer, at)
         except Exception as exc:
-            self._deferred_errors.report(exc)
+            self._keep_errors.report(exc)
 
     async def _queue(
         self, content_type: str, content_id: str, viewer: str, at: float | None = None
