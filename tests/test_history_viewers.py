@@ -92,6 +92,20 @@ async def five_days(
     return tracker, sync, stats
 
 
+async def three_overlapping_days(
+    redis: Any, store: Store, settings: Settings, clock: FakeClock
+) -> tuple[ViewTracker, ViewSync, ViewStats]:
+    """Content 1 viewed by 30 viewers on each of three days, 10 of them new each day (50 in
+    all), each day synced; a retention of one day. The clock ends on the last day."""
+    tracker, sync, stats = make(redis, store, settings, clock, history_retention_days=1)
+    for day in range(3):
+        await offer(tracker, 1, range(10 * day, 10 * day + 30))
+        await sync.run()
+        clock.advance(DAY)
+    clock.advance(-DAY)
+    return tracker, sync, stats
+
+
 def spy_on_sketches(stats: ViewStats) -> list[date | None]:
     """Each history statement's ``sketches_before`` (``None``: no sketch read)."""
     history = stats._history
@@ -225,13 +239,7 @@ async def test_days_past_the_retention_merge_from_the_sketches_in_the_history(
 ) -> None:
     """Overlapping viewers on three days; the oldest day's HyperLogLog comes from the history
     (its Redis key is past the retention of one day), the others from Redis."""
-    tracker, sync, stats = make(real_redis, store, settings, clock, history_retention_days=1)
-    for day in range(3):
-        await offer(tracker, 1, range(10 * day, 10 * day + 30))
-        await sync.run()
-        clock.advance(DAY)
-    clock.advance(-DAY)
-
+    _, _, stats = await three_overlapping_days(real_redis, store, settings, clock)
     count = await stats.views("story", 1, Period.last_days(3))
     assert (count.views, count.unique_viewers) == (90, 50)  # 50 different viewers, not 90
     assert (await stats.views("story", 1, Period.last_days(1))).unique_viewers == 30

@@ -15,7 +15,13 @@ import redis.asyncio as aioredis
 from sqlalchemy import update
 
 from tests.support import FakeClock
-from tests.test_history_viewers import DAY, backend, five_days, make, offer, spy_on_sketches
+from tests.test_history_viewers import (
+    backend,
+    five_days,
+    offer,
+    spy_on_sketches,
+    three_overlapping_days,
+)
 from tests.test_sync import Hook, InjectedCrash
 from viewmw import Period, Settings, Store, ViewStats, ViewSync, daily_views
 from viewmw.viewer_estimates import MERGED_SKETCH_MS
@@ -70,12 +76,7 @@ async def test_a_read_again_before_the_next_sync_reads_no_sketch_and_answers_the
 async def test_a_sync_retires_the_merged_sketches_of_its_epoch(
     real_redis: aioredis.Redis, store: Store, settings: Settings, clock: FakeClock
 ) -> None:
-    tracker, sync, stats = make(real_redis, store, settings, clock, history_retention_days=1)
-    for day in range(3):
-        await offer(tracker, 1, range(10 * day, 10 * day + 30))
-        await sync.run()
-        clock.advance(DAY)
-    clock.advance(-DAY)
+    tracker, sync, stats = await three_overlapping_days(real_redis, store, settings, clock)
     assert (await stats.views("story", 1, Period.last_days(3))).unique_viewers == 50
 
     # The oldest day's sketch gains ten viewers in the history (as a sync's commit would).
