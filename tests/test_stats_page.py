@@ -35,6 +35,7 @@ from tests.stats_page_support import (
     parse,
     top_list,
 )
+from tests.support import GENEROUS_DEADLINES
 from viewmw import BlockReason, ConfigurationError, Settings, Store, ViewTracker
 from viewmw.health import Check, HealthReport
 from viewmw.outage.failover import ResilientTracker
@@ -235,6 +236,8 @@ async def test_redis_and_the_database_down_still_serve_a_page_that_says_so(
 async def test_the_breaker_state_of_a_resilient_tracker_is_shown(
     real_redis: aioredis.Redis, sqlite_store: Store, settings: Settings
 ) -> None:
+    # Generous deadlines: this test is about the breaker's panel, not about deadlines.
+    settings = settings.replace(**GENEROUS_DEADLINES)
     resilient = ResilientTracker(ViewTracker(real_redis, sqlite_store, settings))
     page = StatsPage(SEEDED, resilient, periods=PERIODS)
     try:
